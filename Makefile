@@ -1,0 +1,32 @@
+# vmvault — developer entry points. Everything a fresh Debian 12/13 machine needs
+# (as root) is installed by `make setup`, which every other target runs first.
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.setup-stamp
+DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server
+
+.PHONY: setup test lint unit demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup-debian.sh
+	sh scripts/setup-debian.sh $(DEB_PKGS)
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: setup
+	$(PY) bench/storage_bench.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,124 @@
+"""The ``vmvault`` command line: global flags, command groups, and error-to-exit-code mapping.
+
+Exit codes: 0 success, 1 the operation failed (message says why and what to do),
+2 bad usage or bad config (nothing was done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from scheduler import __version__
+from scheduler.cli_context import CliContext
+from scheduler.config import ConfigError, UnknownDomainError
+from scheduler.errors import SchedulerError
+from scheduler.logs import setup_logging
+from storage.errors import StorageError
+from worker.errors import WorkerError
+
+# Command groups, in the order `--help` lists them. A group whose module is not
+# there yet is simply absent: only commands that work are offered.
+_COMMAND_GROUPS = (
+    "scheduler.commands.config",
+    "scheduler.commands.repo",
+    "scheduler.commands.backup",
+    "scheduler.commands.restore",
+    "scheduler.commands.fleet",
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _global_flags(suppress: bool) -> argparse.ArgumentParser:
+    """Flags accepted both before and after the command name."""
+    default = argparse.SUPPRESS if suppress else None
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="fleet config file (default: $VMVAULT_CONFIG, else ./vmvault.yaml)",
+    )
+    parent.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable output on stdout (messages stay on stderr)",
+    )
+    parent.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS if suppress else 0,
+        help="more log output (-vv for debug)",
+    )
+    return parent
+
+
+COMMAND_FLAGS = _global_flags(suppress=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every available command group registered."""
+    parser = argparse.ArgumentParser(
+        prog="vmvault",
+        description="Incremental pull-mode backup for QEMU virtual machines.",
+        parents=[_global_flags(suppress=False)],
+    )
+    parser.add_argument("--version", action="version", version=f"vmvault {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _COMMAND_GROUPS:
+        if importlib.util.find_spec(module_name) is None:
+            continue
+        module = importlib.import_module(module_name)
+        module.register(commands)
+    return parser
+
+
+def add_command(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    help_text: str,
+) -> argparse.ArgumentParser:
+    """Add one command that also accepts the global flags after its name."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help_text, description=help_text, parents=[COMMAND_FLAGS]
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vmvault`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    ctx = CliContext(config_file=args.config, json=args.json, verbose=args.verbose)
+    try:
+        code: int = args.func(args, ctx)
+        return code
+    except ConfigError as err:
+        for problem in err.problems:
+            print(f"vmvault: config: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnknownDomainError as err:
+        print(f"vmvault: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (StorageError, WorkerError, SchedulerError) as err:
+        print(f"vmvault: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("vmvault: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""What every CLI handler gets: the parsed flags, the config (loaded on demand) and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Protocol
+
+from rich.console import Console
+
+from scheduler.config import FleetConfig, load_config
+
+
+@dataclass
+class CliContext:
+    """Per-invocation state. Machine output goes to stdout; human messages to stderr."""
+
+    config_file: str | None = None
+    json: bool = False
+    verbose: int = 0
+    stdout: Any = field(default_factory=lambda: sys.stdout)
+
+    @cached_property
+    def config(self) -> FleetConfig:
+        """The validated fleet config; a ``ConfigError`` here makes the CLI exit 2."""
+        return load_config(self.config_file)
+
+    @cached_property
+    def console(self) -> Console:
+        """Rich console on stderr for progress bars, tables and messages."""
+        return Console(stderr=True, highlight=False)
+
+    @property
+    def interactive(self) -> bool:
+        """True when a person watches stderr: progress bars are worth drawing."""
+        return self.console.is_terminal and not self.json
+
+    def emit(self, obj: Any) -> None:
+        """Print one JSON document on stdout (used with ``--json``)."""
+        self.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        self.stdout.flush()
+
+    def say(self, message: str) -> None:
+        """A human message on stderr."""
+        self.console.print(message)
+
+
+class Handler(Protocol):
+    """A command handler: returns the process exit code."""
+
+    def __call__(self, args: argparse.Namespace, ctx: CliContext) -> int: ...
+
+
+SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+Register = Callable[[Any], None]

@@ -1,0 +1,296 @@
+"""Fleet configuration: one YAML file validated into typed objects.
+
+The file is found from ``--config``, else ``$VMVAULT_CONFIG``, else ``./vmvault.yaml``.
+Every problem is reported at once, one line each, naming the file, the key path
+(``domains.web1.qmp``) and what is wrong; nothing runs on a bad config.
+Credentials never live here: S3 uses the standard AWS credential chain.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlparse
+
+import yaml
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG_NAME = "vmvault.yaml"
+CONFIG_ENV = "VMVAULT_CONFIG"
+
+# Domain, disk, host and schedule names become parts of object keys, queue names and
+# file names: keep them to a conservative alphabet so nothing can escape its key space.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class ConfigError(Exception):
+    """The configuration file is missing or invalid. Not retryable: fix the file."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RepositoryConfig(_Strict):
+    """Where backups live: ``file:///path`` or ``s3://bucket/prefix``."""
+
+    url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    passphrase_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+                raise ValueError(f"bad file URL {url!r}: use file:///absolute/path")
+        elif parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
+        else:
+            raise ValueError(f"unsupported repository URL {url!r}: use file:// or s3://")
+        return url
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, url: str | None) -> str | None:
+        if url is not None and urlparse(url).scheme not in ("http", "https"):
+            raise ValueError(f"bad endpoint URL {url!r}: use http:// or https://")
+        return url
+
+    @model_validator(mode="after")
+    def _s3_only_options(self) -> RepositoryConfig:
+        if urlparse(self.url).scheme != "s3":
+            for key in ("endpoint_url", "region"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to s3:// repositories only")
+        return self
+
+    def read_passphrase(self) -> bytes | None:
+        """The repository passphrase from ``passphrase_file`` (trailing newline dropped)."""
+        if self.passphrase_file is None:
+            return None
+        try:
+            data = self.passphrase_file.read_bytes()
+        except OSError as err:
+            raise ConfigError(
+                [f"repository.passphrase_file: cannot read {self.passphrase_file}: {err.strerror}"]
+            ) from err
+        return data.rstrip(b"\r\n")
+
+
+class DomainConfig(_Strict):
+    """One VM: which host's worker owns it and how to reach its QEMU."""
+
+    host: Name
+    qmp: Path
+    disks: list[Name] | None = None
+
+    @field_validator("qmp")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError(f"QMP socket path must be absolute, got {str(path)!r}")
+        return path
+
+
+class RetentionPolicy(_Strict):
+    """How many backups each rule keeps (restic / Proxmox Backup Server semantics)."""
+
+    keep_last: int | None = Field(default=None, ge=1)
+    keep_hourly: int | None = Field(default=None, ge=1)
+    keep_daily: int | None = Field(default=None, ge=1)
+    keep_weekly: int | None = Field(default=None, ge=1)
+    keep_monthly: int | None = Field(default=None, ge=1)
+    keep_yearly: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> RetentionPolicy:
+        if all(v is None for v in self.model_dump().values()):
+            raise ValueError("a retention policy needs at least one keep_* rule")
+        return self
+
+
+class ScheduleConfig(_Strict):
+    """A cron schedule of backups for the domains matching ``domains`` (names or globs)."""
+
+    cron: str
+    domains: list[str] = Field(min_length=1)
+    retention: RetentionPolicy | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, expr: str) -> str:
+        if not croniter.is_valid(expr):
+            raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
+        return expr
+
+
+class FleetConfig(_Strict):
+    """The whole fleet: repository, broker, state directory, domains and schedules."""
+
+    repository: RepositoryConfig
+    broker: str | None = None
+    state_dir: Path = Path("/var/lib/vmvault")
+    domains: dict[Name, DomainConfig] = Field(default_factory=dict)
+    schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, url: str | None) -> str | None:
+        if url is not None and urlparse(url).scheme not in ("redis", "rediss"):
+            raise ValueError(f"bad broker URL {url!r}: use redis://host:port/db")
+        return url
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError(f"state_dir must be an absolute path, got {str(path)!r}")
+        return path
+
+    @model_validator(mode="after")
+    def _schedules_match_domains(self) -> FleetConfig:
+        for sched_name, sched in self.schedules.items():
+            for pattern in sched.domains:
+                if not fnmatch.filter(self.domains, pattern):
+                    raise ValueError(
+                        f"schedules.{sched_name}.domains: {pattern!r} matches no configured domain"
+                    )
+        return self
+
+    def domain(self, name: str) -> DomainConfig:
+        """The config of domain ``name``; ``UnknownDomainError`` names the known ones."""
+        try:
+            return self.domains[name]
+        except KeyError:
+            known = ", ".join(sorted(self.domains)) or "none"
+            raise UnknownDomainError(
+                f"unknown domain {name!r}: not in the config's domains (known: {known})"
+            ) from None
+
+    def domains_matching(self, patterns: list[str]) -> list[str]:
+        """Configured domain names matching any of ``patterns`` (names or globs), sorted."""
+        return sorted(d for d in self.domains if any(fnmatch.fnmatch(d, p) for p in patterns))
+
+
+class UnknownDomainError(Exception):
+    """A command named a domain that the config does not list. Not retryable."""
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+
+def _construct_mapping(loader: _DuplicateKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first defined on line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_DuplicateKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,
+)
+
+
+def config_path(explicit: str | Path | None) -> Path:
+    """The config file to use: explicit, else ``$VMVAULT_CONFIG``, else ``./vmvault.yaml``."""
+    if explicit is not None:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else Path(DEFAULT_CONFIG_NAME)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if item == "[key]":
+            # pydantic marks a bad mapping *key* this way: the name itself is wrong.
+            parts.append(" (the name)")
+        elif isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif parts:
+            parts.append(f".{item}")
+        else:
+            parts.append(item)
+    return "".join(parts) or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "string_pattern_mismatch" and error["ctx"].get("pattern") == NAME_PATTERN:
+        return (
+            f"bad name {error['input']!r}: use up to 63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    if kind == "greater_than_equal":
+        return f"must be at least {error['ctx']['ge']}, got {error['input']!r}"
+    msg = str(error["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def parse_config(data: Any, source: str) -> FleetConfig:
+    """Validate already-loaded YAML data; ``ConfigError`` lists every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the file must hold a mapping with a 'repository' key"])
+    try:
+        return FleetConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            loc = tuple(error["loc"])
+            problems.append(f"{source}: {_key_path(loc)}: {_describe(error)}")
+        raise ConfigError(problems) from err
+
+
+def load_config(path: str | Path | None = None) -> FleetConfig:
+    """Read and validate the fleet config file; ``ConfigError`` lists every problem."""
+    file = config_path(path)
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            [f"{file}: config file not found (pass --config FILE or set ${CONFIG_ENV})"]
+        ) from None
+    except OSError as err:
+        raise ConfigError([f"{file}: cannot read config file: {err.strerror}"]) from err
+    try:
+        data = yaml.load(text, Loader=_DuplicateKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"{file}: {where}{problem}"]) from err
+    return parse_config(data, str(file))
+
+
+def is_valid_name(name: str) -> bool:
+    """True when ``name`` is safe as a domain/disk/host name (see ``NAME_PATTERN``)."""
+    return bool(_NAME_RE.match(name))

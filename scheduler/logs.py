@@ -1,0 +1,50 @@
+"""Logging setup: human lines on stderr by default, JSON lines on request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+LOG_FORMAT_ENV = "VMVAULT_LOG_FORMAT"
+
+_STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={...}`` fields are kept as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(verbose: int = 0, json_logs: bool | None = None) -> None:
+    """Configure the root logger: WARNING, ``-v`` INFO, ``-vv`` DEBUG; JSON if asked."""
+    if json_logs is None:
+        json_logs = os.environ.get(LOG_FORMAT_ENV, "").lower() == "json"
+    level = logging.WARNING - 10 * min(verbose, 2)
+    handler = logging.StreamHandler(sys.stderr)
+    if json_logs:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Libraries we drive are chatty at INFO; their detail only helps at -vv.
+    for noisy in ("qemu.qmp", "botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)

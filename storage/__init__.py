@@ -1,0 +1,1 @@
+"""vmvault storage: the content-addressed backup repository and its backends."""

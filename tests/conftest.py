@@ -1,0 +1,7 @@
+"""Test-suite wiring: the real-part fixtures are plugins every test can use."""
+
+pytest_plugins = [
+    "tests.fixtures.qemu",
+    "tests.fixtures.redis",
+    "tests.fixtures.s3",
+]

@@ -1,0 +1,1 @@
+"""vmvault worker: the data plane on each hypervisor host (QMP, NBD, backup, restore)."""
