@@ -1,5 +1,55 @@
 """Errors of the storage package: one base, subclasses say whether a retry can help."""
 
+from __future__ import annotations
+
 
 class StorageError(Exception):
     """Base of every repository error. Not retryable unless a subclass says so."""
+
+
+class RepositoryNotFoundError(StorageError):
+    """No repository at the URL (no ``config`` object). Not retryable: run ``vmvault init``."""
+
+
+class RepositoryExistsError(StorageError):
+    """``init`` found a repository already there. Not retryable: nothing was overwritten."""
+
+
+class UnsupportedVersionError(StorageError):
+    """The repository or an object was written by a newer format version. Upgrade vmvault."""
+
+
+class PassphraseError(StorageError):
+    """The passphrase is missing or wrong (or the key object was altered). Not retryable."""
+
+
+class InvalidNameError(StorageError):
+    """A domain, disk or backup id would escape its key space. Not retryable: fix the name."""
+
+
+class ObjectNotFoundError(StorageError):
+    """An object the repository needs is missing. Not retryable: run ``vmvault verify``."""
+
+
+class CorruptObjectError(StorageError):
+    """An object failed to parse, decrypt or match its digest. Not retryable: data damage."""
+
+
+class BackupNotFoundError(StorageError):
+    """No committed backup with that id (or domain). Not retryable: see ``vmvault list``."""
+
+
+class BackendUnavailableError(StorageError):
+    """The storage endpoint kept failing (down, 5xx, throttling) after retries. Retryable."""
+
+
+class RepositoryLockedError(StorageError):
+    """Another process holds a conflicting repository lock (GC vs. backups). Retryable later."""
+
+
+class LeaseExpiredError(StorageError):
+    """A backup's lease lapsed before commit, so GC may have run: retry the whole backup."""
+
+
+class WriterError(StorageError):
+    """The writer API was misused (misaligned chunk, chunk given twice, missing chunk). A bug."""

@@ -1,0 +1,348 @@
+"""Repository commands: ``init``, ``passwd``, ``list``, ``show``, ``verify``, ``prune``, ``gc``.
+
+They act on the repository named by the config's ``repository`` section (the
+passphrase comes from ``repository.passphrase_file``). Every command takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+from scheduler.cli import add_command
+from scheduler.cli_context import CliContext
+from scheduler.dispatch import add_wait_flag, run_job
+from scheduler.errors import SchedulerError
+from storage.format import DEFAULT_CHUNK_SIZE, Manifest, iso
+from storage.gc import DEFAULT_GRACE, GcReport, collect_garbage
+from storage.prune import KeepPolicy, plan_prune
+from storage.repository import Repository, init_repository, open_repository
+from storage.verify import VerifyReport, verify
+
+_KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+def register(commands: Any) -> None:
+    """Add the repository commands."""
+    p = add_command(commands, "init", "create the repository named in the config")
+    p.add_argument(
+        "--chunk-size",
+        default=str(DEFAULT_CHUNK_SIZE),
+        metavar="SIZE",
+        help="chunk size, a power of two from 64K to 64M (default 4M); fixed for good",
+    )
+    p.set_defaults(func=_init)
+
+    p = add_command(
+        commands, "passwd", "change the passphrase of an encrypted repository (re-wraps its key)"
+    )
+    p.add_argument(
+        "--new-passphrase-file",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="file holding the new passphrase; point repository.passphrase_file at it after",
+    )
+    p.set_defaults(func=_passwd)
+
+    p = add_command(commands, "list", "list committed backups, oldest first")
+    p.add_argument("domain", nargs="?", help="only this domain's backups")
+    p.set_defaults(func=_list)
+
+    p = add_command(commands, "show", "show one backup's manifest")
+    p.add_argument("backup_id", metavar="BACKUP_ID")
+    p.set_defaults(func=_show)
+
+    p = add_command(commands, "verify", "check the repository (or one backup) for damage")
+    p.add_argument("backup_id", nargs="?", metavar="BACKUP_ID", help="only this backup")
+    p.add_argument(
+        "--read-data",
+        action="store_true",
+        help="also download, decrypt, decompress and re-hash every referenced chunk",
+    )
+    add_wait_flag(p)
+    p.set_defaults(func=_verify)
+
+    p = add_command(commands, "prune", "remove backups that no retention rule keeps")
+    p.add_argument("domain", nargs="?", help="only this domain (default: all)")
+    for rule in _KEEP_RULES:
+        what = "newest backups" if rule == "last" else f"{rule} backups (newest per period)"
+        p.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep N {what}")
+    p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
+    add_wait_flag(p)
+    p.set_defaults(func=_prune)
+
+    p = add_command(commands, "gc", "delete chunks no backup references (mark and sweep)")
+    p.add_argument("--dry-run", action="store_true", help="count what would go, delete nothing")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE,
+        metavar="SECONDS",
+        help=f"never delete objects younger than this (default {DEFAULT_GRACE:.0f})",
+    )
+    add_wait_flag(p)
+    p.set_defaults(func=_gc)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _open(ctx: CliContext) -> Repository:
+    cfg = ctx.config.repository
+    return open_repository(
+        cfg.url,
+        endpoint_url=cfg.endpoint_url,
+        region=cfg.region,
+        passphrase=cfg.read_passphrase(),
+    )
+
+
+@contextmanager
+def _progress(ctx: CliContext) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A progress callback drawing rich bars on stderr, or None when nobody watches."""
+    if not ctx.interactive:
+        yield None
+        return
+    bars = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=ctx.console,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bars.add_task(phase, total=total)
+        bars.update(tasks[phase], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+_SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
+
+
+def _say(ctx: CliContext, message: str) -> None:
+    """A human line on stderr, never wrapped (ids stay greppable) and never read as markup."""
+    ctx.console.print(message, soft_wrap=True, markup=False, highlight=False)
+
+
+def _parse_size(text: str) -> int:
+    m = _SIZE_RE.match(text.strip())
+    if not m:
+        raise SchedulerError(f"bad --chunk-size {text!r}: use bytes or K/M suffixes, e.g. 4M")
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[m.group(2).upper()]
+    return int(m.group(1)) * scale
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _summary(m: Manifest) -> dict[str, Any]:
+    return {
+        "backup_id": m.backup_id,
+        "domain": m.domain,
+        "kind": m.kind,
+        "reason": m.reason,
+        "parent": m.parent,
+        "checkpoint": m.checkpoint,
+        "created": iso(m.created),
+        "disks": [d.name for d in m.disks],
+        "virtual_size": sum(d.virtual_size for d in m.disks),
+        "bytes_uploaded": sum(d.stats.bytes_uploaded for d in m.disks),
+    }
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _init(args: argparse.Namespace, ctx: CliContext) -> int:
+    cfg = ctx.config.repository
+    passphrase = cfg.read_passphrase()
+    repo = init_repository(
+        cfg.url,
+        endpoint_url=cfg.endpoint_url,
+        region=cfg.region,
+        passphrase=passphrase,
+        chunk_size=_parse_size(args.chunk_size),
+    )
+    with repo:
+        doc = {
+            "url": repo.url,
+            "id": repo.config.id,
+            "chunk_size": repo.chunk_size,
+            "encrypted": repo.encrypted,
+            "version": repo.config.version,
+        }
+    if ctx.json:
+        ctx.emit(doc)
+    else:
+        how = "encrypted (AES-256-GCM, scrypt)" if repo.encrypted else "NOT encrypted"
+        _say(ctx, f"created repository {repo.url}: {how}, chunk size {_human(repo.chunk_size)}")
+        if repo.encrypted:
+            _say(ctx, "keep the passphrase safe: without it the backups cannot be read")
+    return 0
+
+
+def _passwd(args: argparse.Namespace, ctx: CliContext) -> int:
+    try:
+        new = args.new_passphrase_file.read_bytes().rstrip(b"\r\n")
+    except OSError as err:
+        raise SchedulerError(
+            f"cannot read --new-passphrase-file {args.new_passphrase_file}: {err.strerror}"
+        ) from err
+    with _open(ctx) as repo:
+        repo.change_passphrase(new)
+        url = repo.url
+    if ctx.json:
+        ctx.emit({"url": url, "changed": True})
+    else:
+        _say(
+            ctx,
+            f"passphrase of {url} changed; set repository.passphrase_file to "
+            f"{args.new_passphrase_file} now",
+        )
+    return 0
+
+
+def _list(args: argparse.Namespace, ctx: CliContext) -> int:
+    with _open(ctx) as repo:
+        manifests = repo.list_manifests(args.domain)
+    if ctx.json:
+        ctx.emit([_summary(m) for m in manifests])
+        return 0
+    if not manifests:
+        _say(ctx, "no backups" + (f" of {args.domain}" if args.domain else ""))
+        return 0
+    # Plain aligned lines (not a rich table): ids are never truncated and the
+    # output stays greppable when stderr is not a terminal.
+    _say(
+        ctx,
+        f"{'BACKUP ID':<32}  {'DOMAIN':<16} {'KIND':<11} {'CREATED (UTC)':<19}  "
+        f"{'SIZE':>10} {'UPLOADED':>10}  DISKS",
+    )
+    for m in manifests:
+        s = _summary(m)
+        _say(
+            ctx,
+            f"{m.backup_id:<32}  {m.domain:<16} {m.kind:<11} "
+            f"{m.created:%Y-%m-%d %H:%M:%S}  {_human(s['virtual_size']):>10} "
+            f"{_human(s['bytes_uploaded']):>10}  {','.join(s['disks'])}",
+        )
+    return 0
+
+
+def _show(args: argparse.Namespace, ctx: CliContext) -> int:
+    with _open(ctx) as repo:
+        m = repo.find_backup(args.backup_id)
+    if ctx.json:
+        ctx.emit(m.to_json())
+        return 0
+    _say(ctx, f"backup   {m.backup_id}")
+    _say(ctx, f"domain   {m.domain}")
+    _say(ctx, f"kind     {m.kind} ({m.reason})")
+    _say(ctx, f"parent   {m.parent or '-'}")
+    _say(ctx, f"checkpoint {m.checkpoint or '-'}")
+    _say(ctx, f"created  {iso(m.created)}  finished {iso(m.finished)}")
+    for d in m.disks:
+        st = d.stats
+        _say(
+            ctx,
+            f"  disk {d.name}: {_human(d.virtual_size)} {d.format}, {d.chunks} chunks "
+            f"(new {st.chunks_new}, dedup {st.chunks_dedup}, zero {st.chunks_zero}, "
+            f"from parent {st.chunks_parent}), uploaded {_human(st.bytes_uploaded)}",
+        )
+    return 0
+
+
+def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
+    def local() -> VerifyReport:
+        with _open(ctx) as repo:
+            return verify(repo, args.backup_id, read_data=args.read_data, progress=progress)
+
+    with _progress(ctx) as progress:
+        job = {"backup_id": args.backup_id, "read_data": args.read_data}
+        report = run_job(ctx, args, "verify", job, progress, local)
+    if ctx.json:
+        ctx.emit(report.to_json())
+    else:
+        for p in report.problems:
+            _say(ctx, f"problem: {p}")
+        what = f"{report.backups} backups, {report.disks} disks, "
+        what += f"{report.chunks_referenced} chunks"
+        if report.read_data:
+            what += f" ({report.chunks_read} read, {_human(report.bytes_read)})"
+        verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
+        _say(ctx, f"verify: {what}: {verdict}")
+    return 0 if report.ok else 1
+
+
+def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
+    rules = {r: getattr(args, f"keep_{r}") for r in _KEEP_RULES}
+    if all(v is None for v in rules.values()):
+        _say(ctx, "vmvault prune: give at least one --keep-* rule (e.g. --keep-daily 7)")
+        return 2
+    policy = KeepPolicy(**rules)
+    with _open(ctx) as repo:
+        plan = plan_prune(policy, repo.list_manifests(args.domain))
+        with _progress(ctx) as progress:
+            job = {"policy": policy.to_json(), "domains": args.domain and [args.domain]}
+            removed = run_job(
+                ctx,
+                args,
+                "prune",
+                {**job, "dry_run": args.dry_run},
+                progress,
+                lambda: [] if args.dry_run else plan.execute(repo, progress),
+            )
+    if ctx.json:
+        doc = plan.to_json()
+        doc.update(dry_run=args.dry_run, removed=removed)
+        ctx.emit(doc)
+        return 0
+    for d in plan.decisions:
+        m = d.manifest
+        why = ", ".join(d.reasons) if d.keep else ""
+        action = "keep  " if d.keep else ("would remove" if args.dry_run else "remove")
+        _say(ctx, f"{action} {m.domain:<16} {m.backup_id}  {why}")
+    verb = "would remove" if args.dry_run else "removed"
+    _say(ctx, f"prune: keep {len(plan.keep)}, {verb} {len(plan.remove)} (run 'vmvault gc' next)")
+    return 0
+
+
+def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
+    def local() -> GcReport:
+        with _open(ctx) as repo:
+            return collect_garbage(repo, grace=args.grace, dry_run=args.dry_run, progress=progress)
+
+    with _progress(ctx) as progress:
+        job = {"grace": args.grace, "dry_run": args.dry_run}
+        report = run_job(ctx, args, "gc", job, progress, local)
+    if ctx.json:
+        ctx.emit(report.to_json())
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    _say(
+        ctx,
+        f"gc: {report.backups} backups reference {report.chunks_referenced} of "
+        f"{report.chunks_total} chunks; {verb} {report.chunks_deleted} chunks "
+        f"({_human(report.bytes_deleted)}) and {report.orphan_objects_deleted} objects of "
+        f"unfinished backups; {report.chunks_in_grace + report.orphan_objects_in_grace} "
+        f"objects younger than the grace window kept",
+    )
+    return 0

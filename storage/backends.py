@@ -1,0 +1,484 @@
+"""Storage backends: one small object-store interface, chosen by URL scheme.
+
+A backend stores opaque objects under ``/``-separated keys relative to the
+repository root. It knows nothing about chunks or manifests; the repository
+layer decides what the bytes mean. Every backend offers exactly:
+
+    get(key) -> bytes                      ObjectNotFoundError if absent
+    put(key, data, if_absent=False, defer_sync=False) -> bool
+                                           False when if_absent and the key existed;
+                                           defer_sync: durable only after flush()
+    flush()                                make every deferred put durable
+    exists(key) -> bool
+    delete(key)                            absent keys are fine
+    list(prefix) -> Iterator[ObjectInfo]   every key under prefix, any depth
+    close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import unquote, urlparse
+
+from storage.errors import BackendUnavailableError, ObjectNotFoundError, StorageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: key relative to the repository root, size, last-modified (UTC)."""
+
+    key: str
+    size: int
+    modified: datetime
+
+
+class Backend(Protocol):
+    """What the repository needs from an object store."""
+
+    url: str
+
+    def get(self, key: str) -> bytes: ...
+
+    def put(
+        self, key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False
+    ) -> bool: ...
+
+    def flush(self) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter for transient failures (S3 only).
+
+    The defaults wait about 25 s in total on average (up to ~50 s) before giving up.
+    """
+
+    attempts: int = 10
+    base_delay: float = 0.2
+    max_delay: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+# --------------------------------------------------------------------------- file://
+
+
+class FileBackend:
+    """A directory tree. Writes are atomic: temp file, fsync, then rename (or link).
+
+    ``put(..., if_absent=True)`` publishes with ``link(2)``, which fails with EEXIST
+    instead of replacing: the file-system equivalent of S3's ``If-None-Match: *``.
+    """
+
+    _TMP_PREFIX = ".tmp-"
+
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+        # Directories holding deferred puts: their new names become durable in flush().
+        # Chunk uploads defer: one directory fsync per flush instead of one per chunk.
+        self._dirty: set[Path] = set()
+        self._dirty_lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        # Keys are built by the repository from validated names; refuse anything
+        # that could still step outside the root (defence in depth).
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") or "\x00" in p for p in parts):
+            raise StorageError(f"refusing unsafe object key {key!r}")
+        return self.root.joinpath(*parts)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
+        except OSError as err:
+            raise StorageError(f"cannot read {key!r} in {self.url}: {err.strerror}") from err
+
+    def put(self, key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False) -> bool:
+        path = self._path(key)
+        try:
+            tmp = path.parent / f"{self._TMP_PREFIX}{secrets.token_hex(8)}"
+            for attempt in range(3):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    break
+                except FileNotFoundError:
+                    # A concurrent delete() removed the (empty) directory after our
+                    # mkdir: make it again.
+                    if attempt == 2:
+                        raise
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                if if_absent:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return False
+                else:
+                    os.replace(tmp, path)
+                    tmp = None  # type: ignore[assignment]
+            finally:
+                if tmp is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+            if defer_sync:
+                with self._dirty_lock:
+                    self._dirty.add(path.parent)
+            else:
+                _fsync_dir(path.parent)
+            return True
+        except OSError as err:
+            raise StorageError(f"cannot write {key!r} in {self.url}: {err.strerror}") from err
+
+    def flush(self) -> None:
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, set()
+        try:
+            for d in sorted(dirty):
+                _fsync_dir(d)
+        except OSError as err:
+            with self._dirty_lock:
+                self._dirty |= dirty
+            raise StorageError(f"cannot sync {self.url}: {err.strerror}") from err
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise StorageError(f"cannot delete {key!r} in {self.url}: {err.strerror}") from err
+        # Drop now-empty directories up to (not including) the repository root, so
+        # pruned backups leave no litter. A concurrent writer re-creates what it needs.
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self.root
+        start = self.root / prefix.rstrip("/") if prefix else self.root
+        # The prefix may end mid-name ("chunks/a"): walk its directory and filter.
+        walk_root = start if start.is_dir() else start.parent
+        inside = walk_root == self.root or self.root in walk_root.parents
+        if not inside or not walk_root.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(walk_root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(self._TMP_PREFIX):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(base).as_posix()
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = full.stat()
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def close(self) -> None:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the directory that holds the new name."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- s3://
+
+# Error codes that mean "the service is busy, back off": retry them. Every other 4xx
+# means a bug or a configuration problem and is reported at once.
+_THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "SlowDown",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "PriorRequestNotComplete",
+        "ConditionalRequestConflict",
+    }
+)
+
+
+class S3Backend:
+    """An S3 bucket and key prefix, through boto3.
+
+    One client is shared by all threads (boto3 clients are thread-safe); its
+    connection pool is sized to the repository's concurrency so uploads never queue
+    for a socket. botocore's own retries are off: ``_call`` retries transient
+    failures (throttling, 5xx, connection errors) with backoff, and nothing else.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        bucket: str,
+        prefix: str,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        concurrency: int = 8,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.url = url
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.retry = retry or RetryPolicy()
+        config = Config(
+            max_pool_connections=max(10, concurrency + 4),
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=60,
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+        )
+        session = boto3.session.Session()
+        # Region: the config's, else the AWS chain's (AWS_DEFAULT_REGION, profile), else
+        # us-east-1, which S3-compatible stores accept.
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region or session.region_name or "us-east-1",
+            config=config,
+        )
+
+    def _call(self, what: str, op: Callable[[], T]) -> T:
+        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        last: Exception | None = None
+        for attempt in range(self.retry.attempts):
+            try:
+                return op()
+            except ClientError as err:
+                status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                if not (status >= 500 or status == 429 or code in _THROTTLING_CODES):
+                    raise
+                last = err
+            except (HTTPClientError, BotoConnectionError, IncompleteReadError) as err:
+                # Refused, reset, timed out, or a body cut short.
+                last = err
+            if attempt == self.retry.attempts - 1:
+                break
+            delay = self.retry.delay(attempt)
+            log.debug("%s on %s failed (%s); retry in %.2fs", what, self.url, last, delay)
+            time.sleep(delay)
+        raise BackendUnavailableError(
+            f"{what} on {self.url} kept failing after {self.retry.attempts} attempts: {last}"
+        ) from last
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        def op() -> bytes:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            data: bytes = resp["Body"].read()
+            return data
+
+        try:
+            return self._call(f"GET {key}", op)
+        except ClientError as err:
+            if _status(err) == 404 or _code(err) in ("NoSuchKey", "NotFound"):
+                raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
+            raise _client_error(f"GET {key!r}", self.url, err) from err
+
+    def put(self, key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False) -> bool:
+        """``defer_sync`` is moot: S3 acknowledges a PUT once the object is durable."""
+        from botocore.exceptions import ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if if_absent:
+            # Conditional create (RFC 7232 If-None-Match on PUT): the store refuses
+            # with 412 when the key exists, so a chunk is never overwritten.
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self._call(f"PUT {key}", lambda: self._client.put_object(**kwargs))
+            return True
+        except ClientError as err:
+            if if_absent and _status(err) == 412:
+                return False
+            raise _client_error(f"PUT {key!r}", self.url, err) from err
+
+    def flush(self) -> None:
+        pass
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(
+                f"HEAD {key}",
+                lambda: self._client.head_object(Bucket=self.bucket, Key=self._key(key)),
+            )
+            return True
+        except ClientError as err:
+            if _status(err) == 404:
+                return False
+            raise _client_error(f"HEAD {key!r}", self.url, err) from err
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(
+                f"DELETE {key}",
+                lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(key)),
+            )
+        except ClientError as err:
+            if _status(err) == 404:
+                return
+            raise _client_error(f"DELETE {key!r}", self.url, err) from err
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        from botocore.exceptions import ClientError
+
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._key(prefix)}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                page: dict[str, Any] = self._call(
+                    f"LIST {prefix}", partial(self._client.list_objects_v2, **kwargs)
+                )
+            except ClientError as err:
+                if _code(err) == "NoSuchBucket":
+                    raise StorageError(
+                        f"bucket {self.bucket!r} does not exist at {self.url}: create it first"
+                    ) from err
+                raise _client_error(f"LIST {prefix!r}", self.url, err) from err
+            for obj in page.get("Contents", []):
+                key = obj["Key"][len(self.prefix) :]
+                yield ObjectInfo(key, int(obj["Size"]), obj["LastModified"].astimezone(UTC))
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _client_error(what: str, url: str, err: Any) -> StorageError:
+    """A one-line error for a non-retryable S3 answer, with a hint for the usual causes."""
+    status, code = _status(err), _code(err)
+    if status == 403:
+        hint = "access denied: check the AWS credentials and the bucket policy"
+    elif code == "NoSuchBucket":
+        hint = "the bucket does not exist: create it first"
+    else:
+        hint = str(err)
+    return StorageError(f"{what} in {url} failed ({status} {code}): {hint}")
+
+
+def _status(err: Any) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(err: Any) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+# --------------------------------------------------------------------------- by scheme
+
+
+def _open_file(url: str, **_: Any) -> Backend:
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+        raise StorageError(f"bad file URL {url!r}: use file:///absolute/path")
+    return FileBackend(url, Path(unquote(parsed.path)))
+
+
+def _open_s3(
+    url: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    concurrency: int = 8,
+    retry: RetryPolicy | None = None,
+) -> Backend:
+    parsed = urlparse(url)
+    if not parsed.netloc:
+        raise StorageError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
+    return S3Backend(
+        url, parsed.netloc, unquote(parsed.path), endpoint_url, region, concurrency, retry
+    )
+
+
+BACKENDS: dict[str, Callable[..., Backend]] = {"file": _open_file, "s3": _open_s3}
+
+
+def open_backend(
+    url: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    concurrency: int = 8,
+    retry: RetryPolicy | None = None,
+) -> Backend:
+    """The backend for ``url``'s scheme (``file://`` or ``s3://``)."""
+    scheme = urlparse(url).scheme
+    factory = BACKENDS.get(scheme)
+    if factory is None:
+        raise StorageError(f"unsupported repository URL {url!r}: use file:// or s3://")
+    if scheme == "file":
+        if endpoint_url or region:
+            raise StorageError("endpoint_url/region apply to s3:// repositories only")
+        return factory(url)
+    return factory(
+        url, endpoint_url=endpoint_url, region=region, concurrency=concurrency, retry=retry
+    )

@@ -1,0 +1,402 @@
+"""The repository format: object keys, names, ``config``, disk indexes and manifests.
+
+Everything here is pure (bytes in, objects out); docs/repository-format.md is the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import struct
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, NewType
+
+from storage.errors import (
+    BackupNotFoundError,
+    CorruptObjectError,
+    InvalidNameError,
+    UnsupportedVersionError,
+)
+
+FORMAT_VERSION = 1
+MANIFEST_VERSION = 1
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+MIN_CHUNK_SIZE = 64 * 1024
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+
+ChunkDigest = NewType("ChunkDigest", str)
+BackupId = NewType("BackupId", str)
+Kind = Literal["full", "incremental"]
+
+# Same alphabet as scheduler.config.NAME_PATTERN: no '/', no NUL, cannot start with '.'.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+CONFIG_KEY = "config"
+KEY_KEY = "key"
+CHUNKS_PREFIX = "chunks/"
+BACKUPS_PREFIX = "backups/"
+LOCKS_PREFIX = "locks/"
+MANIFEST_NAME = "manifest.json"
+INDEX_SUFFIX = ".index"
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it is a safe domain/disk name, else ``InvalidNameError``."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidNameError(
+            f"invalid {what} name {name!r}: use 1-63 characters [A-Za-z0-9._-], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def check_backup_id(backup_id: str) -> BackupId:
+    if not isinstance(backup_id, str) or not _BACKUP_ID_RE.match(backup_id):
+        raise InvalidNameError(
+            f"invalid backup id {backup_id!r}: expected e.g. 20260101T020000.000000Z-1a2b3c4d"
+        )
+    return BackupId(backup_id)
+
+
+def check_digest(digest: str) -> ChunkDigest:
+    if not _DIGEST_RE.match(digest):
+        raise CorruptObjectError(f"invalid chunk digest {digest!r}")
+    return ChunkDigest(digest)
+
+
+def new_backup_id(now: datetime) -> BackupId:
+    """Ids sort by creation time (UTC, microseconds); 32 random bits break ties."""
+    stamp = now.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    return BackupId(f"{stamp}-{secrets.token_hex(4)}")
+
+
+def chunk_key(digest: str) -> str:
+    return f"{CHUNKS_PREFIX}{digest[:2]}/{digest}"
+
+
+def backup_prefix(domain: str, backup_id: str) -> str:
+    return f"{BACKUPS_PREFIX}{check_name(domain, 'domain')}/{check_backup_id(backup_id)}/"
+
+
+def manifest_key(domain: str, backup_id: str) -> str:
+    return backup_prefix(domain, backup_id) + MANIFEST_NAME
+
+
+def index_key(domain: str, backup_id: str, disk: str) -> str:
+    return backup_prefix(domain, backup_id) + check_name(disk, "disk") + INDEX_SUFFIX
+
+
+def parse_backup_key(key: str) -> tuple[str, str, str] | None:
+    """``(domain, backup_id, leaf)`` of a key under ``backups/``, None if it is not one."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "backups":
+        return None
+    _, domain, backup_id, leaf = parts
+    if not _NAME_RE.match(domain) or not _BACKUP_ID_RE.match(backup_id):
+        return None
+    return domain, backup_id, leaf
+
+
+def _utc(text: str, what: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except (ValueError, AttributeError) as err:
+        raise CorruptObjectError(f"{what}: bad timestamp {text!r}") from err
+    if value.tzinfo is None:
+        raise CorruptObjectError(f"{what}: timestamp {text!r} has no time zone")
+    return value.astimezone(UTC)
+
+
+def iso(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The ``config`` object: written once by ``init``, never changed."""
+
+    id: str
+    chunk_size: int
+    encrypted: bool
+    created: datetime
+    version: int = FORMAT_VERSION
+    hash: str = "blake3"
+    compression: str = "zstd"
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": "vmvault-repository",
+            "version": self.version,
+            "id": self.id,
+            "chunk_size": self.chunk_size,
+            "hash": self.hash,
+            "compression": self.compression,
+            "encryption": "aes-256-gcm" if self.encrypted else "none",
+            "created": iso(self.created),
+        }
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, url: str) -> RepoConfig:
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != "vmvault-repository":
+                raise ValueError("not a vmvault repository config")
+            version = int(doc["version"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CorruptObjectError(f"{url}: config object is unreadable: {err}") from err
+        if version > FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"{url}: repository format version {version} is newer than this vmvault "
+                f"supports ({FORMAT_VERSION}): upgrade vmvault"
+            )
+        try:
+            cfg = cls(
+                id=str(doc["id"]),
+                chunk_size=int(doc["chunk_size"]),
+                encrypted={"aes-256-gcm": True, "none": False}[doc["encryption"]],
+                created=_utc(doc["created"], "config"),
+                version=version,
+                hash=str(doc["hash"]),
+                compression=str(doc["compression"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptObjectError(f"{url}: config object has a bad field: {err}") from err
+        if cfg.hash != "blake3" or cfg.compression != "zstd":
+            raise UnsupportedVersionError(
+                f"{url}: hash {cfg.hash!r}/compression {cfg.compression!r} not supported"
+            )
+        check_chunk_size(cfg.chunk_size)
+        return cfg
+
+
+def check_chunk_size(size: int) -> int:
+    if size < MIN_CHUNK_SIZE or size > MAX_CHUNK_SIZE or size & (size - 1):
+        raise CorruptObjectError(
+            f"chunk size {size} is invalid: use a power of two from 64 KiB to 64 MiB"
+        )
+    return size
+
+
+# --------------------------------------------------------------------------- index
+
+# Index body (before sealing), little-endian:
+#   header  magic "VMVI" | u16 version | u16 reserved | u32 chunk_size
+#           | u64 virtual_size | u64 count
+#   entries count x (u8 flags | 32-byte digest)   flags bit0 = data, bit1 = kept from parent
+INDEX_MAGIC = b"VMVI"
+INDEX_VERSION = 1
+_INDEX_HEADER = struct.Struct("<4sHHIQQ")
+ENTRY_SIZE = 33
+FLAG_DATA = 0x01
+FLAG_FROM_PARENT = 0x02
+_ZERO_DIGEST = bytes(32)
+
+
+@dataclass
+class IndexEntry:
+    """One chunk of a disk: its digest (None for zeros) and whether the parent had it."""
+
+    digest: str | None
+    from_parent: bool = False
+
+
+def chunk_count(virtual_size: int, chunk_size: int) -> int:
+    return -(-virtual_size // chunk_size)
+
+
+def encode_index(virtual_size: int, chunk_size: int, entries: list[IndexEntry]) -> bytes:
+    if len(entries) != chunk_count(virtual_size, chunk_size):
+        raise ValueError("index entry count does not match the disk size")
+    out = bytearray(
+        _INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, chunk_size, virtual_size, len(entries))
+    )
+    for e in entries:
+        flags = (FLAG_DATA if e.digest else 0) | (FLAG_FROM_PARENT if e.from_parent else 0)
+        out.append(flags)
+        out += bytes.fromhex(e.digest) if e.digest else _ZERO_DIGEST
+    return bytes(out)
+
+
+def decode_index(body: bytes, what: str) -> tuple[int, int, list[IndexEntry]]:
+    """``(virtual_size, chunk_size, entries)``; ``CorruptObjectError`` on any inconsistency."""
+    if len(body) < _INDEX_HEADER.size:
+        raise CorruptObjectError(f"index {what} is truncated ({len(body)} bytes)")
+    magic, version, _, chunk_size, virtual_size, count = _INDEX_HEADER.unpack_from(body)
+    if magic != INDEX_MAGIC:
+        raise CorruptObjectError(f"index {what}: bad magic {magic!r}")
+    if version > INDEX_VERSION:
+        raise UnsupportedVersionError(
+            f"index {what} has version {version}, newer than supported: upgrade vmvault"
+        )
+    if chunk_size == 0 or count != chunk_count(virtual_size, chunk_size):
+        raise CorruptObjectError(f"index {what}: {count} entries do not fit {virtual_size} bytes")
+    if len(body) != _INDEX_HEADER.size + count * ENTRY_SIZE:
+        raise CorruptObjectError(f"index {what} is truncated or has trailing bytes")
+    entries: list[IndexEntry] = []
+    pos = _INDEX_HEADER.size
+    for _ in range(count):
+        flags = body[pos]
+        raw = body[pos + 1 : pos + ENTRY_SIZE]
+        pos += ENTRY_SIZE
+        if flags & ~(FLAG_DATA | FLAG_FROM_PARENT):
+            raise CorruptObjectError(f"index {what}: unknown entry flags 0x{flags:02x}")
+        entries.append(IndexEntry(raw.hex() if flags & FLAG_DATA else None, bool(flags & 2)))
+    return virtual_size, chunk_size, entries
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class DiskStats:
+    """What one disk of a backup cost: chunk counts by kind and bytes moved."""
+
+    chunks_total: int = 0
+    chunks_new: int = 0  # uploaded by this backup
+    chunks_dedup: int = 0  # given as data but already in the repository
+    chunks_zero: int = 0  # all-zero, nothing stored
+    chunks_parent: int = 0  # unchanged since the parent (keep_parent)
+    bytes_read: int = 0  # plaintext bytes given to put_chunk
+    bytes_uploaded: int = 0  # stored (compressed, encrypted) bytes of new chunks
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ManifestDisk:
+    """One disk of a backup and where its index lives."""
+
+    name: str
+    virtual_size: int
+    format: str
+    index_key: str
+    index_digest: str
+    chunks: int
+    stats: DiskStats = field(default_factory=DiskStats)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "virtual_size": self.virtual_size,
+            "format": self.format,
+            "index": self.index_key,
+            "index_digest": self.index_digest,
+            "chunks": self.chunks,
+            "stats": self.stats.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A committed backup of one domain. A backup without a manifest does not exist."""
+
+    backup_id: str
+    domain: str
+    parent: str | None
+    kind: Kind
+    reason: str
+    checkpoint: str | None
+    created: datetime
+    finished: datetime
+    chunk_size: int
+    disks: list[ManifestDisk]
+    layout: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    version: int = MANIFEST_VERSION
+
+    @property
+    def key(self) -> str:
+        return manifest_key(self.domain, self.backup_id)
+
+    def disk(self, name: str) -> ManifestDisk:
+        for d in self.disks:
+            if d.name == name:
+                return d
+        names = ", ".join(d.name for d in self.disks)
+        raise BackupNotFoundError(
+            f"backup {self.backup_id} of {self.domain} has no disk {name!r} (disks: {names})"
+        )
+
+    @property
+    def sort_key(self) -> tuple[datetime, str]:
+        return (self.created, self.backup_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "backup_id": self.backup_id,
+            "domain": self.domain,
+            "parent": self.parent,
+            "kind": self.kind,
+            "reason": self.reason,
+            "checkpoint": self.checkpoint,
+            "created": iso(self.created),
+            "finished": iso(self.finished),
+            "chunk_size": self.chunk_size,
+            "disks": [d.to_json() for d in self.disks],
+            "layout": self.layout,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any, what: str) -> Manifest:
+        if not isinstance(doc, dict):
+            raise CorruptObjectError(f"manifest {what} is not a JSON object")
+        version = doc.get("version")
+        if not isinstance(version, int):
+            raise CorruptObjectError(f"manifest {what} has no version")
+        if version > MANIFEST_VERSION:
+            raise UnsupportedVersionError(
+                f"manifest {what} has version {version}, newer than this vmvault supports "
+                f"({MANIFEST_VERSION}): upgrade vmvault"
+            )
+        try:
+            kind = doc["kind"]
+            if kind not in ("full", "incremental"):
+                raise ValueError(f"bad kind {kind!r}")
+            disks = [
+                ManifestDisk(
+                    name=check_name(d["name"], "disk"),
+                    virtual_size=int(d["virtual_size"]),
+                    format=str(d["format"]),
+                    index_key=str(d["index"]),
+                    index_digest=str(d["index_digest"]),
+                    chunks=int(d["chunks"]),
+                    stats=DiskStats(**{k: int(v) for k, v in d.get("stats", {}).items()}),
+                )
+                for d in doc["disks"]
+            ]
+            m = cls(
+                backup_id=check_backup_id(doc["backup_id"]),
+                domain=check_name(doc["domain"], "domain"),
+                parent=check_backup_id(doc["parent"]) if doc["parent"] is not None else None,
+                kind=kind,
+                reason=str(doc["reason"]),
+                checkpoint=None if doc["checkpoint"] is None else str(doc["checkpoint"]),
+                created=_utc(doc["created"], f"manifest {what}"),
+                finished=_utc(doc["finished"], f"manifest {what}"),
+                chunk_size=int(doc["chunk_size"]),
+                disks=disks,
+                layout=dict(doc.get("layout") or {}),
+                extra=dict(doc.get("extra") or {}),
+                version=version,
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CorruptObjectError(f"manifest {what} has a bad field: {err}") from err
+        for d in m.disks:
+            if d.index_key != index_key(m.domain, m.backup_id, d.name):
+                raise CorruptObjectError(f"manifest {what}: disk {d.name} points elsewhere")
+        return m

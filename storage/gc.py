@@ -1,0 +1,148 @@
+"""Garbage collection: mark every chunk the manifests reference, sweep the rest.
+
+Safety against backups in flight has two layers (docs/repository-format.md, "GC safety"):
+
+1. GC runs under an *exclusive* lock, which cannot be taken while any backup holds
+   its *shared* lease (see storage.locks). So no writer can deduplicate against a
+   chunk GC is about to delete, and no writer's fresh chunk looks unreferenced.
+2. A grace window: nothing younger than ``grace`` seconds (chunks, index objects of
+   unfinished backups) is deleted, even when unreferenced. It covers a writer whose
+   lease lapsed without its knowledge (clock jumps, a stopped process); such a
+   writer also finds its lease lapsed at commit and fails instead of committing.
+
+If any manifest or index cannot be read, GC stops before deleting anything: a mark
+phase that missed references must never drive a sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from storage.errors import StorageError
+from storage.format import BACKUPS_PREFIX, CHUNKS_PREFIX, MANIFEST_NAME, parse_backup_key
+from storage.locks import Lease, list_locks
+from storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 3600.0
+
+Progress = Callable[[str, int, int], None]
+
+
+class GcAbortedError(StorageError):
+    """GC stopped before sweeping because the mark phase was incomplete. Not retryable
+    until the damaged object is dealt with (run ``vmvault verify``)."""
+
+
+@dataclass
+class GcReport:
+    """What one GC run found and did."""
+
+    backups: int = 0
+    chunks_total: int = 0
+    chunks_referenced: int = 0
+    chunks_deleted: int = 0
+    bytes_deleted: int = 0
+    chunks_in_grace: int = 0
+    orphan_objects_deleted: int = 0
+    orphan_objects_in_grace: int = 0
+    locks_removed: int = 0
+    dry_run: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collect_garbage(
+    repo: Repository,
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> GcReport:
+    """Mark and sweep under the exclusive lock; see the module docstring for the rules."""
+    lease = Lease(repo.backend, "exclusive", "gc", repo.lease_ttl).acquire()
+    try:
+        return _run(repo, lease, grace, dry_run, progress)
+    finally:
+        lease.release()
+
+
+def _run(
+    repo: Repository, lease: Lease, grace: float, dry_run: bool, progress: Progress | None
+) -> GcReport:
+    report = GcReport(dry_run=dry_run)
+    started = datetime.now(UTC)
+    cutoff = started - timedelta(seconds=grace)
+    backend = repo.backend
+
+    # --- mark ------------------------------------------------------------------
+    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    for info in backend.list(BACKUPS_PREFIX):
+        parsed = parse_backup_key(info.key)
+        if parsed is None:
+            log.warning("gc: ignoring unexpected object %s", info.key)
+            continue
+        groups[(parsed[0], parsed[1])].append(info)
+    committed = {
+        k for k, objs in groups.items() if any(o.key.endswith("/" + MANIFEST_NAME) for o in objs)
+    }
+    marked: set[str] = set()
+    for n, (domain, backup_id) in enumerate(sorted(committed), 1):
+        try:
+            manifest = repo.load_manifest(domain, backup_id)
+            for disk in manifest.disks:
+                marked.update(d for d in repo.index_digests(manifest, disk.name) if d)
+        except StorageError as err:
+            raise GcAbortedError(
+                f"gc stopped, nothing deleted: cannot read backup {backup_id} of {domain}: "
+                f"{err} (run 'vmvault verify')"
+            ) from err
+        if progress:
+            progress("mark", n, len(committed))
+    report.backups = len(committed)
+    report.chunks_referenced = len(marked)
+
+    # --- sweep -----------------------------------------------------------------
+    doomed: list[str] = []
+    for key_group, objs in groups.items():
+        if key_group in committed:
+            continue
+        # A backup directory without a manifest: aborted or killed writer.
+        for o in objs:
+            if o.modified < cutoff:
+                doomed.append(o.key)
+                report.orphan_objects_deleted += 1
+            else:
+                report.orphan_objects_in_grace += 1
+    chunk_sizes: dict[str, int] = {}
+    for info in backend.list(CHUNKS_PREFIX):
+        report.chunks_total += 1
+        digest = info.key.rsplit("/", 1)[-1]
+        if digest in marked:
+            continue
+        if info.modified >= cutoff:
+            report.chunks_in_grace += 1
+            continue
+        chunk_sizes[info.key] = info.size
+        doomed.append(info.key)
+    report.chunks_deleted = len(chunk_sizes)
+    report.bytes_deleted = sum(chunk_sizes.values())
+
+    if not dry_run:
+        lease.check()  # never sweep on a lapsed lock: a backup may have started since
+        total = len(doomed)
+        for done, _ in enumerate(repo.pool.map(backend.delete, doomed), 1):
+            if progress and (done % 64 == 0 or done == total):
+                progress("sweep", done, total)
+        now = datetime.now(UTC)
+        for other in list_locks(backend):
+            if other.key != lease.key and not other.live(now):
+                backend.delete(other.key)
+                report.locks_removed += 1
+    return report

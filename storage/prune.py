@@ -1,0 +1,162 @@
+"""Retention: a pure planner ``plan_prune(policy, manifests) -> PrunePlan`` and its executor.
+
+Semantics are restic's ``forget --keep-*`` (also what Proxmox Backup Server documents):
+per domain, backups are walked newest first; each rule ``keep_<period> = n`` keeps the
+newest backup of each of the ``n`` most recent periods that have a backup (``keep_last``:
+the ``n`` newest backups). The rules apply together: a backup kept by any rule stays, and
+each survivor lists every rule that keeps it. Periods are computed in UTC.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+from storage.errors import StorageError
+from storage.format import Manifest, iso
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """How many backups each rule keeps; None = rule unused. At least one rule is required."""
+
+    last: int | None = None
+    hourly: int | None = None
+    daily: int | None = None
+    weekly: int | None = None
+    monthly: int | None = None
+    yearly: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value < 1:
+                raise StorageError(f"keep-{f.name} must be at least 1, got {value}")
+        if self.empty:
+            raise StorageError("a retention policy needs at least one --keep-* rule")
+
+    @property
+    def empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+    def to_json(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+
+def _week(t: datetime) -> str:
+    year, week, _ = t.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+# Rule name -> the period a timestamp falls in. "last" is handled by position.
+PERIODS: dict[str, Callable[[datetime], str]] = {
+    "hourly": lambda t: t.strftime("%Y-%m-%d %H"),
+    "daily": lambda t: t.strftime("%Y-%m-%d"),
+    "weekly": _week,
+    "monthly": lambda t: t.strftime("%Y-%m"),
+    "yearly": lambda t: t.strftime("%Y"),
+}
+
+
+@dataclass(frozen=True)
+class PruneDecision:
+    """One backup's fate and, when kept, every rule that keeps it (e.g. ``daily 2026-11-25``)."""
+
+    manifest: Manifest
+    keep: bool
+    reasons: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.manifest.backup_id,
+            "domain": self.manifest.domain,
+            "created": iso(self.manifest.created),
+            "action": "keep" if self.keep else "remove",
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a prune would do; ``execute`` does it."""
+
+    policy: KeepPolicy
+    decisions: list[PruneDecision]
+
+    @property
+    def keep(self) -> list[PruneDecision]:
+        return [d for d in self.decisions if d.keep]
+
+    @property
+    def remove(self) -> list[PruneDecision]:
+        return [d for d in self.decisions if not d.keep]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.to_json(),
+            "keep": len(self.keep),
+            "remove": len(self.remove),
+            "backups": [d.to_json() for d in self.decisions],
+        }
+
+    def execute(
+        self, repo: Any, progress: Callable[[str, int, int], None] | None = None
+    ) -> list[str]:
+        """Delete the manifests (then indexes) of the removed backups; chunks are left to GC.
+
+        Deleting a manifest first means a crash halfway leaves only unreferenced
+        indexes, which GC removes; no surviving backup is ever touched. Runs under a
+        shared lock: alongside backups, never while GC marks (GC would otherwise see a
+        manifest whose indexes vanish under it and stop).
+        """
+        from storage.locks import Lease
+
+        removed: list[str] = []
+        todo = self.remove
+        if not todo:
+            return removed
+        lease = Lease(repo.backend, "shared", "prune", repo.lease_ttl).acquire()
+        try:
+            for n, d in enumerate(todo, 1):
+                repo.delete_backup(d.manifest)
+                removed.append(d.manifest.backup_id)
+                if progress:
+                    progress("prune", n, len(todo))
+        finally:
+            lease.release()
+        return removed
+
+
+def plan_prune(policy: KeepPolicy, manifests: list[Manifest]) -> PrunePlan:
+    """Decide which backups to keep; pure (no I/O), deterministic, per domain."""
+    by_domain: dict[str, list[Manifest]] = defaultdict(list)
+    for m in manifests:
+        by_domain[m.domain].append(m)
+    decisions: list[PruneDecision] = []
+    for domain in sorted(by_domain):
+        newest_first = sorted(by_domain[domain], key=lambda m: m.sort_key, reverse=True)
+        reasons: dict[str, list[str]] = defaultdict(list)
+        if policy.last:
+            for m in newest_first[: policy.last]:
+                reasons[m.backup_id].append("last")
+        for rule, period_of in PERIODS.items():
+            budget = getattr(policy, rule)
+            if not budget:
+                continue
+            last_period: str | None = None
+            for m in newest_first:
+                if budget == 0:
+                    break
+                period = period_of(m.created)
+                # Newest first, so the first backup seen in a period is its newest.
+                if period != last_period:
+                    reasons[m.backup_id].append(f"{rule} {period}")
+                    last_period = period
+                    budget -= 1
+        for m in reversed(newest_first):  # report oldest first, like `list`
+            why = tuple(reasons.get(m.backup_id, ()))
+            decisions.append(PruneDecision(m, bool(why), why))
+    return PrunePlan(policy, decisions)

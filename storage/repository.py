@@ -1,0 +1,719 @@
+"""The backup repository: open/init, the backup writer, the disk reader, manifests.
+
+Data flows one way: ``DiskWriter.put_chunk`` → thread pool (zero check, digest,
+zstd, AES-GCM, conditional upload) → disk index on ``finish`` → manifest on
+``commit``, last. docs/repository-format.md specifies the objects.
+
+Chunk arithmetic (chunk_size = C, disk of virtual_size V):
+
+    offset 0      C      2C            kC          V
+           |------|------|---- ... ----|-----|
+            chunk0 chunk1               tail (V - kC bytes, may be < C)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+from storage.backends import Backend, RetryPolicy, open_backend
+from storage.crypto import SCRYPT_N, Codec, new_key_object, unwrap_key_object
+from storage.errors import (
+    BackupNotFoundError,
+    CorruptObjectError,
+    ObjectNotFoundError,
+    PassphraseError,
+    RepositoryExistsError,
+    RepositoryNotFoundError,
+    StorageError,
+    WriterError,
+)
+from storage.format import (
+    BACKUPS_PREFIX,
+    CONFIG_KEY,
+    DEFAULT_CHUNK_SIZE,
+    KEY_KEY,
+    MANIFEST_NAME,
+    DiskStats,
+    IndexEntry,
+    Kind,
+    Manifest,
+    ManifestDisk,
+    RepoConfig,
+    canonical_json,
+    check_backup_id,
+    check_chunk_size,
+    check_name,
+    chunk_count,
+    chunk_key,
+    decode_index,
+    encode_index,
+    index_key,
+    manifest_key,
+    new_backup_id,
+    parse_backup_key,
+)
+from storage.locks import DEFAULT_LEASE_TTL, Lease
+
+__all__ = [
+    "BackupWriter",
+    "DiskStats",
+    "DiskWriter",
+    "Manifest",
+    "ManifestDisk",
+    "Repository",
+    "init_repository",
+    "open_repository",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 8
+
+
+class Repository:
+    """An opened repository. Thread-safe; one instance can serve many backups at once."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        config: RepoConfig,
+        codec: Codec,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
+        master_key: bytes | None = None,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.codec = codec
+        self.concurrency = concurrency
+        self.lease_ttl = lease_ttl
+        self._master = master_key
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ basics
+
+    @property
+    def url(self) -> str:
+        return self.backend.url
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    @property
+    def encrypted(self) -> bool:
+        return self.config.encrypted
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="repo")
+            return self._pool
+
+    def close(self) -> None:
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+        self.backend.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def chunk_digest(self, data: bytes) -> str:
+        """Digest of plaintext ``data`` as the index records it (keyed when encrypted)."""
+        return self.codec.digest(data)
+
+    def change_passphrase(self, new_passphrase: bytes) -> None:
+        """Re-wrap the master key under ``new_passphrase``; no other object changes."""
+        if self._master is None:
+            raise PassphraseError(f"{self.url} is not encrypted: there is no passphrase")
+        data, _ = new_key_object(new_passphrase, self.config.id, self._master)
+        self.backend.put(KEY_KEY, data)
+
+    # ------------------------------------------------------------------ chunks
+
+    def read_chunk(self, digest: str) -> bytes:
+        """Plaintext of one chunk, re-hashed: ``CorruptObjectError`` if it does not match."""
+        key = chunk_key(digest)
+        data = self.codec.unseal(key, self.backend.get(key))
+        if self.codec.digest(data) != digest:
+            raise CorruptObjectError(f"chunk {digest} does not match its digest")
+        return data
+
+    # ------------------------------------------------------------------ manifests
+
+    def _load_manifest_key(self, key: str) -> Manifest:
+        stored = self.backend.get(key)
+        raw = self.codec.decrypt(key, stored)
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CorruptObjectError(f"manifest {key} is not valid JSON: {err}") from err
+        if not isinstance(doc, dict) or "checksum" not in doc:
+            raise CorruptObjectError(f"manifest {key} has no checksum")
+        checksum = doc.pop("checksum")
+        if checksum != self.codec.digest(canonical_json(doc)):
+            raise CorruptObjectError(f"manifest {key} does not match its checksum (edited?)")
+        manifest = Manifest.from_json(doc, key)
+        if manifest.key != key:
+            raise CorruptObjectError(f"manifest {key} names another backup ({manifest.key})")
+        return manifest
+
+    def _manifest_bytes(self, manifest: Manifest) -> bytes:
+        doc = manifest.to_json()
+        doc["checksum"] = self.codec.digest(canonical_json(doc))
+        raw = json.dumps(doc, indent=2).encode() + b"\n"
+        return self.codec.encrypt(manifest.key, raw)
+
+    def manifest_keys(self, domain: str | None = None) -> list[tuple[str, str, str]]:
+        """``(domain, backup_id, key)`` of every manifest object (unparsed)."""
+        prefix = BACKUPS_PREFIX
+        if domain is not None:
+            prefix += check_name(domain, "domain") + "/"
+        out = []
+        for info in self.backend.list(prefix):
+            parsed = parse_backup_key(info.key)
+            if parsed and parsed[2] == MANIFEST_NAME:
+                out.append((parsed[0], parsed[1], info.key))
+        return out
+
+    def list_manifests(self, domain: str | None = None) -> list[Manifest]:
+        """Committed backups (of ``domain`` or all), oldest first."""
+        keys = [k for _, _, k in self.manifest_keys(domain)]
+        manifests = list(self.pool.map(self._load_manifest_key, keys))
+        return sorted(manifests, key=lambda m: m.sort_key)
+
+    def latest_manifest(self, domain: str) -> Manifest | None:
+        manifests = self.list_manifests(domain)
+        return manifests[-1] if manifests else None
+
+    def load_manifest(self, domain: str, backup_id: str) -> Manifest:
+        key = manifest_key(domain, backup_id)
+        try:
+            return self._load_manifest_key(key)
+        except ObjectNotFoundError:
+            raise BackupNotFoundError(
+                f"no committed backup {backup_id} of domain {domain} in {self.url}"
+            ) from None
+
+    def find_backup(self, backup_id: str) -> Manifest:
+        check_backup_id(backup_id)
+        for _domain, bid, key in self.manifest_keys():
+            if bid == backup_id:
+                return self._load_manifest_key(key)
+        raise BackupNotFoundError(f"no committed backup {backup_id} in {self.url}")
+
+    def delete_backup(self, manifest: Manifest) -> None:
+        """Remove a backup: its manifest first (so it stops existing), then its indexes."""
+        self.backend.delete(manifest.key)
+        for d in manifest.disks:
+            self.backend.delete(d.index_key)
+
+    # ------------------------------------------------------------------ indexes
+
+    def load_index(self, manifest: Manifest, disk_name: str) -> list[IndexEntry]:
+        disk = manifest.disk(disk_name)
+        what = f"{disk.index_key}"
+        try:
+            body = self.codec.unseal(disk.index_key, self.backend.get(disk.index_key))
+        except ObjectNotFoundError:
+            raise ObjectNotFoundError(
+                f"index of disk {disk_name} of backup {manifest.backup_id} "
+                f"({manifest.domain}) is missing: {disk.index_key}"
+            ) from None
+        if self.codec.digest(body) != disk.index_digest:
+            raise CorruptObjectError(
+                f"index {what} does not match the digest in its manifest (edited or damaged)"
+            )
+        virtual_size, chunk_size, entries = decode_index(body, what)
+        if virtual_size != disk.virtual_size or chunk_size != manifest.chunk_size:
+            raise CorruptObjectError(f"index {what} disagrees with its manifest on sizes")
+        return entries
+
+    def index_digests(self, manifest: Manifest, disk_name: str) -> list[str | None]:
+        """Per chunk of the disk: its digest, or None for a zero chunk."""
+        return [e.digest for e in self.load_index(manifest, disk_name)]
+
+    # ------------------------------------------------------------------ writing
+
+    def open_backup(
+        self,
+        domain: str,
+        parent: Manifest | None,
+        kind: Kind,
+        reason: str,
+        checkpoint: str | None,
+    ) -> BackupWriter:
+        """Start a backup: takes a shared lease so GC cannot run until commit/abort."""
+        check_name(domain, "domain")
+        if kind not in ("full", "incremental"):
+            raise WriterError(f"backup kind must be 'full' or 'incremental', not {kind!r}")
+        if kind == "incremental" and parent is None:
+            raise WriterError(f"incremental backup of {domain} needs a parent manifest")
+        if parent is not None and parent.domain != domain:
+            raise WriterError(f"parent {parent.backup_id} belongs to {parent.domain}, not {domain}")
+        if parent is not None and parent.chunk_size != self.chunk_size:
+            raise WriterError(f"parent {parent.backup_id} has another chunk size")
+        now = datetime.now(UTC)
+        backup_id = new_backup_id(now)
+        lease = Lease(self.backend, "shared", f"backup {domain}/{backup_id}", self.lease_ttl)
+        lease.acquire()
+        return BackupWriter(self, domain, backup_id, parent, kind, reason, checkpoint, now, lease)
+
+    # ------------------------------------------------------------------ reading
+
+    def read_disk(
+        self, manifest: Manifest, disk_name: str, prefetch: int = 8
+    ) -> Iterator[tuple[int, bytes | None]]:
+        """``(offset, plaintext)`` per chunk in order; None for zeros. At most ``prefetch``
+        chunks are fetched ahead, so memory stays bounded for any disk size."""
+        entries = self.load_index(manifest, disk_name)
+        prefetch = max(1, prefetch)
+        cs = manifest.chunk_size
+
+        def fetch(i: int) -> bytes:
+            digest = entries[i].digest
+            assert digest is not None
+            try:
+                return self.read_chunk(digest)
+            except StorageError as err:
+                raise type(err)(
+                    f"{manifest.domain} backup {manifest.backup_id} disk {disk_name} "
+                    f"offset {i * cs}: {err}"
+                ) from err
+
+        window: deque[tuple[int, Future[bytes] | None]] = deque()
+        next_i = 0
+        try:
+            while next_i < len(entries) or window:
+                while next_i < len(entries) and len(window) < prefetch:
+                    fut = (
+                        None if entries[next_i].digest is None else self.pool.submit(fetch, next_i)
+                    )
+                    window.append((next_i, fut))
+                    next_i += 1
+                i, fut = window.popleft()
+                yield i * cs, (None if fut is None else fut.result())
+        finally:
+            for _, fut in window:
+                if fut is not None:
+                    fut.cancel()
+
+
+class BackupWriter:
+    """One backup being written. Commit writes the manifest; abort leaves no manifest."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        domain: str,
+        backup_id: str,
+        parent: Manifest | None,
+        kind: Kind,
+        reason: str,
+        checkpoint: str | None,
+        created: datetime,
+        lease: Lease,
+    ) -> None:
+        self.repo = repo
+        self.domain = domain
+        self.backup_id = backup_id
+        self.parent = parent
+        self.kind: Kind = kind
+        self.reason = reason
+        self.checkpoint = checkpoint
+        self.created = created
+        self.lease = lease
+        self.disks: dict[str, DiskWriter] = {}
+        self._done = False
+        # Digests known to be stored: the parent's (GC cannot run while we hold the
+        # lease) and every chunk this backup stored or found. Saves HEAD requests.
+        self._known: set[str] = set()
+        self._known_lock = threading.Lock()
+        self._zero = bytes(repo.chunk_size)
+
+    def __enter__(self) -> BackupWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._done:
+            self.abort()
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise WriterError(f"backup {self.backup_id} is already committed or aborted")
+
+    def open_disk(self, name: str, virtual_size: int, fmt: str) -> DiskWriter:
+        self._check_open()
+        check_name(name, "disk")
+        if name in self.disks:
+            raise WriterError(f"disk {name} opened twice in backup {self.backup_id}")
+        if virtual_size <= 0:
+            raise WriterError(f"disk {name}: virtual size must be positive, got {virtual_size}")
+        parent_entries: list[IndexEntry] | None = None
+        if self.parent is not None:
+            pdisk = next((d for d in self.parent.disks if d.name == name), None)
+            if pdisk is not None and pdisk.virtual_size == virtual_size:
+                parent_entries = self.repo.load_index(self.parent, name)
+                with self._known_lock:
+                    self._known.update(e.digest for e in parent_entries if e.digest)
+        writer = DiskWriter(self, name, virtual_size, fmt, parent_entries)
+        self.disks[name] = writer
+        return writer
+
+    def commit(
+        self, layout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+    ) -> Manifest:
+        """Write the manifest, last; the backup exists from this moment on."""
+        self._check_open()
+        if not self.disks:
+            raise WriterError(f"backup {self.backup_id} of {self.domain} has no disks")
+        unfinished = [n for n, d in self.disks.items() if d.result is None]
+        if unfinished:
+            raise WriterError(f"backup {self.backup_id}: disks not finished: {unfinished}")
+        try:
+            # If the lease lapsed, GC may have deleted chunks we deduplicated against.
+            self.lease.check()
+            manifest = Manifest(
+                backup_id=self.backup_id,
+                domain=self.domain,
+                parent=self.parent.backup_id if self.parent else None,
+                kind=self.kind,
+                reason=self.reason,
+                checkpoint=self.checkpoint,
+                created=self.created,
+                finished=datetime.now(UTC),
+                chunk_size=self.repo.chunk_size,
+                disks=[d.result for d in self.disks.values() if d.result is not None],
+                layout=dict(layout or {}),
+                extra=dict(extra or {}),
+            )
+            data = self.repo._manifest_bytes(manifest)
+            if not self.repo.backend.put(manifest.key, data, if_absent=True):
+                raise WriterError(f"manifest {manifest.key} already exists")
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        self.lease.release()
+        return manifest
+
+    def abort(self) -> None:
+        """Give up: no manifest is written; uploaded chunks are left for GC."""
+        if self._done:
+            return
+        self._done = True
+        for d in self.disks.values():
+            d._drain(cancel=True)
+        self.lease.release()
+
+
+class DiskWriter:
+    """Chunks of one disk, given in any order, each exactly once."""
+
+    def __init__(
+        self,
+        backup: BackupWriter,
+        name: str,
+        virtual_size: int,
+        fmt: str,
+        parent_entries: list[IndexEntry] | None,
+    ) -> None:
+        self.backup = backup
+        self.repo = backup.repo
+        self.name = name
+        self.virtual_size = virtual_size
+        self.format = fmt
+        self.chunk_size = self.repo.chunk_size
+        self.count = chunk_count(virtual_size, self.chunk_size)
+        self._parent = parent_entries
+        self._entries: list[IndexEntry | None] = [None] * self.count
+        self._given = bytearray(self.count)
+        self._lock = threading.Lock()
+        # In flight = submitted, not yet stored. Each holds one chunk (plus its compressed
+        # and encrypted copies) in memory: this bounds the writer's memory.
+        self._slots = threading.BoundedSemaphore(self.repo.concurrency + 2)
+        self._futures: set[Future[None]] = set()
+        self._error: BaseException | None = None
+        self._stats = {"new": 0, "dedup": 0, "zero": 0, "parent": 0, "read": 0, "uploaded": 0}
+        self.result: ManifestDisk | None = None
+
+    # -- range checks ------------------------------------------------------
+
+    def _indexes(self, offset: int, length: int, what: str) -> range:
+        cs = self.chunk_size
+        end = offset + length
+        if offset < 0 or length <= 0 or offset % cs or end > self.virtual_size:
+            raise WriterError(
+                f"disk {self.name}: {what} at offset {offset} length {length} is not a "
+                f"chunk-aligned range inside {self.virtual_size} bytes (chunk size {cs})"
+            )
+        if end % cs and end != self.virtual_size:
+            raise WriterError(f"disk {self.name}: {what} at offset {offset} ends mid-chunk")
+        return range(offset // cs, -(-end // cs))
+
+    def _claim(self, idx: range, what: str) -> None:
+        with self._lock:
+            for i in idx:
+                if self._given[i]:
+                    raise WriterError(
+                        f"disk {self.name}: chunk at offset {i * self.chunk_size} given twice "
+                        f"({what})"
+                    )
+            for i in idx:
+                self._given[i] = 1
+
+    def _check(self) -> None:
+        self.backup._check_open()
+        if self.result is not None:
+            raise WriterError(f"disk {self.name} is already finished")
+        if self._error is not None:
+            raise self._error
+
+    # -- the three ways to describe a chunk ---------------------------------
+
+    def put_chunk(self, offset: int, data: bytes) -> None:
+        """Store one chunk (hash, compress, encrypt, upload in the pool). Blocks while the
+        pool is full."""
+        self._check()
+        idx = self._indexes(offset, len(data), "put_chunk")
+        if len(idx) != 1:
+            raise WriterError(
+                f"disk {self.name}: put_chunk at offset {offset} has {len(data)} bytes; "
+                f"give one chunk ({self.chunk_size} bytes, or the tail) per call"
+            )
+        self._claim(idx, "put_chunk")
+        self._slots.acquire()
+        try:
+            fut = self.repo.pool.submit(self._store, idx[0], data)
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self._futures.add(fut)
+        fut.add_done_callback(self._done)
+
+    def put_zero(self, offset: int, length: int) -> None:
+        """A chunk-aligned range that reads as zeros: nothing is stored."""
+        self._check()
+        idx = self._indexes(offset, length, "put_zero")
+        self._claim(idx, "put_zero")
+        with self._lock:
+            for i in idx:
+                self._entries[i] = IndexEntry(None)
+            self._stats["zero"] += len(idx)
+
+    def keep_parent(self, offset: int, length: int) -> None:
+        """A chunk-aligned range unchanged since the parent backup: reuse its entries."""
+        self._check()
+        if self._parent is None:
+            raise WriterError(
+                f"disk {self.name}: keep_parent without a parent index of the same size "
+                f"(backup {self.backup.backup_id})"
+            )
+        idx = self._indexes(offset, length, "keep_parent")
+        self._claim(idx, "keep_parent")
+        with self._lock:
+            for i in idx:
+                self._entries[i] = IndexEntry(self._parent[i].digest, from_parent=True)
+            self._stats["parent"] += len(idx)
+
+    # -- pool side -----------------------------------------------------------
+
+    def _store(self, i: int, data: bytes) -> None:
+        repo = self.repo
+        n = len(data)
+        zero = self.backup._zero if n == self.chunk_size else bytes(n)
+        if data == zero:  # memcmp speed; all-zero chunks are never stored
+            with self._lock:
+                self._entries[i] = IndexEntry(None)
+                self._stats["zero"] += 1
+                self._stats["read"] += n
+            return
+        digest = repo.codec.digest(data)
+        key = chunk_key(digest)
+        known = self.backup._known
+        with self.backup._known_lock:
+            seen = digest in known
+        uploaded = 0
+        if not seen and not repo.backend.exists(key):
+            stored = repo.codec.seal(key, data)
+            if repo.backend.put(key, stored, if_absent=True, defer_sync=True):
+                uploaded = len(stored)
+        with self.backup._known_lock:
+            known.add(digest)
+        with self._lock:
+            self._entries[i] = IndexEntry(digest)
+            self._stats["new" if uploaded else "dedup"] += 1
+            self._stats["uploaded"] += uploaded
+            self._stats["read"] += n
+
+    def _done(self, fut: Future[None]) -> None:
+        self._slots.release()
+        with self._lock:
+            self._futures.discard(fut)
+            if not fut.cancelled() and fut.exception() is not None and self._error is None:
+                err = fut.exception()
+                self._error = (
+                    err
+                    if isinstance(err, StorageError)
+                    else StorageError(f"disk {self.name}: storing a chunk failed: {err!r}")
+                )
+
+    def _drain(self, cancel: bool = False) -> None:
+        with self._lock:
+            pending = list(self._futures)
+        for fut in pending:
+            if cancel:
+                fut.cancel()
+        for fut in pending:
+            if not fut.cancelled():
+                fut.exception()  # waits
+
+    # -- end -----------------------------------------------------------------
+
+    def finish(self) -> DiskStats:
+        """Wait for uploads, check completeness, upload the index. Returns the disk's stats."""
+        self._check()
+        self._drain()
+        if self._error is not None:
+            raise self._error
+        missing = [i for i, e in enumerate(self._entries) if e is None]
+        if missing:
+            raise WriterError(
+                f"disk {self.name}: {len(missing)} chunks were never given, first at offset "
+                f"{missing[0] * self.chunk_size}"
+            )
+        entries = [e for e in self._entries if e is not None]
+        # Chunks first, durably, then the index that references them (write order).
+        self.repo.backend.flush()
+        body = encode_index(self.virtual_size, self.chunk_size, entries)
+        key = index_key(self.backup.domain, self.backup.backup_id, self.name)
+        self.repo.backend.put(key, self.repo.codec.seal(key, body))
+        s = self._stats
+        stats = DiskStats(
+            chunks_total=self.count,
+            chunks_new=s["new"],
+            chunks_dedup=s["dedup"],
+            chunks_zero=s["zero"],
+            chunks_parent=s["parent"],
+            bytes_read=s["read"],
+            bytes_uploaded=s["uploaded"],
+        )
+        self.result = ManifestDisk(
+            name=self.name,
+            virtual_size=self.virtual_size,
+            format=self.format,
+            index_key=key,
+            index_digest=self.repo.codec.digest(body),
+            chunks=self.count,
+            stats=stats,
+        )
+        return stats
+
+
+# --------------------------------------------------------------------------- open / init
+
+
+def init_repository(
+    url: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    passphrase: bytes | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    retry: RetryPolicy | None = None,
+    scrypt_n: int | None = None,
+) -> Repository:
+    """Create a repository (encrypted when ``passphrase`` is given); refuses an existing one."""
+    try:
+        check_chunk_size(chunk_size)
+    except CorruptObjectError as err:
+        raise StorageError(str(err)) from None
+    backend = open_backend(url, endpoint_url, region, concurrency, retry)
+    if backend.exists(CONFIG_KEY) or backend.exists(KEY_KEY):
+        raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
+    config = RepoConfig(
+        id=secrets.token_hex(16),
+        chunk_size=chunk_size,
+        encrypted=passphrase is not None,
+        created=datetime.now(UTC),
+    )
+    codec = Codec(None)
+    master = None
+    if passphrase is not None:
+        data, keys = new_key_object(passphrase, config.id, n=scrypt_n or SCRYPT_N)
+        master = keys.encryption + keys.hashing
+        # Conditional create: a concurrent init cannot overwrite another's key.
+        if not backend.put(KEY_KEY, data, if_absent=True):
+            raise RepositoryExistsError(f"{url} already holds a repository key: nothing changed")
+        codec = Codec(keys)
+    if not backend.put(CONFIG_KEY, config.to_bytes(), if_absent=True):
+        raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
+    return Repository(backend, config, codec, concurrency, master_key=master)
+
+
+def open_repository(
+    url: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    passphrase: bytes | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    retry: RetryPolicy | None = None,
+    lease_ttl: float | None = None,
+) -> Repository:
+    """Open an existing repository; encrypted ones need the passphrase."""
+    backend = open_backend(url, endpoint_url, region, concurrency, retry)
+    try:
+        raw = backend.get(CONFIG_KEY)
+    except ObjectNotFoundError:
+        backend.close()
+        raise RepositoryNotFoundError(
+            f"no repository at {url} (no 'config' object): run 'vmvault init' first"
+        ) from None
+    config = RepoConfig.from_bytes(raw, url)
+    codec = Codec(None)
+    master = None
+    if config.encrypted:
+        if not passphrase:
+            backend.close()
+            raise PassphraseError(
+                f"{url} is encrypted: set repository.passphrase_file in the config"
+            )
+        try:
+            key_data = backend.get(KEY_KEY)
+        except ObjectNotFoundError:
+            raise CorruptObjectError(
+                f"{url} is encrypted but its 'key' object is missing"
+            ) from None
+        keys, master = unwrap_key_object(key_data, passphrase, config.id)
+        codec = Codec(keys)
+    elif passphrase:
+        log.warning("%s is not encrypted; the configured passphrase is not used", url)
+    ttl = (
+        lease_ttl
+        if lease_ttl is not None
+        else float(os.environ.get("VMVAULT_LEASE_TTL", DEFAULT_LEASE_TTL))
+    )
+    return Repository(backend, config, codec, concurrency, ttl, master)

@@ -1,0 +1,1 @@
+"""Tests of the storage package: repository, backends, prune, GC, verify, CLI."""
