@@ -25,6 +25,10 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest
 
+# The main job on embedded defaults: a demo VM, full + incremental backup, restore, verify.
+demo: setup
+	$(VENV)/bin/vmvault demo
+
 bench: setup
 	$(PY) bench/storage_bench.py
 

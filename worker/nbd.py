@@ -1,0 +1,206 @@
+"""NBD reading with libnbd: extents (``block_status``) and chunk reads with many requests in flight.
+
+Uses only libnbd calls present in 1.14 (Debian 12) and still in 1.22 (Debian 13):
+``add_meta_context``, ``block_status``, ``get_block_size``, ``aio_pread`` with ``nbd.Buffer``,
+``aio_command_completed`` and ``poll``.
+
+Extent arithmetic (chunk = repository chunk, fixed and offset-aligned)::
+
+    disk     |--- chunk 0 ---|--- chunk 1 ---|--- chunk 2 ---|-- tail --|
+    extents  [ zero  ][ data ][ zero ..................... ][ data   ]
+    result    read            zero            zero            read
+
+A chunk is read whole when any extent touching it matches (dirty, or not known zero).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nbd
+
+from worker.errors import WorkerError
+
+BASE_ALLOCATION = "base:allocation"
+STATE_HOLE = 1  # NBD spec, base:allocation: unallocated
+STATE_ZERO = 2  # NBD spec, base:allocation: reads as zeroes
+DIRTY = 1  # qemu:dirty-bitmap:<name>: bit 0 set = dirty
+# One block_status request may not exceed 4 GiB (32-bit length before extended headers).
+_MAX_STATUS_REQUEST = 1 << 31
+
+
+def dirty_context(bitmap: str) -> str:
+    """The NBD meta context that exposes a QEMU dirty bitmap."""
+    return f"qemu:dirty-bitmap:{bitmap}"
+
+
+class NbdError(WorkerError):
+    """Reading a disk over NBD failed (server gone, I/O error). Retryable."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    flags: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class NbdReader:
+    """A read-only libnbd connection to one export on a unix socket."""
+
+    def __init__(self, socket_path: Path, export: str, contexts: Iterable[str] = ()) -> None:
+        self.export = export
+        self.contexts = list(contexts)
+        self._h = nbd.NBD()
+        try:
+            for ctx in self.contexts:
+                self._h.add_meta_context(ctx)
+            self._h.set_export_name(export)
+            self._h.connect_unix(str(socket_path))
+            for ctx in self.contexts:
+                if not self._h.can_meta_context(ctx):
+                    raise NbdError(f"NBD export {export!r} does not offer meta context {ctx!r}")
+            self.size: int = self._h.get_size()
+            maximum = self._h.get_block_size(nbd.SIZE_MAXIMUM)
+            # 32 MiB is QEMU's NBD_MAX_BUFFER_SIZE; use it when the server states no limit.
+            self.max_request: int = int(maximum) if maximum and maximum > 0 else 32 << 20
+        except nbd.Error as err:
+            self.close()
+            raise NbdError(f"NBD export {export!r} on {socket_path}: {err}") from err
+
+    def close(self) -> None:
+        with contextlib.suppress(nbd.Error):
+            self._h.shutdown()
+        # NBD.close() exists from libnbd 1.16 on; before, the handle closes when collected.
+        close = getattr(self._h, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> NbdReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def extents(self) -> dict[str, list[Extent]]:
+        """Every negotiated context's extents over the whole disk, contiguous from 0.
+
+        A reply may cover less than asked, and contexts may stop at different offsets:
+        the next request starts where the least advanced context stopped.
+        """
+        result: dict[str, list[Extent]] = {ctx: [] for ctx in self.contexts}
+        ends = dict.fromkeys(self.contexts, 0)
+        while ends and min(ends.values()) < self.size:
+            start = min(ends.values())
+            length = min(self.size - start, _MAX_STATUS_REQUEST)
+            replies: list[tuple[str, int, list[int]]] = []
+            collect = _collector(replies)
+
+            try:
+                self._h.block_status(length, start, collect)
+            except nbd.Error as err:
+                raise NbdError(
+                    f"NBD export {self.export!r}: block status at {start} failed: {err}"
+                ) from err
+            before = dict(ends)
+            for ctx, offset, entries in replies:
+                if ctx not in ends:
+                    continue
+                pos = offset
+                for i in range(0, len(entries) - 1, 2):
+                    ext_len, flags = entries[i], entries[i + 1]
+                    lo, hi = max(pos, ends[ctx]), min(pos + ext_len, self.size)
+                    if lo == ends[ctx] and hi > lo:
+                        result[ctx].append(Extent(lo, hi - lo, flags))
+                        ends[ctx] = hi
+                    pos += ext_len
+            if ends == before:
+                raise NbdError(
+                    f"NBD export {self.export!r}: block status made no progress at {start}"
+                )
+        return result
+
+    def read_ranges(
+        self, ranges: Iterable[tuple[int, int]], depth: int = 4
+    ) -> Iterator[tuple[int, bytearray]]:
+        """Read ``(offset, length)`` ranges in order, keeping ``depth`` ranges in flight.
+
+        ``nbd.Buffer`` objects are recycled: with libnbd 1.14's Python binding a buffer
+        given to ``aio_pread`` is never freed, so fresh ones per request leak the whole
+        disk into memory. A small fixed set keeps memory flat.
+        """
+        inflight: collections.deque[tuple[int, list[tuple[Any, int]]]] = collections.deque()
+        free: dict[int, list[Any]] = collections.defaultdict(list)
+        try:
+            for offset, length in ranges:
+                pieces = []
+                for pos in range(offset, offset + length, self.max_request):
+                    size = min(self.max_request, offset + length - pos)
+                    buf = free[size].pop() if free[size] else _new_buffer(size)
+                    pieces.append((buf, self._h.aio_pread(buf, pos)))
+                inflight.append((offset, pieces))
+                if len(inflight) >= depth:
+                    yield self._complete(*inflight.popleft(), free)
+            while inflight:
+                yield self._complete(*inflight.popleft(), free)
+        except nbd.Error as err:
+            raise NbdError(f"NBD export {self.export!r}: read failed: {err}") from err
+
+    def _complete(
+        self, offset: int, pieces: list[tuple[Any, int]], free: dict[int, list[Any]]
+    ) -> tuple[int, bytearray]:
+        data = bytearray()
+        for buf, cookie in pieces:
+            while not self._h.aio_command_completed(cookie):
+                self._h.poll(-1)
+            part = _copy_out(buf)  # a copy: the buffer can be reused at once
+            free[len(part)].append(buf)
+            if len(pieces) == 1:
+                return offset, part
+            data += part
+        return offset, data
+
+
+def _new_buffer(size: int) -> Any:
+    # libnbd 1.14 needs nbd.Buffer for aio_pread; later versions also take any writable
+    # buffer object. Prefer nbd.Buffer while it exists, so one code path serves both.
+    buffer_type = getattr(nbd, "Buffer", None)
+    return buffer_type(size) if buffer_type is not None else bytearray(size)
+
+
+def _copy_out(buf: Any) -> bytearray:
+    to_bytearray = getattr(buf, "to_bytearray", None)
+    if to_bytearray is not None:
+        copy: bytearray = to_bytearray()
+        return copy
+    return bytearray(buf)
+
+
+def _collector(replies: list[tuple[str, int, list[int]]]) -> Any:
+    def collect(ctx: str, offset: int, entries: list[int], err: Any) -> int:
+        replies.append((ctx, offset, list(entries)))
+        return 0
+
+    return collect
+
+
+def chunks_touched(
+    extents: Iterable[Extent], chunk_size: int, n_chunks: int, mask: int, want: bool
+) -> list[bool]:
+    """Per chunk: does any extent whose ``flags & mask`` is ``want`` (truthy) overlap it?"""
+    hit = [False] * n_chunks
+    for ext in extents:
+        if bool(ext.flags & mask) != want or ext.length == 0:
+            continue
+        first, last = ext.offset // chunk_size, (ext.end - 1) // chunk_size
+        hit[first : last + 1] = [True] * (last + 1 - first)
+    return hit
