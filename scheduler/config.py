@@ -92,12 +92,78 @@ class RepositoryConfig(_Strict):
         return data.rstrip(b"\r\n")
 
 
+_LAUNCH_PLACEHOLDER_RE = re.compile(r"\{(qmp|disk:[^{}]*)\}")
+# Added by restore itself; a launch description that carries them could not boot normally.
+_LAUNCH_RESERVED_ARGS = ("-S", "-incoming", "-daemonize")
+
+
+class LaunchConfig(_Strict):
+    """How restore starts this domain's QEMU: its argv with placeholders (see docs/restore.md).
+
+    ``{qmp}`` becomes the domain's ``qmp`` socket path and ``{disk:NAME}`` the path of the
+    restored image of disk NAME; every other character, braces included, is passed as is.
+    """
+
+    argv: list[str] = Field(min_length=1)
+    image_dir: Path | None = None
+
+    @field_validator("argv")
+    @classmethod
+    def _check_argv(cls, argv: list[str]) -> list[str]:
+        if not argv[0] or argv[0].startswith("-"):
+            raise ValueError("argv[0] must be the QEMU binary (e.g. qemu-system-x86_64)")
+        qmp_seen = False
+        for arg in argv:
+            if arg in _LAUNCH_RESERVED_ARGS:
+                raise ValueError(f"argv must not contain {arg!r}: restore adds it when needed")
+            for match in _LAUNCH_PLACEHOLDER_RE.finditer(arg):
+                token = match.group(1)
+                if token == "qmp":
+                    qmp_seen = True
+                elif not _NAME_RE.match(token.removeprefix("disk:")):
+                    raise ValueError(f"bad placeholder {match.group(0)!r}: use {{disk:NAME}}")
+        if not qmp_seen:
+            raise ValueError(
+                "argv needs a {qmp} placeholder (e.g. -qmp unix:{qmp},server=on,wait=off)"
+            )
+        return argv
+
+    @field_validator("image_dir")
+    @classmethod
+    def _absolute_image_dir(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_absolute():
+            raise ValueError(f"image_dir must be an absolute path, got {str(path)!r}")
+        return path
+
+    def disk_names(self) -> list[str]:
+        """The disk names the argv has ``{disk:NAME}`` placeholders for, in argv order."""
+        names: list[str] = []
+        for arg in self.argv:
+            for match in _LAUNCH_PLACEHOLDER_RE.finditer(arg):
+                name = match.group(1).removeprefix("disk:")
+                if match.group(1) != "qmp" and name not in names:
+                    names.append(name)
+        return names
+
+    def render(self, qmp: Path, images: dict[str, Path]) -> list[str]:
+        """The argv with placeholders replaced; ``KeyError`` names a disk without an image."""
+
+        def substitute(match: re.Match[str]) -> str:
+            token = match.group(1)
+            if token == "qmp":
+                return str(qmp)
+            return str(images[token.removeprefix("disk:")])
+
+        return [_LAUNCH_PLACEHOLDER_RE.sub(substitute, arg) for arg in self.argv]
+
+
 class DomainConfig(_Strict):
     """One VM: which host's worker owns it and how to reach its QEMU."""
 
     host: Name
     qmp: Path
     disks: list[Name] | None = None
+    launch: LaunchConfig | None = None
 
     @field_validator("qmp")
     @classmethod
@@ -130,6 +196,9 @@ class ScheduleConfig(_Strict):
     cron: str
     domains: list[str] = Field(min_length=1)
     retention: RetentionPolicy | None = None
+    # Jobs of one slot start at deterministic offsets within this window (seconds), so a
+    # 02:00 schedule does not hit every host at 02:00:00. None = the scheduler default.
+    spread_seconds: int | None = Field(default=None, ge=0, le=86400)
 
     @field_validator("cron")
     @classmethod
@@ -137,6 +206,34 @@ class ScheduleConfig(_Strict):
         if not croniter.is_valid(expr):
             raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
         return expr
+
+
+class HostConfig(_Strict):
+    """Per-hypervisor limits; hosts not listed get the defaults."""
+
+    max_concurrent: int = Field(default=1, ge=1, le=1024)
+
+
+class SchedulerSettings(_Strict):
+    """How the scheduler and the job queue behave (all durations in seconds)."""
+
+    tick_seconds: float = Field(default=15.0, gt=0, le=3600)
+    spread_seconds: int = Field(default=0, ge=0, le=86400)
+    gc_interval_seconds: int | None = Field(default=86400, ge=60)
+    lease_seconds: float = Field(default=30.0, gt=0, le=3600)
+    lock_ttl_seconds: float = Field(default=60.0, gt=0, le=3600)
+    job_time_limit_seconds: int = Field(default=6 * 3600, ge=5)
+    # A message whose worker died unacked is redelivered after this long (Redis transport).
+    visibility_timeout_seconds: int = Field(default=7 * 3600, ge=5)
+
+    @model_validator(mode="after")
+    def _redelivery_after_limit(self) -> SchedulerSettings:
+        # A visibility timeout shorter than a job would redeliver jobs that are still running.
+        if self.visibility_timeout_seconds <= self.job_time_limit_seconds:
+            raise ValueError(
+                "visibility_timeout_seconds must be longer than job_time_limit_seconds"
+            )
+        return self
 
 
 class FleetConfig(_Strict):
@@ -147,6 +244,8 @@ class FleetConfig(_Strict):
     state_dir: Path = Path("/var/lib/vmvault")
     domains: dict[Name, DomainConfig] = Field(default_factory=dict)
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
+    hosts: dict[Name, HostConfig] = Field(default_factory=dict)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
 
     @field_validator("broker")
     @classmethod
@@ -171,6 +270,18 @@ class FleetConfig(_Strict):
                         f"schedules.{sched_name}.domains: {pattern!r} matches no configured domain"
                     )
         return self
+
+    @model_validator(mode="after")
+    def _hosts_are_used(self) -> FleetConfig:
+        used = {d.host for d in self.domains.values()}
+        for host in self.hosts:
+            if host not in used:
+                raise ValueError(f"hosts.{host}: no domain runs on this host (check the name)")
+        return self
+
+    def host(self, name: str) -> HostConfig:
+        """Settings of host ``name`` (defaults when the config does not list it)."""
+        return self.hosts.get(name) or HostConfig()
 
     def domain(self, name: str) -> DomainConfig:
         """The config of domain ``name``; ``UnknownDomainError`` names the known ones."""

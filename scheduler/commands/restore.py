@@ -1,0 +1,162 @@
+"""``vmvault restore``: write a backup back as image files or into a paused incoming-mode QEMU."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from scheduler.cli import EXIT_USAGE, add_command
+from scheduler.cli_context import CliContext
+from scheduler.dispatch import add_wait_flag, restore_job_kwargs, run_job
+from worker.progress import Progress
+from worker.restore import RestoreResult, run_restore
+
+
+def register(commands: Any) -> None:
+    """Add the ``restore`` command."""
+    parser = add_command(
+        commands,
+        "restore",
+        "restore a backup to qcow2 files (--to DIR) or into a paused incoming-mode QEMU"
+        " (--incoming)",
+    )
+    parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to restore")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    which.add_argument(
+        "--at",
+        metavar="ISO-TIME",
+        type=_parse_time,
+        help="the newest backup taken at or before this time (UTC unless it has an offset)",
+    )
+    parser.add_argument(
+        "--to", metavar="DIR", type=Path, help="directory for <disk>.qcow2 (made if missing)"
+    )
+    parser.add_argument(
+        "--incoming",
+        action="store_true",
+        help="start the domain's QEMU paused (-S -incoming defer) from its launch config"
+        " and restore into it",
+    )
+    parser.add_argument(
+        "--boot", action="store_true", help="with --incoming: then restart the domain normally"
+    )
+    parser.add_argument(
+        "--disk", metavar="NAME", action="append", help="only this disk (repeatable)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace target images that already exist"
+    )
+    add_wait_flag(parser)
+    parser.set_defaults(func=_restore)
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad time {text!r}: use ISO 8601, e.g. 2026-01-02T03:04:05Z"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+@contextmanager
+def _progress(ctx: CliContext) -> Iterator[Progress | None]:
+    """A rich progress bar when a person watches; otherwise no progress reporting."""
+    if not ctx.interactive:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as RichProgress
+
+    with RichProgress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=ctx.console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("restore", total=None)
+
+        def report(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
+
+        yield report
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    if args.boot and not args.incoming:
+        return "--boot needs --incoming (it restarts the restored domain)"
+    if not args.incoming and args.to is None:
+        return "say where to restore: --to DIR (image files) or --incoming (into the domain)"
+    return None
+
+
+def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
+    problem = _usage_problem(args)
+    if problem is not None:
+        print(f"vmvault restore: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    config = ctx.config
+    config.domain(args.domain)  # unknown domain → exit 2 before anything runs
+    with _progress(ctx) as progress:
+        result = run_job(
+            ctx,
+            args,
+            "restore",
+            restore_job_kwargs(args),
+            progress,
+            lambda: run_restore(
+                config,
+                args.domain,
+                backup_id=args.backup,
+                at=args.at,
+                to_dir=args.to.absolute() if args.to is not None else None,
+                incoming=args.incoming,
+                boot=args.boot,
+                force=args.force,
+                disks=args.disk,
+                progress=progress,
+            ),
+            domain=args.domain,
+        )
+    if ctx.json:
+        ctx.emit(result.to_json())
+    else:
+        _say_result(ctx, result)
+    return 0
+
+
+def _say_result(ctx: CliContext, result: RestoreResult) -> None:
+    total = sum(d.virtual_size for d in result.disks)
+    written = sum(d.bytes_written for d in result.disks)
+    rate = total / result.duration_s / 2**20 if result.duration_s > 0 else 0.0
+    ctx.say(
+        f"restored backup {result.backup_id} of {result.domain}: {len(result.disks)} disk(s),"
+        f" {total / 2**20:.1f} MiB ({written / 2**20:.1f} MiB data) in"
+        f" {result.duration_s:.1f}s ({rate:.0f} MiB/s), every chunk verified"
+    )
+    for disk in result.disks:
+        ctx.say(
+            f"  {disk.name:<8} {disk.path}  {disk.virtual_size / 2**20:.1f} MiB,"
+            f" {disk.bytes_written / 2**20:.1f} MiB written, verified"
+        )
+    if result.checkpoint:
+        ctx.say(f"  checkpoint {result.checkpoint}: the next backup is incremental")
+    if result.mode == "incoming":
+        state = "running" if result.booted else "paused in incoming mode"
+        ctx.say(f"  QEMU pid {result.qemu_pid} is {state}; QMP socket: {result.qmp}")
+        ctx.say(f"  QEMU log: {result.qemu_log}")

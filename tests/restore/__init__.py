@@ -1,0 +1,1 @@
+"""Tests of the restore part: NBD writer, launch descriptions, restore jobs, CLI."""
