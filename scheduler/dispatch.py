@@ -1,0 +1,213 @@
+"""On-demand jobs from the CLI: run in-process, or — with a ``broker`` — through the queue.
+
+The one entry point is ``run_job``; a command handler wraps its in-process call in it::
+
+    result = run_job(ctx, args, "backup", {"domain": name, "mode": mode}, progress,
+                     lambda: run_backup(config, name, mode, progress), domain=name)
+
+Without a broker this is exactly the old call. With one, the job is enqueued on the
+domain's host queue (repository jobs on ``storage``), followed with the same progress
+reporter, and its result comes back as a read-only view with the same attributes and the
+same ``to_json()`` as the in-process result object, so the handler prints exactly what it
+prints for a local run. A failed job raises ``RemoteJobError`` (exit 1) with the worker's
+message. ``--no-wait`` prints the job id (``{"job_id": ...}`` with ``--json``) and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar, cast
+
+import redis
+from kombu.exceptions import OperationalError
+
+from scheduler.cli_context import CliContext
+from scheduler.enqueue import JobRequest, enqueue
+from scheduler.errors import SchedulerError
+from scheduler.jobs import FINAL_STATES, JobRecord, JobStore
+
+T = TypeVar("T")
+
+_POLL_SECONDS = 0.2
+
+
+class RemoteJobError(SchedulerError):
+    """The queued job failed on its worker; the message is the worker's. Not retryable as is."""
+
+
+class JobLostError(SchedulerError):
+    """The job's record vanished (Redis restarted without persistence). Check ``vmvault jobs``."""
+
+
+def add_wait_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--no-wait`` to a command that can run through the queue."""
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with a broker configured: enqueue the job, print its id and return at once",
+    )
+
+
+class JsonView:
+    """Attribute access over a job's JSON result, plus ``to_json()`` returning it unchanged.
+
+    ``extra`` supplies attributes the result object has but its JSON spells differently.
+    """
+
+    def __init__(self, data: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
+        self._data = dict(data)
+        self._extra = dict(extra or {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if name in self._extra:
+            return self._extra[name]
+        try:
+            return _view(self._data[name])
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to_json(self) -> dict[str, Any]:
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"JsonView({self._data!r})"
+
+
+def _view(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return JsonView(value)
+    if isinstance(value, list):
+        return [_view(v) for v in value]
+    return value
+
+
+def restore_job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The restore task's arguments from ``vmvault restore``'s parsed flags (JSON-safe)."""
+    return {
+        "domain": args.domain,
+        "backup_id": args.backup,
+        "at": args.at.isoformat() if args.at is not None else None,
+        "to_dir": str(args.to.absolute()) if args.to is not None else None,
+        "incoming": args.incoming,
+        "boot": args.boot,
+        "force": args.force,
+        "disks": args.disk,
+    }
+
+
+def _restore_view(doc: dict[str, Any]) -> Any:
+    # RestoreResult.to_json() reports "state" where the object has "booted".
+    return JsonView(doc, {"booted": doc.get("state") == "running"})
+
+
+def _verify_view(doc: dict[str, Any]) -> Any:
+    # The CLI prints Problem objects with their own __str__: rebuild the real report.
+    from storage.verify import Problem, VerifyReport
+
+    fields = {k: v for k, v in doc.items() if k not in ("ok", "problems")}
+    return VerifyReport(**fields, problems=[Problem(**p) for p in doc["problems"]])
+
+
+def _prune_view(doc: dict[str, Any]) -> Any:
+    # The prune handler plans locally for display and runs only the deletion remotely.
+    return doc["removed"]
+
+
+_VIEWS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "restore": _restore_view,
+    "verify": _verify_view,
+    "prune": _prune_view,
+}
+
+
+def run_job(
+    ctx: CliContext,
+    args: argparse.Namespace,
+    job_type: str,
+    kwargs: dict[str, Any],
+    progress: Callable[[str, int, int], None] | None,
+    local: Callable[[], T],
+    domain: str | None = None,
+) -> T:
+    """Run ``local()`` in-process, or the same job through the queue when a broker is set.
+
+    The remote result is what ``local()`` would have returned, as far as the handler can
+    tell: a ``JsonView`` (or, for verify, the rebuilt report; for prune, the removed ids).
+    """
+    config = ctx.config
+    if config.broker is None:
+        if getattr(args, "no_wait", False):
+            raise SchedulerError(
+                "--no-wait needs a broker in the config (jobs run in-process without one)"
+            )
+        return local()
+    from worker.celery_app import configure
+
+    app = configure(config)
+    client = redis.Redis.from_url(config.broker, socket_timeout=10, socket_connect_timeout=5)
+    store = JobStore(client)
+    host = config.domain(domain).host if domain is not None else None
+    request = JobRequest(type=job_type, kwargs=kwargs, domain=domain, host=host)
+    try:
+        job_id = enqueue(app, store, [request])[0]
+    except (redis.RedisError, OSError, OperationalError) as err:
+        raise SchedulerError(
+            f"cannot enqueue the {job_type} job on {config.broker}: {err}; is Redis running?"
+        ) from err
+    if getattr(args, "no_wait", False):
+        if ctx.json:
+            ctx.emit({"job_id": job_id, "queue": request.target_queue})
+        else:
+            print(job_id, file=ctx.stdout)
+            ctx.say(f"{job_type} job {job_id} queued on {request.target_queue}")
+        raise SystemExit(0)
+    if not ctx.json:
+        ctx.say(f"{job_type} job {job_id} queued on {request.target_queue}")
+    record = follow(store, job_id, progress)
+    if record.state != "succeeded":
+        raise RemoteJobError(f"{job_type} job {job_id} failed on {record.worker}: {record.error}")
+    doc: dict[str, Any] = json.loads(record.result) if record.result else {}
+    return cast(T, _VIEWS.get(job_type, JsonView)(doc))
+
+
+def follow(
+    store: JobStore,
+    job_id: str,
+    progress: Callable[[str, int, int], None] | None = None,
+    timeout: float | None = None,
+) -> JobRecord:
+    """Poll the job's record until it ends, feeding its progress to ``progress``."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for record in _poll(store, job_id):
+        if progress is not None and record.phase:
+            progress(record.phase, record.done, record.total)
+        if record.state in FINAL_STATES:
+            return record
+        if deadline is not None and time.monotonic() > deadline:
+            raise SchedulerError(f"job {job_id} still {record.state} after {timeout:.0f}s")
+    raise AssertionError("unreachable")
+
+
+def _poll(store: JobStore, job_id: str) -> Iterator[JobRecord]:
+    misses = 0
+    while True:
+        try:
+            record = store.get(job_id)
+        except redis.RedisError:
+            record = None  # Redis restarting: keep waiting a little
+        if record is None:
+            misses += 1
+            if misses * _POLL_SECONDS > 30:
+                raise JobLostError(
+                    f"job {job_id}: its record is gone (Redis restarted?); "
+                    "see 'vmvault jobs' and the repository for what happened"
+                )
+        else:
+            misses = 0
+            yield record
+        time.sleep(_POLL_SECONDS)

@@ -1,0 +1,189 @@
+"""A worker SIGKILLed in the middle of a backup: nothing corrupt, lock freed, job redelivered.
+
+QEMU is frozen (SIGSTOP) as soon as the job reports its first pull progress, so the kill
+lands while the fleecing export and NBD reads are in flight, every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from scheduler.enqueue import JobRequest, enqueue
+from scheduler.jobs import JobStore
+from storage.repository import init_repository, open_repository
+from storage.verify import verify
+from tests.fixtures.common import wait_until
+from tests.fixtures.qemu import MiB, VmFactory
+from tests.fleet.conftest import Fleet
+from worker.redis_lock import DOMAIN_LOCK_PREFIX
+
+
+def _restored(repo_url: str, domain: str, disk: str) -> bytes:
+    with open_repository(repo_url) as repo:
+        manifest = repo.latest_manifest(domain)
+        assert manifest is not None
+        out = bytearray(manifest.disk(disk).virtual_size)
+        for offset, data in repo.read_disk(manifest, disk):
+            if data is not None:
+                out[offset : offset + len(data)] = data
+    return bytes(out)
+
+
+def test_worker_killed_mid_backup(fleet: Fleet, qemu_vm_factory: VmFactory) -> None:
+    vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
+    for off in range(0, 32 * MiB, 4 * MiB):
+        vm.write("vda", off, 4 * MiB, pattern=0x20 + off // MiB)
+    repo_url = f"file://{fleet.tmp / 'repo'}"
+    init_repository(repo_url, chunk_size=1 * MiB).close()
+    fleet.write(
+        repository={"url": repo_url},
+        domains={"web1": {"host": "hv1", "qmp": str(vm.qmp_path)}},
+        scheduler={
+            "lock_ttl_seconds": 2,
+            "job_time_limit_seconds": 8,
+            "visibility_timeout_seconds": 10,
+            "gc_interval_seconds": None,
+        },
+    )
+    client = fleet.redis.client()
+    store = JobStore(client)
+    worker = fleet.start_worker("hv1")
+    request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
+    job_id = enqueue(fleet.app(), store, [request])[0]
+
+    def pulling() -> bool:
+        rec = store.get(job_id)
+        assert rec is not None and rec.state != "succeeded", "backup ended before the kill"
+        return rec.phase.startswith("pull")
+
+    wait_until(pulling, 30, "backup pulling")
+    assert vm.proc is not None
+    os.kill(vm.proc.pid, signal.SIGSTOP)  # reads stall: the job is surely mid-pull
+    # Progress is in Celery's task state too (update_state), for any Celery client.
+    state = fleet.app().AsyncResult(job_id)
+    assert state.state == "PROGRESS"
+    assert state.info["phase"] == "pull vda" and state.info["total"] == 32 * MiB
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+    finally:
+        os.kill(vm.proc.pid, signal.SIGCONT)
+    killed_at = time.monotonic()
+    rec = store.get(job_id)
+    assert rec is not None and rec.state == "running"
+    # The dead job wrote no manifest: its backup does not exist.
+    with open_repository(repo_url) as repo:
+        assert repo.list_manifests("web1") == []
+    # Nobody renews the domain lease any more: it frees after its TTL.
+    assert client.exists(DOMAIN_LOCK_PREFIX + "web1")
+    wait_until(lambda: not client.exists(DOMAIN_LOCK_PREFIX + "web1"), 5, "lease expiry")
+    assert time.monotonic() - killed_at < 4
+
+    # A new worker cleans the host's leftovers, then Redis redelivers the unacked job.
+    fleet.start_worker("hv1")
+    done = fleet.wait_jobs([job_id], timeout=60)[job_id]
+    assert done.state == "succeeded", done
+    assert "cleaned leftovers" in fleet.log("worker-hv1.log") or '"leftovers_removed": true' in (
+        done.result
+    )
+    # The next backup is correct, byte for byte.
+    vm.write("vda", 5 * MiB, 64 * 1024, pattern=0x77)
+    nxt = enqueue(fleet.app(), store, [JobRequest(**{**request.__dict__, "job_id": "next"})])
+    assert fleet.wait_jobs(nxt)["next"].state == "succeeded"
+    reference = vm.capture("vda", fleet.tmp / "vda.raw").read_bytes()
+    assert _restored(repo_url, "web1", "vda") == reference
+    with open_repository(repo_url) as repo:
+        assert len(repo.list_manifests("web1")) == 2
+        assert verify(repo, read_data=True).ok
+
+
+def test_job_that_loses_its_lock_stops_without_committing(
+    fleet: Fleet, qemu_vm_factory: VmFactory
+) -> None:
+    vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
+    for off in range(0, 32 * MiB, 4 * MiB):
+        vm.write("vda", off, 4 * MiB, pattern=0x30 + off // MiB)
+    repo_url = f"file://{fleet.tmp / 'repo'}"
+    init_repository(repo_url, chunk_size=1 * MiB).close()
+    fleet.write(
+        repository={"url": repo_url},
+        domains={"web1": {"host": "hv1", "qmp": str(vm.qmp_path)}},
+        scheduler={"lock_ttl_seconds": 1.5, "gc_interval_seconds": None},
+    )
+    client = fleet.redis.client()
+    store = JobStore(client)
+    fleet.start_worker("hv1")
+    request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
+    job_id = enqueue(fleet.app(), store, [request])[0]
+
+    def pulling() -> bool:
+        rec = store.get(job_id)
+        assert rec is not None and rec.state != "succeeded", "backup ended too early"
+        return rec.phase.startswith("pull")
+
+    wait_until(pulling, 30, "backup pulling")
+    assert vm.proc is not None
+    os.kill(vm.proc.pid, signal.SIGSTOP)
+    try:
+        # Another owner takes the domain (e.g. an operator, or a failover lost the key).
+        client.set(DOMAIN_LOCK_PREFIX + "web1", "someone-else")
+        time.sleep(1.0)  # > ttl/3: the renewal has noticed
+    finally:
+        os.kill(vm.proc.pid, signal.SIGCONT)
+    done = fleet.wait_jobs([job_id], timeout=30)[job_id]
+    assert done.state == "failed"
+    assert "lease lost" in done.error
+    # Celery's own result backend agrees with the registry.
+    assert fleet.app().AsyncResult(job_id).state == "FAILURE"
+    # The job stopped before its commit and left the other owner's key alone.
+    with open_repository(repo_url) as repo:
+        assert repo.list_manifests("web1") == []
+    assert client.get(DOMAIN_LOCK_PREFIX + "web1") == b"someone-else"
+
+
+def test_warm_shutdown_finishes_the_running_backup(
+    fleet: Fleet, qemu_vm_factory: VmFactory
+) -> None:
+    vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
+    for off in range(0, 32 * MiB, 4 * MiB):
+        vm.write("vda", off, 4 * MiB, pattern=0x40 + off // MiB)
+    repo_url = f"file://{fleet.tmp / 'repo'}"
+    init_repository(repo_url, chunk_size=1 * MiB).close()
+    fleet.write(
+        repository={"url": repo_url},
+        domains={"web1": {"host": "hv1", "qmp": str(vm.qmp_path)}},
+        scheduler={"gc_interval_seconds": None},
+    )
+    store = JobStore(fleet.redis.client())
+    worker = fleet.start_worker("hv1")
+    request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
+    job_id = enqueue(fleet.app(), store, [request])[0]
+
+    def pulling() -> bool:
+        rec = store.get(job_id)
+        assert rec is not None and rec.state != "succeeded", "backup ended too early"
+        return rec.phase.startswith("pull")
+
+    wait_until(pulling, 30, "backup pulling")
+    assert vm.proc is not None
+    os.kill(vm.proc.pid, signal.SIGSTOP)
+    try:
+        # `docker stop` (and systemd with KillMode=mixed) signal the main process only.
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert worker.poll() is None  # still finishing the job
+    finally:
+        os.kill(vm.proc.pid, signal.SIGCONT)
+    assert worker.wait(30) == 0
+    done = store.get(job_id)
+    assert done is not None and done.state == "succeeded", done
+    result = fleet.app().AsyncResult(job_id)
+    assert result.state == "SUCCESS"
+    assert result.result["backup_id"] == json.loads(done.result)["backup_id"]
+    with open_repository(repo_url) as repo:
+        assert [m.backup_id for m in repo.list_manifests("web1")] == [
+            json.loads(done.result)["backup_id"]
+        ]

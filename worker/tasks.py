@@ -1,0 +1,427 @@
+"""Celery tasks: thin adapters over the in-process backup/restore/verify/prune/gc functions.
+
+Each task (1) marks its job running in the registry, (2) for backup/restore takes the
+fleet-wide domain lease (a busy domain is retried later: taking a lock is idempotent),
+(3) calls exactly the function the in-process CLI calls, passing a progress reporter that
+publishes (phase, done, total) through ``update_state`` and the registry and stops the job
+if the lease was lost, (4) records the outcome and metrics. The job's result is the same
+JSON object the CLI prints with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Task, states
+from celery.signals import worker_process_init
+
+from scheduler.config import FleetConfig
+from scheduler.jobs import JobRecord, JobStore
+from scheduler.planner import queue_for
+from worker.celery_app import app, fleet_config
+from worker.errors import WorkerError
+from worker.metrics import record_job
+from worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
+
+log = logging.getLogger(__name__)
+
+WORKER_HOST_ENV = "VMVAULT_WORKER_HOST"
+
+# Progress is published at most this often: a backup reports per chunk.
+_PROGRESS_INTERVAL = 0.5
+
+_client: redis.Redis | None = None
+
+
+class MisroutedJobError(WorkerError):
+    """A host-bound job reached another host's worker. Not retryable: check the routing."""
+
+
+def redis_client() -> redis.Redis:
+    """This process's Redis client for registry, leases and metrics (not shared across fork)."""
+    global _client
+    if _client is None:
+        broker = fleet_config().broker
+        assert broker is not None
+        _client = redis.Redis.from_url(
+            broker, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+        )
+    return _client
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator]
+def _fresh_client_after_fork(**_: Any) -> None:
+    # A forked pool process must not reuse the parent's sockets.
+    global _client
+    _client = None
+
+
+class JobProgress:
+    """The ``Progress`` a task hands to the job function.
+
+    Publishes to the Celery task state (``PROGRESS``, meta phase/done/total) and to the
+    job registry, throttled; raises ``LockLostError`` when the domain lease was lost, so
+    the job function's teardown runs and nothing is written next to a second owner.
+    """
+
+    def __init__(self, task: Task, store: JobStore, job_id: str, lease: RedisLease | None) -> None:
+        self.task = task
+        self.store = store
+        self.job_id = job_id
+        self.lease = lease
+        self._last = 0.0
+        self._phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self.lease is not None:
+            self.lease.check()
+        now = time.monotonic()
+        if phase == self._phase and now - self._last < _PROGRESS_INTERVAL and done < total:
+            return
+        self._phase = phase
+        self._last = now
+        meta = {"phase": phase, "done": done, "total": total}
+        try:
+            self.task.update_state(state="PROGRESS", meta=meta)
+            self.store.update(self.job_id, heartbeat=time.time(), **meta)
+        except Exception as err:
+            # Progress is advisory; a Redis blip (redis-py or Celery backend error) must
+            # not fail a backup.
+            log.warning("job %s: progress not published: %s", self.job_id, err)
+
+
+def _result_json(result: Any) -> dict[str, Any]:
+    if isinstance(result, dict):
+        return result
+    to_json = getattr(result, "to_json", None)
+    if callable(to_json):
+        out: dict[str, Any] = to_json()
+        return out
+    return {"result": result}
+
+
+def _check_host(config: FleetConfig, job_id: str, domain: str | None) -> str:
+    """The domain's host; refuses a host-bound job that reached another host's worker."""
+    if domain is None:
+        return ""
+    host = config.domain(domain).host  # UnknownDomainError if the config lost it
+    this_host = os.environ.get(WORKER_HOST_ENV)
+    if this_host and this_host != host:
+        raise MisroutedJobError(
+            f"job {job_id} for domain {domain!r} (host {host}) reached the worker of "
+            f"{this_host}: check domains.{domain}.host and the worker's --host"
+        )
+    return host
+
+
+def _run_job(
+    task: Task,
+    job_type: str,
+    domain: str | None,
+    work: Callable[[JobProgress], Any],
+) -> dict[str, Any]:
+    """Common frame of every job: registry, lease, progress, outcome, metrics."""
+    config = fleet_config()
+    client = redis_client()
+    store = JobStore(client)
+    job_id: str = task.request.id
+    worker_name = task.request.hostname or socket.gethostname()
+    try:
+        host = _check_host(config, job_id, domain)
+    except Exception as err:
+        # Refused before it started: still say so in the registry.
+        store.update(
+            job_id,
+            state="failed",
+            error=f"{type(err).__name__}: {err}",
+            worker=worker_name,
+            finished=time.time(),
+        )
+        raise
+    if store.get(job_id) is None:
+        # Sent by something that did not register it (e.g. celery call): register now.
+        store.create(
+            [
+                JobRecord(
+                    id=job_id,
+                    type=job_type,
+                    queue=queue_for(job_type, host or None),
+                    domain=domain or "",
+                    host=host,
+                )
+            ]
+        )
+    lease: RedisLease | None = None
+    if domain is not None:
+        lease = RedisLease(
+            client,
+            DOMAIN_LOCK_PREFIX + domain,
+            config.scheduler.lock_ttl_seconds,
+            owner=f"{worker_name}/{job_id}",
+        )
+        try:
+            lease.acquire()
+        except LockBusyError as err:
+            # Taking a lock is idempotent: wait for the other job instead of failing.
+            countdown = min(max(config.scheduler.lock_ttl_seconds / 2, 1.0), 30.0)
+            retries = int(config.scheduler.job_time_limit_seconds / countdown)
+            store.update(job_id, state="waiting", error=str(err))
+            raise task.retry(exc=err, countdown=countdown, max_retries=retries) from err
+    started = time.time()
+    store.update(
+        job_id, state="running", started=started, heartbeat=started, worker=worker_name, error=""
+    )
+    log.info("job %s: %s %s started", job_id, job_type, domain or "")
+    outcome = "failed"
+    result: dict[str, Any] = {}
+    try:
+        result = _result_json(work(JobProgress(task, store, job_id, lease)))
+        outcome = "succeeded"
+        _store_final(task, states.SUCCESS, result)
+        return result
+    except BaseException as err:
+        store.update(job_id, error=f"{type(err).__name__}: {err}")
+        _store_final(task, states.FAILURE, err)
+        raise
+    finally:
+        finished = time.time()
+        if lease is not None:
+            lease.release()
+        _registry_write(
+            job_id, lambda: _record_end(store, job_type, host, job_id, outcome, finished, result)
+        )
+        record_job(client, job_type, outcome, finished - started, domain or "", finished, result)
+        log.info(
+            "job %s: %s %s %s in %.1fs", job_id, job_type, domain or "", outcome, finished - started
+        )
+
+
+def _store_final(task: Task, state: str, value: Any) -> None:
+    """Keep Celery's result backend truthful for jobs sent with ``ignore_result``.
+
+    The enqueuer skips the result subscription (see ``scheduler.enqueue``), which also
+    stops Celery storing the outcome; progress was stored with ``update_state``, so the
+    final state is stored here or the backend would say ``PROGRESS`` forever.
+    """
+    if not task.request.ignore_result:
+        return
+    try:
+        task.backend.store_result(task.request.id, value, state, request=task.request)
+    except Exception as err:  # the registry has the outcome; never fail a job on this
+        log.warning(
+            "job %s: final state not stored in the result backend: %s", task.request.id, err
+        )
+
+
+def _record_end(
+    store: JobStore,
+    job_type: str,
+    host: str,
+    job_id: str,
+    outcome: str,
+    finished: float,
+    result: dict[str, Any],
+) -> None:
+    if job_type == "backup" and host:
+        store.remove_in_flight(host, job_id)
+    text = json.dumps(result, default=str) if result else ""
+    store.update(job_id, state=outcome, finished=finished, result=text)
+
+
+def _registry_write(job_id: str, write: Callable[[], None], patience: float = 15.0) -> None:
+    """Write a job's end to the registry, waiting out a short Redis outage (a restart).
+
+    The job's real outcome (a committed manifest, restored disks) does not depend on it:
+    after ``patience`` seconds it is logged and dropped instead of failing the job.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            write()
+            return
+        except redis.RedisError as err:
+            if time.monotonic() > deadline:
+                log.warning("job %s: end not recorded in the job registry: %s", job_id, err)
+                return
+            time.sleep(0.5)
+
+
+@app.task(bind=True, name="vmvault.backup", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+def backup(self: Task, domain: str, mode: str = "auto") -> dict[str, Any]:
+    """Back up one domain (runs on the domain's host)."""
+    from worker.backup import run_backup
+
+    config = fleet_config()
+    return _run_job(
+        self,
+        "backup",
+        domain,
+        lambda progress: run_backup(config, domain, mode, progress=progress),  # type: ignore[arg-type]
+    )
+
+
+# A restore that died half-way is not blindly re-run on another delivery: the operator
+# decides (the job shows failed). Hence reject_on_worker_lost=False.
+@app.task(bind=True, name="vmvault.restore", acks_late=True, reject_on_worker_lost=False)  # type: ignore[untyped-decorator]
+def restore(
+    self: Task,
+    domain: str,
+    backup_id: str | None = None,
+    at: str | None = None,
+    to_dir: str | None = None,
+    incoming: bool = False,
+    boot: bool = False,
+    force: bool = False,
+    disks: list[str] | None = None,
+) -> dict[str, Any]:
+    """Restore one domain (runs on the domain's host)."""
+    from worker.restore import run_restore
+
+    config = fleet_config()
+    return _run_job(
+        self,
+        "restore",
+        domain,
+        lambda progress: run_restore(
+            config,
+            domain,
+            backup_id=backup_id,
+            at=datetime.fromisoformat(at) if at else None,
+            to_dir=Path(to_dir) if to_dir else None,
+            incoming=incoming,
+            boot=boot,
+            force=force,
+            disks=disks,
+            progress=progress,
+        ),
+    )
+
+
+def _repository() -> Any:
+    from worker.backup import open_config_repository
+
+    return open_config_repository(fleet_config())
+
+
+def _retry_if_locked(task: Task, err: Exception) -> None:
+    """Repository lock conflicts (GC vs. writers) are waited out: the jobs are idempotent."""
+    from storage.errors import RepositoryLockedError
+
+    if isinstance(err, RepositoryLockedError):
+        raise task.retry(exc=err, countdown=30, max_retries=20) from err
+
+
+@app.task(bind=True, name="vmvault.verify", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+def verify(self: Task, backup_id: str | None = None, read_data: bool = False) -> dict[str, Any]:
+    """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
+    from storage.verify import verify as verify_repository
+
+    def work(progress: JobProgress) -> Any:
+        with _repository() as repo:
+            return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
+
+    return _run_job(self, "verify", None, work)
+
+
+def keep_policy(policy: dict[str, int]) -> Any:
+    """The storage ``KeepPolicy`` for a config ``RetentionPolicy`` dump (``keep_daily: 7``)."""
+    from storage.prune import KeepPolicy
+
+    return KeepPolicy(**{key.removeprefix("keep_"): value for key, value in policy.items()})
+
+
+@app.task(bind=True, name="vmvault.prune", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+def prune(
+    self: Task,
+    policy: dict[str, int],
+    domains: list[str] | None = None,
+    dry_run: bool = False,
+    schedule: str = "",
+) -> dict[str, Any]:
+    """Apply a retention policy to ``domains`` (all when None); chunks are left to GC.
+
+    Idempotent: planning again after a partial run removes what is left to remove.
+    """
+    from storage.prune import plan_prune
+
+    def work(progress: JobProgress) -> Any:
+        with _repository() as repo:
+            if domains is None:
+                manifests = repo.list_manifests()
+            else:
+                manifests = [m for d in domains for m in repo.list_manifests(d)]
+            plan = plan_prune(keep_policy(policy), manifests)
+            removed = [] if dry_run else plan.execute(repo, progress)
+            doc: dict[str, Any] = plan.to_json()
+            doc.update(dry_run=dry_run, removed=removed, schedule=schedule or None)
+            return doc
+
+    try:
+        return _run_job(self, "prune", None, work)
+    except Exception as err:
+        _retry_if_locked(self, err)
+        raise
+
+
+@app.task(bind=True, name="vmvault.gc", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+def gc(self: Task, dry_run: bool = False, grace: float | None = None) -> dict[str, Any]:
+    """Mark-and-sweep GC under the repository's exclusive lock (storage queue)."""
+    from storage.gc import DEFAULT_GRACE, collect_garbage
+
+    def work(progress: JobProgress) -> Any:
+        with _repository() as repo:
+            return collect_garbage(
+                repo,
+                grace=DEFAULT_GRACE if grace is None else grace,
+                dry_run=dry_run,
+                progress=progress,
+            )
+
+    try:
+        return _run_job(self, "gc", None, work)
+    except Exception as err:
+        _retry_if_locked(self, err)
+        raise
+
+
+def clean_host_leftovers(config: FleetConfig, host: str) -> int:
+    """At worker start: remove what a crashed job left in this host's QEMUs. Returns domains
+    cleaned. A domain that is down or busy is skipped: its next job cleans up anyway."""
+    from worker.cleanup import remove_leftovers
+    from worker.locks import domain_lock
+    from worker.qmp import open_session
+
+    cleaned = 0
+    for name, dom in sorted(config.domains.items()):
+        if dom.host != host or not dom.qmp.exists():
+            continue
+        try:
+            with (
+                domain_lock(config.state_dir, name, "cleanup"),
+                open_session(name, dom.qmp) as session,
+            ):
+                if remove_leftovers(session, config.state_dir):
+                    cleaned += 1
+        except Exception as err:
+            log.warning("worker start: leftovers of %s not cleaned: %s", name, err)
+    return cleaned
+
+
+@app.task(bind=True, name="vmvault.ping", acks_late=True)  # type: ignore[untyped-decorator]
+def ping(self: Task, sent: float = 0.0) -> dict[str, Any]:
+    """Empty job: proves a worker consumes a queue and measures queue overhead."""
+    started = time.time()
+    return {
+        "worker": self.request.hostname,
+        "started": started,
+        "latency": started - sent if sent else None,
+    }
