@@ -17,7 +17,12 @@ from scheduler.config import FleetConfig, load_config
 
 @dataclass
 class CliContext:
-    """Per-invocation state. Machine output goes to stdout; human messages to stderr."""
+    """Per-invocation state.
+
+    Human output (results and messages) goes to stdout so it can be piped; with ``--json``
+    stdout carries exactly one JSON document and human messages move to stderr. Errors and
+    progress bars always go to stderr.
+    """
 
     config_file: str | None = None
     json: bool = False
@@ -44,8 +49,19 @@ class CliContext:
         self.stdout.write(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
         self.stdout.flush()
 
+    @cached_property
+    def human(self) -> Console:
+        """Where human output goes: stdout, or stderr when stdout is reserved for JSON."""
+        if self.json:
+            return self.console
+        return Console(file=self.stdout, highlight=False, soft_wrap=True)
+
     def say(self, message: str) -> None:
-        """A human message on stderr."""
+        """A line of human output (stdout; stderr under ``--json``)."""
+        self.human.print(message)
+
+    def note(self, message: str) -> None:
+        """A status message about the work (queued, waiting, ...): always stderr."""
         self.console.print(message)
 
 

@@ -164,10 +164,10 @@ def run_job(
             ctx.emit({"job_id": job_id, "queue": request.target_queue})
         else:
             print(job_id, file=ctx.stdout)
-            ctx.say(f"{job_type} job {job_id} queued on {request.target_queue}")
+            ctx.note(f"{job_type} job {job_id} queued on {request.target_queue}")
         raise SystemExit(0)
     if not ctx.json:
-        ctx.say(f"{job_type} job {job_id} queued on {request.target_queue}")
+        ctx.note(f"{job_type} job {job_id} queued on {request.target_queue}")
     record = follow(store, job_id, progress)
     if record.state != "succeeded":
         raise RemoteJobError(f"{job_type} job {job_id} failed on {record.worker}: {record.error}")

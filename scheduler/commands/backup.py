@@ -155,7 +155,7 @@ def _demo(args: argparse.Namespace, ctx: CliContext) -> int:
     from worker.demo import run_demo
 
     def say(message: str) -> None:
-        ctx.console.print(message, soft_wrap=True)
+        ctx.human.print(message, soft_wrap=True)
 
     report = run_demo(keep=args.keep, say=None if ctx.json else say)
     if ctx.json:

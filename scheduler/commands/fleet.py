@@ -250,7 +250,7 @@ def _jobs(args: argparse.Namespace, ctx: CliContext) -> int:
             _age(rec.enqueued, now),
             rec.error[:60],
         )
-    ctx.console.print(table)
+    ctx.human.print(table)
     return 0
 
 
@@ -306,7 +306,7 @@ def _status(args: argparse.Namespace, ctx: CliContext) -> int:
             ",".join(row["schedules"]) or "-",
             "OVERDUE" if row["overdue"] else "ok" if row["schedules"] else "-",
         )
-    ctx.console.print(table)
+    ctx.human.print(table)
     return 0
 
 

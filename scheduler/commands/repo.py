@@ -133,8 +133,8 @@ _SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
 
 
 def _say(ctx: CliContext, message: str) -> None:
-    """A human line on stderr, never wrapped (ids stay greppable) and never read as markup."""
-    ctx.console.print(message, soft_wrap=True, markup=False, highlight=False)
+    """A human line (see CliContext.say): never wrapped, so ids stay greppable; never markup."""
+    ctx.human.print(message, soft_wrap=True, markup=False, highlight=False)
 
 
 def _parse_size(text: str) -> int:
@@ -295,7 +295,7 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
 def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
     rules = {r: getattr(args, f"keep_{r}") for r in _KEEP_RULES}
     if all(v is None for v in rules.values()):
-        _say(ctx, "vmvault prune: give at least one --keep-* rule (e.g. --keep-daily 7)")
+        ctx.note("vmvault prune: error: give at least one --keep-* rule (e.g. --keep-daily 7)")
         return 2
     policy = KeepPolicy(**rules)
     with _open(ctx) as repo:

@@ -55,7 +55,7 @@ def test_cli_commands_enqueue_and_follow(fleet: Fleet, qemu_vm_factory: VmFactor
     human = _run(fleet, "backup", "web1")
     assert human.returncode == 0, human.stderr
     assert "queued on host.hv1" in human.stderr
-    assert "of web1: incremental" in human.stderr
+    assert "of web1: incremental" in human.stdout
 
     restored = _run(fleet, "restore", "web1", "--to", str(fleet.tmp / "r"), "--json")
     assert restored.returncode == 0, restored.stderr
@@ -71,7 +71,7 @@ def test_cli_commands_enqueue_and_follow(fleet: Fleet, qemu_vm_factory: VmFactor
 
     verify = _run(fleet, "verify", "--read-data")
     assert verify.returncode == 0, verify.stderr
-    assert "verify: 3 backups" in verify.stderr and ": OK" in verify.stderr
+    assert "verify: 3 backups" in verify.stdout and ": OK" in verify.stdout
 
     pruned = _run(fleet, "prune", "web1", "--keep-last", "1", "--json")
     assert pruned.returncode == 0, pruned.stderr

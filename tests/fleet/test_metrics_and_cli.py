@@ -107,7 +107,7 @@ def test_scheduler_once_jobs_and_status_commands(fleet: Fleet) -> None:
         "host.hv1",
     )
     human = _vmvault(fleet, "jobs")
-    assert human.returncode == 0 and "web1" in human.stderr and "queued" in human.stderr
+    assert human.returncode == 0 and "web1" in human.stdout and "queued" in human.stdout
     status = _vmvault(fleet, "status", "--json")
     assert status.returncode == 0, status.stderr
     rows = {r["domain"]: r for r in json.loads(status.stdout)["domains"]}

@@ -64,7 +64,7 @@ def test_init_list_show_verify_prune_gc(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0 and doc["remove"] == 2 and doc["removed"] == []
     assert len(repo.list_manifests("web1")) == 3
     code, text, err = _run(capsys, *dry)
-    assert "would remove" in err and "last" in err
+    assert "would remove" in text and "last" in text
     code, doc, _ = _run(capsys, "prune", "web1", "--keep-last", "1", "--config", c, "--json")
     assert doc["removed"] == [m.backup_id for m in made[:2]]
     assert [m.backup_id for m in repo.list_manifests("web1")] == [made[2].backup_id]
@@ -88,9 +88,9 @@ def test_verify_exit_code_and_problem_lines(
     assert digest is not None
     repo.backend.delete(f"chunks/{digest[:2]}/{digest}")
     capsys.readouterr()
-    code, _, err = _run(capsys, "verify", "--config", str(cfg))
+    code, text, _ = _run(capsys, "verify", "--config", str(cfg))
     assert code == 1
-    assert f"problem: vm {m.backup_id} disk vda offset {CHUNK}: chunk {digest} is missing" in err
+    assert f"problem: vm {m.backup_id} disk vda offset {CHUNK}: chunk {digest} is missing" in text
 
 
 def test_wrong_passphrase_and_missing_repository(
@@ -110,6 +110,7 @@ def test_wrong_passphrase_and_missing_repository(
 def test_passwd_rewraps_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg, url = _config(tmp_path, b"old-pass")
     assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
+    capsys.readouterr()
     m = write_full(open_repository(url, passphrase=b"old-pass"), "vm", {"vda": os.urandom(CHUNK)})
     (tmp_path / "new").write_bytes(b"new-pass\n")
     code, doc, _ = _run(capsys, "passwd", "--new-passphrase-file", str(tmp_path / "new"),

@@ -46,9 +46,9 @@ def test_backup_and_checkpoints_json(
     inc = json.loads(capsys.readouterr().out)
     assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
 
-    # Human output on stderr names the backup and its kind.
+    # Human output on stdout names the backup and its kind.
     assert cli_main(["backup", "vm", "--config", cfg]) == 0
-    assert "incremental" in capsys.readouterr().err
+    assert "incremental" in capsys.readouterr().out
 
 
 def test_demo_runs_end_to_end() -> None:
