@@ -14,7 +14,9 @@ What is measured, in one run on this machine:
 
 Throughput is virtual disk bytes per second of wall time; the ratio is restore throughput
 over nbdcopy throughput, medians of ``--rounds`` interleaved repetitions (the machine is
-shared). Run:  .venv/bin/python bench/restore_bench.py [--size 2G] [--rounds 3]
+shared). CPU seconds (user + sys, qemu-nbd included on both sides) are printed too: on a
+shared machine they move much less than wall times. Run:
+.venv/bin/python bench/restore_bench.py [--size 2G] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import secrets
 import shutil
 import statistics
@@ -91,13 +94,21 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
         time.sleep(0.02)
 
 
-def nbdcopy_baseline(raw: Path, size: int, workdir: Path) -> float:
-    """Seconds nbdcopy takes to write ``raw`` into a fresh qcow2 behind qemu-nbd."""
+def children_cpu() -> float:
+    """User + sys CPU seconds of every child process waited for so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def nbdcopy_baseline(raw: Path, size: int, workdir: Path) -> tuple[float, float]:
+    """Seconds nbdcopy takes to write ``raw`` into a fresh qcow2 behind qemu-nbd, and the
+    CPU seconds of nbdcopy and that qemu-nbd."""
     target = workdir / "nbdcopy-target.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)], check=True)
     sock = Path(tempfile.mkdtemp(prefix="vmvb")) / "nbd.sock"
     # The very qemu-nbd restore uses, kept up for nbdcopy's possibly several connections.
     argv = [*qemu_nbd_argv(target, sock, ""), "--persistent", "--shared=8"]
+    cpu = children_cpu()
     proc = subprocess.Popen(argv, env=qemu_nbd_env())
     try:
         wait_for(sock, proc)
@@ -113,7 +124,7 @@ def nbdcopy_baseline(raw: Path, size: int, workdir: Path) -> float:
     durable(target)
     elapsed = time.monotonic() - started
     target.unlink()
-    return elapsed
+    return elapsed, children_cpu() - cpu
 
 
 def restore_in_child(config: dict[str, Any], out: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -135,6 +146,8 @@ def restore_in_child(config: dict[str, Any], out: Path, env: dict[str, str]) -> 
         raise RuntimeError(f"restore child failed with {proc.returncode}")
     result: dict[str, Any] = json.loads(output)
     result["wall_s"] = elapsed
+    # The child's own CPU plus that of the children it waited for (qemu-nbd, qemu-img).
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
     result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
     return result
 
@@ -232,10 +245,13 @@ def main() -> None:
 
         # The machine is shared: interleave baseline and restores, report medians.
         times: dict[str, list[float]] = {"nbdcopy": []}
+        cpus: dict[str, list[float]] = {"nbdcopy": []}
         rss: dict[str, float] = {}
+        print("load average before the rounds: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         for round_no in range(1, args.rounds + 1):
-            base = nbdcopy_baseline(raw, size, workdir)
+            base, base_cpu = nbdcopy_baseline(raw, size, workdir)
             times["nbdcopy"].append(base)
+            cpus["nbdcopy"].append(base_cpu)
             line = [f"round {round_no}: nbdcopy {base:.2f}s"]
             for label, url, extra, env in targets:
                 out = workdir / f"restore-{label.rstrip(':/')}"
@@ -254,20 +270,27 @@ def main() -> None:
                 if check.returncode != 0:
                     raise RuntimeError(f"restored image differs: {check.stdout}{check.stderr}")
                 times.setdefault(label, []).append(result["wall_s"])
+                cpus.setdefault(label, []).append(result["cpu_s"])
                 rss[label] = max(rss.get(label, 0.0), result["peak_rss_mib"])
                 line.append(f"{label} {result['wall_s']:.2f}s")
                 shutil.rmtree(out, ignore_errors=True)
             print(", ".join(line) + " (restores verified, qemu-img compare identical)")
+        print("load average after the rounds: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         base_s = statistics.median(times["nbdcopy"])
         base_rate = size / base_s / MiB
-        print(f"nbdcopy raw → qemu-nbd qcow2: median {base_s:.2f}s, {base_rate:.0f} MiB/s")
+        base_cpu = statistics.median(cpus["nbdcopy"])
+        print(
+            f"nbdcopy raw → qemu-nbd qcow2: median {base_s:.2f}s, {base_rate:.0f} MiB/s,"
+            f" {base_cpu:.2f} CPU-s (nbdcopy + qemu-nbd)"
+        )
         for label, _, _, _ in targets:
             wall = statistics.median(times[label])
             rate = size / wall / MiB
             print(
                 f"restore from {label:<8} median {wall:.2f}s wall (child process, imports"
                 f" included), {rate:.0f} MiB/s, ratio to nbdcopy {rate / base_rate:.2f}x,"
-                f" peak RSS {rss[label]:.0f} MiB"
+                f" peak RSS {rss[label]:.0f} MiB, {statistics.median(cpus[label]):.2f} CPU-s"
+                " (restore + qemu-nbd)"
             )
     finally:
         if weed is not None:

@@ -6,6 +6,8 @@ layer decides what the bytes mean. Every backend offers exactly:
 
     get(key) -> bytes                      ObjectNotFoundError if absent
     put(key, data, if_absent=False, defer_sync=False) -> bool
+                                           data: bytes-like, or a sequence of pieces
+                                           stored as their concatenation
                                            False when if_absent and the key existed;
                                            defer_sync: durable only after flush()
     flush()                                make every deferred put durable
@@ -24,7 +26,8 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -37,6 +40,12 @@ from storage.errors import BackendUnavailableError, ObjectNotFoundError, Storage
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# An object body: one bytes-like object, or pieces stored as their concatenation.
+Blob = bytes | bytearray | memoryview
+Data = Blob | Sequence[Blob]
+
+_FLUSH_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class Backend(Protocol):
     def get(self, key: str) -> bytes: ...
 
     def put(
-        self, key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False
+        self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False
     ) -> bool: ...
 
     def flush(self) -> None: ...
@@ -121,7 +130,7 @@ class FileBackend:
         except OSError as err:
             raise StorageError(f"cannot read {key!r} in {self.url}: {err.strerror}") from err
 
-    def put(self, key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False) -> bool:
+    def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         path = self._path(key)
         try:
             tmp = path.parent / f"{self._TMP_PREFIX}{secrets.token_hex(8)}"
@@ -136,10 +145,12 @@ class FileBackend:
                     if attempt == 2:
                         raise
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                    _drop_cache(fd)
+                finally:
+                    os.close(fd)
                 if if_absent:
                     try:
                         os.link(tmp, path)
@@ -165,8 +176,15 @@ class FileBackend:
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
         try:
-            for d in sorted(dirty):
-                _fsync_dir(d)
+            if len(dirty) > 1:
+                # Up to 256 chunk directories: each fsync waits for the device, and
+                # parallel ones share journal commits and cache flushes (measured: 4x
+                # faster for 256 directories with 8 threads).
+                with ThreadPoolExecutor(_FLUSH_THREADS, thread_name_prefix="flush") as pool:
+                    list(pool.map(_fsync_dir, sorted(dirty)))
+            else:
+                for d in dirty:
+                    _fsync_dir(d)
         except OSError as err:
             with self._dirty_lock:
                 self._dirty |= dirty
@@ -218,6 +236,25 @@ class FileBackend:
 
     def close(self) -> None:
         pass
+
+
+def _write_all(fd: int, data: Data) -> None:
+    for piece in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _drop_cache(fd: int) -> None:
+    """Drop the page-cache copy of a file just fsync'd: its pages are clean now.
+
+    Repository objects are written once and not read back by the writer. Dropped pages
+    are reused by the next put, while fresh page-cache pages are costly to fill here
+    (measured on a 2-core VM: 8 threads writing 4 MiB files with fsync took 1.4-2.1
+    CPU-s per GiB, 0.5-0.6 with the drop). Advice only: failures do not matter.
+    """
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -339,11 +376,12 @@ class S3Backend:
                 raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
             raise _client_error(f"GET {key!r}", self.url, err) from err
 
-    def put(self, key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False) -> bool:
+    def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         """``defer_sync`` is moot: S3 acknowledges a PUT once the object is durable."""
         from botocore.exceptions import ClientError
 
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        body = data if isinstance(data, bytes | bytearray | memoryview) else b"".join(data)
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": body}
         if if_absent:
             # Conditional create (RFC 7232 If-None-Match on PUT): the store refuses
             # with 412 when the key exists, so a chunk is never overwritten.

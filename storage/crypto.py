@@ -34,12 +34,22 @@ COMPRESSION_ZSTD = 0x01
 # zstd level 1: ~0.4 GB/s per core on disk images with ratios close to level 3.
 # The level is not part of the format; any zstd frame is accepted when reading.
 _ZSTD_LEVEL = 1
+# Compressibility check (``_compressible``): 8 windows of 16 KiB, 3% of a 4 MiB chunk;
+# a body is compressed if the sample shrinks to less than 97%. Bodies under 1 MiB are
+# always tried (the sample would be too large a share of them).
+_SAMPLES = 8
+_SAMPLE_WINDOW = 16 * 1024
+_SAMPLE_MIN_BODY = 1024 * 1024
+_SAMPLE_RATIO = 0.97
 
 # Default scrypt cost: N=2^15, r=8 → 32 MiB and ~0.1 s per unlock on one core.
 SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 
+
+# Bytes-like objects accepted as object bodies (chunks come straight from NBD reads).
+Blob = bytes | bytearray | memoryview
 
 _local = threading.local()
 
@@ -50,6 +60,23 @@ def _zstd() -> zstandard.ZstdCompressor:
     if c is None:
         c = _local.c = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
     return c
+
+
+def _compressible(body: Blob) -> bool:
+    """Is zstd worth trying on ``body``? False only when no sample of it compresses.
+
+    Incompressible data (encrypted or already compressed files) still costs zstd about
+    0.37 CPU-s per GiB to find out (measured on random 4 MiB chunks), more than BLAKE3.
+    A sample of ``_SAMPLES`` windows spread over the body costs ~3% of that. One
+    compressible window among them is enough to compress the whole body.
+    """
+    n = len(body)
+    if n < _SAMPLE_MIN_BODY:
+        return True
+    step = n // _SAMPLES
+    view = memoryview(body)
+    sample = b"".join(view[i * step : i * step + _SAMPLE_WINDOW] for i in range(_SAMPLES))
+    return len(_zstd().compress(sample)) < len(sample) * _SAMPLE_RATIO
 
 
 def _unzstd() -> zstandard.ZstdDecompressor:
@@ -82,7 +109,7 @@ class Codec:
     def encrypted(self) -> bool:
         return self.keys is not None
 
-    def digest(self, data: bytes) -> str:
+    def digest(self, data: Blob) -> str:
         """Hex BLAKE3 of plaintext ``data``, keyed with the hashing key when encrypted."""
         if self.keys is not None:
             h = blake3.blake3(data, key=self.keys.hashing, max_threads=1)
@@ -91,17 +118,28 @@ class Codec:
         out: str = h.hexdigest()
         return out
 
-    def seal(self, key: str, body: bytes, compress: bool = True) -> bytes:
+    def seal(self, key: str, body: Blob, compress: bool = True) -> bytes:
         """Stored bytes of a binary object: compression byte + payload, then encryption.
 
-        zstd output is kept only when it is smaller than the input.
+        zstd output is kept only when it is smaller than the input. Large bodies whose
+        samples do not compress are stored as they are without trying (``_compressible``).
         """
-        payload = bytes([COMPRESSION_NONE]) + body
-        if compress:
+        return b"".join(self.seal_parts(key, body, compress))
+
+    def seal_parts(self, key: str, body: Blob, compress: bool = True) -> tuple[Blob, ...]:
+        """``seal`` as pieces whose concatenation is the stored object.
+
+        Unencrypted, the payload is not copied behind its compression byte: a backend
+        writes the pieces as they are (a 4 MiB copy per chunk saved).
+        """
+        kind, payload = COMPRESSION_NONE, body
+        if compress and _compressible(body):
             packed = _zstd().compress(body)
             if len(packed) < len(body):
-                payload = bytes([COMPRESSION_ZSTD]) + packed
-        return self.encrypt(key, payload)
+                kind, payload = COMPRESSION_ZSTD, packed
+        if self._aead is None:
+            return bytes([kind]), payload
+        return (self.encrypt(key, bytes([kind]) + payload),)
 
     def unseal(self, key: str, stored: bytes) -> bytes:
         """Inverse of ``seal``; ``CorruptObjectError`` names ``key`` on any damage."""

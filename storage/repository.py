@@ -26,7 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from storage.backends import Backend, RetryPolicy, open_backend
-from storage.crypto import SCRYPT_N, Codec, new_key_object, unwrap_key_object
+from storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
 from storage.errors import (
     BackupNotFoundError,
     CorruptObjectError,
@@ -148,11 +148,15 @@ class Repository:
 
     # ------------------------------------------------------------------ chunks
 
-    def read_chunk(self, digest: str) -> bytes:
-        """Plaintext of one chunk, re-hashed: ``CorruptObjectError`` if it does not match."""
+    def read_chunk(self, digest: str, check: bool = True) -> bytes:
+        """Plaintext of one chunk, re-hashed: ``CorruptObjectError`` if it does not match.
+
+        ``check=False`` skips the re-hash, for a caller that checks the digest of the
+        data itself later (restore reads every chunk back and compares it with the index).
+        """
         key = chunk_key(digest)
         data = self.codec.unseal(key, self.backend.get(key))
-        if self.codec.digest(data) != digest:
+        if check and self.codec.digest(data) != digest:
             raise CorruptObjectError(f"chunk {digest} does not match its digest")
         return data
 
@@ -279,10 +283,11 @@ class Repository:
     # ------------------------------------------------------------------ reading
 
     def read_disk(
-        self, manifest: Manifest, disk_name: str, prefetch: int = 8
+        self, manifest: Manifest, disk_name: str, prefetch: int = 8, check: bool = True
     ) -> Iterator[tuple[int, bytes | None]]:
         """``(offset, plaintext)`` per chunk in order; None for zeros. At most ``prefetch``
-        chunks are fetched ahead, so memory stays bounded for any disk size."""
+        chunks are fetched ahead, so memory stays bounded for any disk size.
+        ``check``: as for ``read_chunk``; without it the caller must check the digests."""
         entries = self.load_index(manifest, disk_name)
         prefetch = max(1, prefetch)
         cs = manifest.chunk_size
@@ -291,7 +296,7 @@ class Repository:
             digest = entries[i].digest
             assert digest is not None
             try:
-                return self.read_chunk(digest)
+                return self.read_chunk(digest, check)
             except StorageError as err:
                 raise type(err)(
                     f"{manifest.domain} backup {manifest.backup_id} disk {disk_name} "
@@ -493,9 +498,10 @@ class DiskWriter:
 
     # -- the three ways to describe a chunk ---------------------------------
 
-    def put_chunk(self, offset: int, data: bytes) -> None:
+    def put_chunk(self, offset: int, data: Blob) -> None:
         """Store one chunk (hash, compress, encrypt, upload in the pool). Blocks while the
-        pool is full."""
+        pool is full. ``data`` may be any bytes-like object; it is used without a copy,
+        so the caller must not change it afterwards."""
         self._check()
         idx = self._indexes(offset, len(data), "put_chunk")
         if len(idx) != 1:
@@ -541,7 +547,7 @@ class DiskWriter:
 
     # -- pool side -----------------------------------------------------------
 
-    def _store(self, i: int, data: bytes) -> None:
+    def _store(self, i: int, data: Blob) -> None:
         repo = self.repo
         n = len(data)
         zero = self.backup._zero if n == self.chunk_size else bytes(n)
@@ -558,9 +564,9 @@ class DiskWriter:
             seen = digest in known
         uploaded = 0
         if not seen and not repo.backend.exists(key):
-            stored = repo.codec.seal(key, data)
+            stored = repo.codec.seal_parts(key, data)
             if repo.backend.put(key, stored, if_absent=True, defer_sync=True):
-                uploaded = len(stored)
+                uploaded = sum(len(piece) for piece in stored)
         with self.backup._known_lock:
             known.add(digest)
         with self._lock:

@@ -59,7 +59,8 @@ MODES: tuple[BackupMode, ...] = ("auto", "full", "incremental")
 
 # Unix socket paths are limited to 108 bytes (sun_path), including the final NUL.
 _MAX_SOCKET_PATH = 107
-_READ_DEPTH = 4
+# NBD connections reading at once (each one request in flight; see worker/nbd.py).
+_READ_CONNECTIONS = 3
 
 
 class BackupError(WorkerError):
@@ -517,8 +518,8 @@ def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | N
                 done += span(first, count)[1]
             job.progress(f"pull {disk.name}", done, total)
             reads = [span(i, 1) for i in range(n) if dirty[i] and data[i]]
-            for offset, payload in reader.read_ranges(reads, depth=_READ_DEPTH):
-                dw.put_chunk(offset, bytes(payload))
+            for offset, payload in reader.read_parallel(reads, _READ_CONNECTIONS):
+                dw.put_chunk(offset, payload)  # the reader's own buffer: no copy
                 result.bytes_read += len(payload)
                 done += len(payload)
                 job.progress(f"pull {disk.name}", done, total)

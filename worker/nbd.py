@@ -2,7 +2,7 @@
 
 Uses only libnbd calls present in 1.14 (Debian 12) and still in 1.22 (Debian 13):
 ``add_meta_context``, ``block_status``, ``get_block_size``, ``aio_pread`` with ``nbd.Buffer``,
-``aio_command_completed`` and ``poll``.
+``aio_command_completed``, ``poll`` and ``pread``.
 
 Extent arithmetic (chunk = repository chunk, fixed and offset-aligned)::
 
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,10 @@ BASE_ALLOCATION = "base:allocation"
 STATE_HOLE = 1  # NBD spec, base:allocation: unallocated
 STATE_ZERO = 2  # NBD spec, base:allocation: reads as zeroes
 DIRTY = 1  # qemu:dirty-bitmap:<name>: bit 0 set = dirty
+# Largest NBD read request of ``read_parallel``; longer ranges are read piece by piece.
+# QEMU 7.2's server costs 2-3x more CPU per byte for 2-4 MiB requests than for 1 MiB
+# ones (measured; see docs/backup.md).
+READ_PIECE = 1 << 20
 # One block_status request may not exceed 4 GiB (32-bit length before extended headers).
 _MAX_STATUS_REQUEST = 1 << 31
 
@@ -60,6 +66,7 @@ class NbdReader:
     def __init__(self, socket_path: Path, export: str, contexts: Iterable[str] = ()) -> None:
         self.export = export
         self.contexts = list(contexts)
+        self.socket_path = socket_path
         self._h = nbd.NBD()
         try:
             for ctx in self.contexts:
@@ -154,6 +161,82 @@ class NbdReader:
                 yield self._complete(*inflight.popleft(), free)
         except nbd.Error as err:
             raise NbdError(f"NBD export {self.export!r}: read failed: {err}") from err
+
+    def read_parallel(
+        self, ranges: Iterable[tuple[int, int]], connections: int = 2, ahead: int = 1
+    ) -> Iterator[tuple[int, bytes | bytearray]]:
+        """Read ``(offset, length)`` ranges over ``connections`` connections at once.
+
+        Yields in completion order, not request order. Each connection's thread does
+        blocking ``pread`` calls, which release the GIL and receive straight into the
+        returned buffer: no ``nbd.Buffer`` copy (measured against qemu-nbd, 1 GiB in
+        4 MiB reads: 0.2-0.3 CPU-s with ``pread``, 1.0-1.2 with ``aio_pread`` and its
+        copies). Ranges longer than ``READ_PIECE`` are read piece by piece and joined.
+        At most ``connections + ahead`` ranges are read and not yet taken by the caller.
+        """
+        handles = [self._h]
+        results: queue.SimpleQueue[tuple[int, bytes | bytearray] | BaseException | None] = (
+            queue.SimpleQueue()
+        )
+        slots = threading.Semaphore(connections + ahead)
+        stop = threading.Event()
+        todo = iter(ranges)
+        todo_lock = threading.Lock()
+
+        def work(h: Any) -> None:
+            try:
+                while True:
+                    while not slots.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    with todo_lock:
+                        item = next(todo, None)
+                    if item is None:
+                        return
+                    results.put((item[0], self._pread(h, *item)))
+            except BaseException as err:  # handed to the consumer, which raises it
+                results.put(err)
+            finally:
+                results.put(None)
+
+        threads: list[threading.Thread] = []
+        extra: list[NbdReader] = []
+        try:
+            for _ in range(connections - 1):
+                extra.append(NbdReader(self.socket_path, self.export))
+                handles.append(extra[-1]._h)
+            for h in handles:
+                thread = threading.Thread(target=work, args=(h,), name="nbd-read", daemon=True)
+                thread.start()
+                threads.append(thread)
+            running = len(threads)
+            while running:
+                got = results.get()
+                if got is None:
+                    running -= 1
+                    continue
+                if isinstance(got, BaseException):
+                    if isinstance(got, nbd.Error):
+                        raise NbdError(f"NBD export {self.export!r}: read failed: {got}") from got
+                    raise got
+                slots.release()
+                yield got
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+            for reader in extra:
+                reader.close()
+
+    def _pread(self, h: Any, offset: int, length: int) -> bytes | bytearray:
+        piece = min(self.max_request, READ_PIECE)
+        if length <= piece:
+            data: bytearray = h.pread(length, offset)
+            return data
+        end = offset + length
+        return b"".join(h.pread(min(piece, end - pos), pos) for pos in range(offset, end, piece))
 
     def _complete(
         self, offset: int, pieces: list[tuple[Any, int]], free: dict[int, list[Any]]

@@ -162,6 +162,30 @@ def test_corrupt_and_missing_chunk_fail_with_location(
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("wrong_size", [False, True], ids=["same-size", "short"])
+def test_chunk_with_wrong_content_is_blamed_on_the_repository(
+    tmp_path: Path, two_backups: tuple[Repository, dict[str, dict[str, Path]], list[str]],
+    fleet_config: ConfigFactory, wrong_size: bool,
+) -> None:  # fmt: skip
+    """A well-formed object holding other data: only the digest tells, and restore says where.
+
+    Chunks are not re-hashed on the way in (the read-back checks them); the failure must
+    still be the repository's CorruptObjectError with disk and offset, not a disk error.
+    """
+    repo, _, ids = two_backups
+    config = fleet_config(repo.url)
+    manifest = repo.load_manifest("web1", ids[0])
+    digests = repo.index_digests(manifest, "vda")
+    root = Path(repo.url.removeprefix("file://"))
+    key = chunk_key(str(digests[4]))
+    other = bytes([0x5A]) * (CHUNK // 2 if wrong_size else CHUNK)
+    (root / key).write_bytes(repo.codec.seal(key, other))
+    out = tmp_path / "out"
+    with pytest.raises(StorageError, match=f"disk vda offset {4 * CHUNK}: .*does not match"):
+        run_restore(config, "web1", backup_id=ids[0], to_dir=out)
+    assert list(out.iterdir()) == []
+
+
 def test_restore_refused_while_domain_locked(
     tmp_path: Path, two_backups: tuple[Repository, dict[str, dict[str, Path]], list[str]],
     fleet_config: ConfigFactory,

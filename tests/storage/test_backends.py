@@ -83,3 +83,14 @@ def test_deferred_put_is_visible_and_flush_is_safe(target: Target) -> None:
     b.flush()
     b.flush()  # nothing pending: a no-op
     assert [o.key for o in b.list("chunks/cd/")] == ["chunks/cd/x"]
+
+
+def test_put_of_pieces_stores_their_concatenation(target: Target) -> None:
+    b = target.backend()
+    pieces = (b"\x01", bytearray(b"middle" * 1000), memoryview(b"-end"))
+    assert b.put("chunks/ef/p", pieces, if_absent=True, defer_sync=True)
+    for i in range(20):  # many directories to sync at once
+        b.put(f"chunks/{i:02x}/q", [b"a", b"b"], if_absent=True, defer_sync=True)
+    b.flush()
+    assert b.get("chunks/ef/p") == b"\x01" + b"middle" * 1000 + b"-end"
+    assert b.get("chunks/13/q") == b"ab"

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from storage.backends import Data
 from storage.errors import (
     BackupNotFoundError,
     InvalidNameError,
@@ -209,7 +210,7 @@ def test_memory_is_bounded_by_in_flight_limit(file_target: Target) -> None:
     lock = threading.Lock()
     state = {"now": 0, "peak": 0}
 
-    def slow_put(key: str, data: bytes, if_absent: bool = False, defer_sync: bool = False) -> bool:
+    def slow_put(key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         with lock:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fixtures.common import require_binary, stop_process, wait_until
 from tests.fixtures.qemu import GiB, KiB, MiB
-from worker.nbd import BASE_ALLOCATION, STATE_ZERO, NbdReader, chunks_touched
+from worker.nbd import BASE_ALLOCATION, STATE_ZERO, NbdError, NbdReader, chunks_touched
 from worker.qmp import socket_is_listening
 
 SIZE = 5 * GiB  # more than one block_status request (2 GiB each) and past 32-bit lengths
@@ -32,7 +32,19 @@ def nbd_socket(tmp_path: Path) -> Iterator[Path]:
         )
     sock = Path(tempfile.mkdtemp(prefix="vmvn")) / "nbd.sock"
     proc = subprocess.Popen(
-        [require_binary("qemu-nbd"), "-r", "-t", "-f", "qcow2", "-k", str(sock), str(image)],
+        # -e 4: up to 4 clients at once (parallel reads); qemu-nbd's default is 1.
+        [
+            require_binary("qemu-nbd"),
+            "-r",
+            "-t",
+            "-e",
+            "4",
+            "-f",
+            "qcow2",
+            "-k",
+            str(sock),
+            str(image),
+        ],
         start_new_session=True,
     )
     try:
@@ -68,3 +80,29 @@ def test_reads_split_at_the_server_limit_and_keep_order(nbd_socket: Path) -> Non
     assert got[0][1] == b"\x22" * MiB
     assert got[1][1] == b"\0" * (4 * MiB) + b"\x33" * (4 * MiB)
     assert got[2][1] == b"\x11" * (64 * KiB) + b"\0" * (64 * KiB)
+
+
+def test_parallel_reads_cover_every_range_once_over_several_connections(
+    nbd_socket: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.nbd.READ_PIECE", 256 * KiB)  # 4 MiB ranges: 16 pieces each
+    ranges = [(offset, 4 * MiB) for offset in range(32 * MiB, 88 * MiB, 4 * MiB)]
+    ranges.append((4608 * MiB, 1 * MiB))
+    with NbdReader(nbd_socket, "") as reader:
+        got = dict(reader.read_parallel(ranges, connections=3, ahead=1))
+        assert sorted(got) == sorted(offset for offset, _ in ranges)
+        # Data at 40..80 MiB: the ranges around it are half zero, half pattern.
+        assert got[36 * MiB] == b"\0" * (4 * MiB)
+        assert got[40 * MiB] == b"\x33" * (4 * MiB)
+        assert got[80 * MiB] == b"\0" * (4 * MiB)
+        assert got[4608 * MiB] == b"\x22" * MiB
+        # The first connection is still usable afterwards (extra ones are closed).
+        _, first = next(iter(reader.read_ranges([(0, 64 * KiB)])))
+        assert first == b"\x11" * (64 * KiB)
+
+
+def test_parallel_read_failure_raises_nbd_error(nbd_socket: Path) -> None:
+    with NbdReader(nbd_socket, "") as reader:
+        beyond = [(0, 1 * MiB), (SIZE, 1 * MiB)]  # past the end: the server refuses
+        with pytest.raises(NbdError, match="read failed"):
+            list(reader.read_parallel(beyond, connections=2))
