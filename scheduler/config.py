@@ -12,12 +12,15 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlparse
 
 import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from storage.repository import Repository
 
 DEFAULT_CONFIG_NAME = "vmvault.yaml"
 CONFIG_ENV = "VMVAULT_CONFIG"
@@ -90,6 +93,19 @@ class RepositoryConfig(_Strict):
                 [f"repository.passphrase_file: cannot read {self.passphrase_file}: {err.strerror}"]
             ) from err
         return data.rstrip(b"\r\n")
+
+    def open(self, concurrency: int | None = None) -> Repository:
+        """Open the configured repository; ``concurrency`` sizes its thread and connection pool."""
+        # Imported here: the storage stack (boto3) is not needed to validate a config.
+        from storage.repository import DEFAULT_CONCURRENCY, open_repository
+
+        return open_repository(
+            self.url,
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            passphrase=self.read_passphrase(),
+            concurrency=concurrency or DEFAULT_CONCURRENCY,
+        )
 
 
 _LAUNCH_PLACEHOLDER_RE = re.compile(r"\{(qmp|disk:[^{}]*)\}")

@@ -25,10 +25,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from scheduler.config import FleetConfig
+from scheduler.config import DomainConfig, FleetConfig
 from storage.errors import StorageError
 from storage.format import Manifest
-from storage.repository import BackupWriter, DiskWriter, Repository, open_repository
+from storage.repository import BackupWriter, DiskWriter, Repository
 from worker import checkpoints as cp
 from worker.cleanup import (
     nbd_socket_path,
@@ -40,7 +40,7 @@ from worker.cleanup import (
 from worker.errors import WorkerError
 from worker.inspect import DiskInfo, list_disks, node_bitmaps
 from worker.locks import domain_lock
-from worker.memory import tune_malloc
+from worker.memory import chunk_friendly_malloc
 from worker.nbd import (
     BASE_ALLOCATION,
     DIRTY,
@@ -138,17 +138,6 @@ class BackupResult:
         data = asdict(self)
         data["duration_s"] = round(self.duration_s, 3)
         return data
-
-
-def open_config_repository(config: FleetConfig) -> Repository:
-    """The repository named by the config (passphrase from ``passphrase_file``)."""
-    repo_cfg = config.repository
-    return open_repository(
-        repo_cfg.url,
-        endpoint_url=repo_cfg.endpoint_url,
-        region=repo_cfg.region,
-        passphrase=repo_cfg.read_passphrase(),
-    )
 
 
 def plan_backup(
@@ -271,7 +260,17 @@ def run_backup(
     if mode not in MODES:
         raise BackupError(f"unknown backup mode {mode!r}: use one of {', '.join(MODES)}")
     dom_cfg = config.domain(domain)  # UnknownDomainError for a name not in the config
-    tune_malloc()
+    with chunk_friendly_malloc():
+        return _run_backup(config, domain, mode, progress, dom_cfg)
+
+
+def _run_backup(
+    config: FleetConfig,
+    domain: str,
+    mode: BackupMode,
+    progress: Progress | None,
+    dom_cfg: DomainConfig,
+) -> BackupResult:
     job = _Job(config, domain, mode, progress or no_progress)
     started = time.monotonic()
     state_dir = config.state_dir
@@ -281,7 +280,7 @@ def run_backup(
             job.step = Step.CONNECT
             with (
                 open_session(domain, dom_cfg.qmp) as session,
-                open_config_repository(config) as repo,
+                config.repository.open() as repo,
             ):
                 job.session = session
                 result = _backup(job, repo, dom_cfg.disks)

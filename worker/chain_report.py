@@ -6,7 +6,7 @@ from typing import Any
 
 from scheduler.config import FleetConfig
 from worker import checkpoints as cp
-from worker.backup import open_config_repository, plan_backup
+from worker.backup import plan_backup
 from worker.inspect import list_disks
 from worker.qmp import open_session
 
@@ -14,7 +14,7 @@ from worker.qmp import open_session
 def chain_report(config: FleetConfig, domain: str) -> dict[str, Any]:
     """Per disk: checkpoints oldest → newest, their state and backup; and the next backup's plan."""
     dom = config.domain(domain)
-    with open_session(domain, dom.qmp) as qmp, open_config_repository(config) as repo:
+    with open_session(domain, dom.qmp) as qmp, config.repository.open() as repo:
         disks = list_disks(qmp, dom.disks)
         manifests = repo.list_manifests(domain)
     by_checkpoint = {m.checkpoint: m.backup_id for m in manifests if m.checkpoint}

@@ -20,13 +20,11 @@ not read back and verified against the backup's index.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import logging
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ from typing import Any
 
 from scheduler.config import DomainConfig, FleetConfig, LaunchConfig
 from storage.errors import StorageError
-from storage.repository import Manifest, Repository, open_repository
+from storage.repository import Manifest, Repository
 from worker.checkpoints import bitmap_name
 from worker.cleanup import qemu_id
 from worker.errors import WorkerError
@@ -48,6 +46,7 @@ from worker.launch import (
     start_qemu,
 )
 from worker.locks import domain_lock
+from worker.memory import chunk_friendly_malloc
 from worker.nbd_write import NbdDiskWriter, VerifyError
 from worker.progress import Progress
 from worker.qmp import QmpSession
@@ -167,18 +166,13 @@ class _Teardown:
 
 
 def open_repo(config: FleetConfig) -> Repository:
-    """The fleet's repository, as configured."""
+    """The fleet's repository, opened for restoring."""
     repo_cfg = config.repository
-    return open_repository(
-        repo_cfg.url,
-        endpoint_url=repo_cfg.endpoint_url,
-        region=repo_cfg.region,
-        passphrase=repo_cfg.read_passphrase(),
-        # Parallel GETs hide S3 latency; a local file system has none to hide, a thread
-        # per core decompresses. Fewer threads also mean fewer malloc arenas holding
-        # freed chunk buffers (see chunk_friendly_malloc).
-        concurrency=FILE_FETCH_THREADS if repo_cfg.url.startswith("file:") else FETCH_THREADS,
-    )
+    # Parallel GETs hide S3 latency; a local file system has none to hide, a thread per
+    # core decompresses. Fewer threads also mean fewer malloc arenas holding freed chunk
+    # buffers (see worker/memory.py).
+    local = repo_cfg.url.startswith("file:")
+    return repo_cfg.open(concurrency=FILE_FETCH_THREADS if local else FETCH_THREADS)
 
 
 def select_backup(
@@ -406,63 +400,6 @@ def serve_image(path: Path, socket: Path, export: str) -> Iterator[subprocess.Po
 
 
 # -- the data path -------------------------------------------------------------------------
-
-
-# glibc mallopt(3) parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-# glibc's own defaults (mallopt(3)); set back when the last restore of the process ends.
-_DEFAULT_MMAP_THRESHOLD = 128 * 1024
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024
-# Chunk buffers (4 MiB, a few bytes more for the object header) come from the heap below
-# this and are reused; the heap is given back to the kernel only above the trim threshold.
-_CHUNK_MMAP_THRESHOLD = 16 * 1024 * 1024
-_CHUNK_TRIM_THRESHOLD = 32 * 1024 * 1024
-_malloc_lock = threading.Lock()
-_malloc_users = 0
-
-
-def _glibc() -> Any:
-    try:
-        libc = ctypes.CDLL(None)
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-@contextlib.contextmanager
-def chunk_friendly_malloc() -> Iterator[None]:
-    """glibc malloc tuned for a stream of chunk-sized buffers while a restore runs.
-
-    Every chunk passes through a few fresh 3-4 MiB objects (the stored object, its
-    payload, the plaintext). glibc serves them with mmap, or grows and trims its heaps
-    around them, so each one faults in and zeroes a thousand new pages. With higher mmap
-    and trim thresholds the buffers are reused: restoring the bench's 2 GiB backup
-    (1.3 GiB of data, bench/restore_bench.py) took 75 000-90 000 minor faults instead of
-    220 000-260 000, and 0.3-0.5 fewer CPU-seconds. Process-wide, so it is
-    reference-counted: glibc's default values are set back (its dynamic mmap threshold
-    stays off, as after any mallopt) and the heap trimmed when the last restore ends.
-    No-op without glibc.
-    """
-    global _malloc_users
-    libc = _glibc()
-    if libc is None:
-        yield
-        return
-    with _malloc_lock:
-        _malloc_users += 1
-        if _malloc_users == 1:
-            libc.mallopt(_M_MMAP_THRESHOLD, _CHUNK_MMAP_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _CHUNK_TRIM_THRESHOLD)
-    try:
-        yield
-    finally:
-        with _malloc_lock:
-            _malloc_users -= 1
-            if _malloc_users == 0:
-                libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_MMAP_THRESHOLD)
-                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
 
 
 class _DiskProgress:

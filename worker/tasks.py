@@ -307,9 +307,7 @@ def restore(
 
 
 def _repository() -> Any:
-    from worker.backup import open_config_repository
-
-    return open_config_repository(fleet_config())
+    return fleet_config().repository.open()
 
 
 def _retry_if_locked(task: Task, err: Exception) -> None:

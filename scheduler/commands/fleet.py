@@ -312,15 +312,7 @@ def _status(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _last_successes(config: FleetConfig) -> dict[str, tuple[str, datetime]]:
     """Newest committed backup per domain, from the repository (the source of truth)."""
-    from storage.repository import open_repository
-
-    repo = config.repository
-    repository = open_repository(
-        repo.url,
-        endpoint_url=repo.endpoint_url,
-        region=repo.region,
-        passphrase=repo.read_passphrase(),
-    )
+    repository = config.repository.open()
     out: dict[str, tuple[str, datetime]] = {}
     for name in config.domains:
         manifest = repository.latest_manifest(name)

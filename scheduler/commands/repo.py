@@ -22,7 +22,7 @@ from scheduler.errors import SchedulerError
 from storage.format import DEFAULT_CHUNK_SIZE, Manifest, iso
 from storage.gc import DEFAULT_GRACE, GcReport, collect_garbage
 from storage.prune import KeepPolicy, plan_prune
-from storage.repository import Repository, init_repository, open_repository
+from storage.repository import Repository, init_repository
 from storage.verify import VerifyReport, verify
 
 _KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
@@ -95,13 +95,7 @@ def register(commands: Any) -> None:
 
 
 def _open(ctx: CliContext) -> Repository:
-    cfg = ctx.config.repository
-    return open_repository(
-        cfg.url,
-        endpoint_url=cfg.endpoint_url,
-        region=cfg.region,
-        passphrase=cfg.read_passphrase(),
-    )
+    return ctx.config.repository.open()
 
 
 @contextmanager

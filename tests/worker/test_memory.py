@@ -1,4 +1,4 @@
-"""chunk_friendly_malloc: glibc tuned once for overlapping restores, set back after the last."""
+"""chunk_friendly_malloc: glibc tuned once for overlapping jobs, set back after the last."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker import restore
-from worker.restore import chunk_friendly_malloc
+from worker import memory
+from worker.memory import chunk_friendly_malloc
 
 
 class RecordingLibc:
@@ -30,10 +30,10 @@ def test_nested_restores_tune_once_and_restore_defaults_after_the_last(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     libc = RecordingLibc()
-    monkeypatch.setattr(restore, "_glibc", lambda: libc)
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
     tuned = [
-        ("mallopt", restore._M_MMAP_THRESHOLD, restore._CHUNK_MMAP_THRESHOLD),
-        ("mallopt", restore._M_TRIM_THRESHOLD, restore._CHUNK_TRIM_THRESHOLD),
+        ("mallopt", memory._M_MMAP_THRESHOLD, memory._CHUNK_MMAP_THRESHOLD),
+        ("mallopt", memory._M_TRIM_THRESHOLD, memory._CHUNK_TRIM_THRESHOLD),
     ]
     with chunk_friendly_malloc():
         assert libc.calls == tuned
@@ -42,25 +42,25 @@ def test_nested_restores_tune_once_and_restore_defaults_after_the_last(
         # The inner restore ended, the outer one still runs: nothing set back yet.
         assert libc.calls == tuned
     assert libc.calls[2:] == [
-        ("mallopt", restore._M_MMAP_THRESHOLD, restore._DEFAULT_MMAP_THRESHOLD),
-        ("mallopt", restore._M_TRIM_THRESHOLD, restore._DEFAULT_TRIM_THRESHOLD),
+        ("mallopt", memory._M_MMAP_THRESHOLD, memory._DEFAULT_MMAP_THRESHOLD),
+        ("mallopt", memory._M_TRIM_THRESHOLD, memory._DEFAULT_TRIM_THRESHOLD),
         ("malloc_trim", 0, 0),
     ]
-    assert restore._CHUNK_MMAP_THRESHOLD > 4 * 1024 * 1024  # a 4 MiB chunk comes from the heap
+    assert memory._CHUNK_MMAP_THRESHOLD > 4 * 1024 * 1024  # a 4 MiB chunk comes from the heap
 
 
 def test_defaults_are_set_back_when_the_restore_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     libc = RecordingLibc()
-    monkeypatch.setattr(restore, "_glibc", lambda: libc)
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
     with pytest.raises(RuntimeError, match="boom"), chunk_friendly_malloc():
         raise RuntimeError("boom")
     assert libc.calls[-1] == ("malloc_trim", 0, 0)
-    assert restore._malloc_users == 0
+    assert memory._users == 0
 
 
 def test_concurrent_restores_in_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     libc = RecordingLibc()
-    monkeypatch.setattr(restore, "_glibc", lambda: libc)
+    monkeypatch.setattr(memory, "_glibc", lambda: libc)
     inside = threading.Barrier(4)
 
     def job() -> None:
@@ -75,15 +75,15 @@ def test_concurrent_restores_in_threads(monkeypatch: pytest.MonkeyPatch) -> None
     names: list[Any] = [c[0] for c in libc.calls]
     # Tuned once while all four overlapped, set back once after all of them.
     assert names == ["mallopt", "mallopt", "mallopt", "mallopt", "malloc_trim"]
-    assert restore._malloc_users == 0
+    assert memory._users == 0
 
 
 def test_without_glibc_nothing_is_called(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(restore, "_glibc", lambda: None)
+    monkeypatch.setattr(memory, "_glibc", lambda: None)
     with chunk_friendly_malloc():
-        assert restore._malloc_users == 0
+        assert memory._users == 0
 
 
 def test_real_glibc_is_found_here() -> None:
     # This machine runs glibc: the tuning must not silently be a no-op on it.
-    assert restore._glibc() is not None
+    assert memory._glibc() is not None
