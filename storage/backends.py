@@ -321,6 +321,12 @@ class S3Backend:
             read_timeout=60,
             signature_version="s3v4",
             s3={"addressing_style": "path"},
+            # botocore >= 1.36 computes and checks a CRC32 of every body by default. Every
+            # object already carries its own check (chunks are named by the digest of their
+            # plaintext and re-hashed on read; indexes and manifests are digested, and GCM
+            # authenticates encrypted ones), so the CRC only costs CPU on the data path.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         session = boto3.session.Session()
         # Region: the config's, else the AWS chain's (AWS_DEFAULT_REGION, profile), else
