@@ -29,8 +29,9 @@ test: lint
 demo: setup
 	$(VENV)/bin/vmvault demo
 
+# Speed and memory figures, each against a reference tool measured in the same run.
 bench: setup
-	$(PY) bench/storage_bench.py
+	for b in storage backup restore scheduler; do $(PY) bench/$${b}_bench.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
