@@ -6,7 +6,7 @@ PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server
 
-.PHONY: setup test lint unit demo bench clean
+.PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
