@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from scheduler.enqueue import JobRequest, enqueue
 from scheduler.jobs import JobStore
 from storage.repository import init_repository, open_repository
 from storage.verify import verify
 from tests.fixtures.common import wait_until
-from tests.fixtures.qemu import MiB, VmFactory
+from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.fleet.conftest import Fleet
 from worker.redis_lock import DOMAIN_LOCK_PREFIX
 
@@ -32,35 +35,57 @@ def _restored(repo_url: str, domain: str, disk: str) -> bytes:
     return bytes(out)
 
 
-def test_worker_killed_mid_backup(fleet: Fleet, qemu_vm_factory: VmFactory) -> None:
+@dataclass
+class _PullingBackup:
+    """A backup job of ``web1`` caught in its pull phase on a fresh hv1 worker."""
+
+    vm: QemuVm
+    repo_url: str
+    store: JobStore
+    worker: subprocess.Popen[bytes]
+    job_id: str
+
+
+def _backup_caught_pulling(
+    fleet: Fleet, qemu_vm_factory: VmFactory, pattern: int, scheduler: dict[str, Any]
+) -> _PullingBackup:
+    """Start a worker and a backup of a 32 MiB VM; return once the job reports pulling."""
     vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
     for off in range(0, 32 * MiB, 4 * MiB):
-        vm.write("vda", off, 4 * MiB, pattern=0x20 + off // MiB)
+        vm.write("vda", off, 4 * MiB, pattern=pattern + off // MiB)
     repo_url = f"file://{fleet.tmp / 'repo'}"
     init_repository(repo_url, chunk_size=1 * MiB).close()
     fleet.write(
         repository={"url": repo_url},
         domains={"web1": {"host": "hv1", "qmp": str(vm.qmp_path)}},
-        scheduler={
-            "lock_ttl_seconds": 2,
-            "job_time_limit_seconds": 8,
-            "visibility_timeout_seconds": 10,
-            "gc_interval_seconds": None,
-        },
+        scheduler={"gc_interval_seconds": None, **scheduler},
     )
-    client = fleet.redis.client()
-    store = JobStore(client)
+    store = JobStore(fleet.redis.client())
     worker = fleet.start_worker("hv1")
     request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
     job_id = enqueue(fleet.app(), store, [request])[0]
 
     def pulling() -> bool:
         rec = store.get(job_id)
-        assert rec is not None and rec.state != "succeeded", "backup ended before the kill"
+        assert rec is not None and rec.state != "succeeded", "backup ended too early"
         return rec.phase.startswith("pull")
 
     wait_until(pulling, 30, "backup pulling")
     assert vm.proc is not None
+    return _PullingBackup(vm, repo_url, store, worker, job_id)
+
+
+def test_worker_killed_mid_backup(fleet: Fleet, qemu_vm_factory: VmFactory) -> None:
+    scheduler = {
+        "lock_ttl_seconds": 2,
+        "job_time_limit_seconds": 8,
+        "visibility_timeout_seconds": 10,
+    }
+    job = _backup_caught_pulling(fleet, qemu_vm_factory, 0x20, scheduler)
+    vm, repo_url, store, worker, job_id = job.vm, job.repo_url, job.store, job.worker, job.job_id
+    assert vm.proc is not None
+    client = fleet.redis.client()
+    request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
     os.kill(vm.proc.pid, signal.SIGSTOP)  # reads stall: the job is surely mid-pull
     # Progress is in Celery's task state too (update_state), for any Celery client.
     state = fleet.app().AsyncResult(job_id)
@@ -103,29 +128,10 @@ def test_worker_killed_mid_backup(fleet: Fleet, qemu_vm_factory: VmFactory) -> N
 def test_job_that_loses_its_lock_stops_without_committing(
     fleet: Fleet, qemu_vm_factory: VmFactory
 ) -> None:
-    vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
-    for off in range(0, 32 * MiB, 4 * MiB):
-        vm.write("vda", off, 4 * MiB, pattern=0x30 + off // MiB)
-    repo_url = f"file://{fleet.tmp / 'repo'}"
-    init_repository(repo_url, chunk_size=1 * MiB).close()
-    fleet.write(
-        repository={"url": repo_url},
-        domains={"web1": {"host": "hv1", "qmp": str(vm.qmp_path)}},
-        scheduler={"lock_ttl_seconds": 1.5, "gc_interval_seconds": None},
-    )
-    client = fleet.redis.client()
-    store = JobStore(client)
-    fleet.start_worker("hv1")
-    request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
-    job_id = enqueue(fleet.app(), store, [request])[0]
-
-    def pulling() -> bool:
-        rec = store.get(job_id)
-        assert rec is not None and rec.state != "succeeded", "backup ended too early"
-        return rec.phase.startswith("pull")
-
-    wait_until(pulling, 30, "backup pulling")
+    job = _backup_caught_pulling(fleet, qemu_vm_factory, 0x30, {"lock_ttl_seconds": 1.5})
+    vm, repo_url, job_id = job.vm, job.repo_url, job.job_id
     assert vm.proc is not None
+    client = fleet.redis.client()
     os.kill(vm.proc.pid, signal.SIGSTOP)
     try:
         # Another owner takes the domain (e.g. an operator, or a failover lost the key).
@@ -147,27 +153,8 @@ def test_job_that_loses_its_lock_stops_without_committing(
 def test_warm_shutdown_finishes_the_running_backup(
     fleet: Fleet, qemu_vm_factory: VmFactory
 ) -> None:
-    vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
-    for off in range(0, 32 * MiB, 4 * MiB):
-        vm.write("vda", off, 4 * MiB, pattern=0x40 + off // MiB)
-    repo_url = f"file://{fleet.tmp / 'repo'}"
-    init_repository(repo_url, chunk_size=1 * MiB).close()
-    fleet.write(
-        repository={"url": repo_url},
-        domains={"web1": {"host": "hv1", "qmp": str(vm.qmp_path)}},
-        scheduler={"gc_interval_seconds": None},
-    )
-    store = JobStore(fleet.redis.client())
-    worker = fleet.start_worker("hv1")
-    request = JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", host="hv1")
-    job_id = enqueue(fleet.app(), store, [request])[0]
-
-    def pulling() -> bool:
-        rec = store.get(job_id)
-        assert rec is not None and rec.state != "succeeded", "backup ended too early"
-        return rec.phase.startswith("pull")
-
-    wait_until(pulling, 30, "backup pulling")
+    job = _backup_caught_pulling(fleet, qemu_vm_factory, 0x40, {})
+    vm, repo_url, store, worker, job_id = job.vm, job.repo_url, job.store, job.worker, job.job_id
     assert vm.proc is not None
     os.kill(vm.proc.pid, signal.SIGSTOP)
     try:
