@@ -113,6 +113,9 @@ class FileBackend:
         # Chunk uploads defer: one directory fsync per flush instead of one per chunk.
         self._dirty: set[Path] = set()
         self._dirty_lock = threading.Lock()
+        # One flush at a time: a flush that finds nothing dirty must still wait for one
+        # in progress, which may be syncing this caller's chunk directories.
+        self._flush_lock = threading.Lock()
 
     def _path(self, key: str) -> Path:
         # Keys are built by the repository from validated names; refuse anything
@@ -173,6 +176,10 @@ class FileBackend:
             raise StorageError(f"cannot write {key!r} in {self.url}: {err.strerror}") from err
 
     def flush(self) -> None:
+        with self._flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
         try:

@@ -31,6 +31,7 @@ BackupId = NewType("BackupId", str)
 Kind = Literal["full", "incremental"]
 
 # Same alphabet as scheduler.config.NAME_PATTERN: no '/', no NUL, cannot start with '.'.
+# Always use fullmatch: "$" alone also matches before a trailing newline ("vm\n").
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -46,7 +47,7 @@ INDEX_SUFFIX = ".index"
 
 def check_name(name: str, what: str) -> str:
     """``name`` if it is a safe domain/disk name, else ``InvalidNameError``."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidNameError(
             f"invalid {what} name {name!r}: use 1-63 characters [A-Za-z0-9._-], "
             "starting with a letter or digit"
@@ -55,7 +56,7 @@ def check_name(name: str, what: str) -> str:
 
 
 def check_backup_id(backup_id: str) -> BackupId:
-    if not isinstance(backup_id, str) or not _BACKUP_ID_RE.match(backup_id):
+    if not isinstance(backup_id, str) or not _BACKUP_ID_RE.fullmatch(backup_id):
         raise InvalidNameError(
             f"invalid backup id {backup_id!r}: expected e.g. 20260101T020000.000000Z-1a2b3c4d"
         )
@@ -63,7 +64,7 @@ def check_backup_id(backup_id: str) -> BackupId:
 
 
 def check_digest(digest: str) -> ChunkDigest:
-    if not _DIGEST_RE.match(digest):
+    if not _DIGEST_RE.fullmatch(digest):
         raise CorruptObjectError(f"invalid chunk digest {digest!r}")
     return ChunkDigest(digest)
 
@@ -96,7 +97,7 @@ def parse_backup_key(key: str) -> tuple[str, str, str] | None:
     if len(parts) != 4 or parts[0] != "backups":
         return None
     _, domain, backup_id, leaf = parts
-    if not _NAME_RE.match(domain) or not _BACKUP_ID_RE.match(backup_id):
+    if not _NAME_RE.fullmatch(domain) or not _BACKUP_ID_RE.fullmatch(backup_id):
         return None
     return domain, backup_id, leaf
 

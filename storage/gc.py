@@ -135,9 +135,16 @@ def _run(
     report.bytes_deleted = sum(chunk_sizes.values())
 
     if not dry_run:
-        lease.check()  # never sweep on a lapsed lock: a backup may have started since
+
+        def delete(key: str) -> None:
+            # Never delete on a lapsed lock: a backup may have started since and
+            # deduplicated against this very chunk. Checked per object, because a long
+            # sweep can outlive the lock when renewals fail.
+            lease.check()
+            backend.delete(key)
+
         total = len(doomed)
-        for done, _ in enumerate(repo.pool.map(backend.delete, doomed), 1):
+        for done, _ in enumerate(repo.pool.map(delete, doomed), 1):
             if progress and (done % 64 == 0 or done == total):
                 progress("sweep", done, total)
         now = datetime.now(UTC)

@@ -31,7 +31,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from storage.backends import Backend
-from storage.errors import LeaseExpiredError, RepositoryLockedError, StorageError
+from storage.errors import (
+    LeaseExpiredError,
+    ObjectNotFoundError,
+    RepositoryLockedError,
+    StorageError,
+)
 from storage.format import LOCKS_PREFIX, iso
 
 log = logging.getLogger(__name__)
@@ -94,8 +99,13 @@ def list_locks(backend: Backend) -> list[LockInfo]:
     for info in backend.list(LOCKS_PREFIX):
         try:
             data = backend.get(info.key)
-        except StorageError:
+        except ObjectNotFoundError:
             continue  # released while we listed
+        except StorageError as err:
+            # Unreadable is not absent: it may be a live backup's lock. Count it as live
+            # (like an unparsable one) so that GC backs off instead of racing a writer.
+            log.warning("cannot read lock %s: %s", info.key, err)
+            data = b""
         locks.append(_parse(info.key, data, info.modified))
     return locks
 

@@ -278,6 +278,21 @@ class Repository:
         backup_id = new_backup_id(now)
         lease = Lease(self.backend, "shared", f"backup {domain}/{backup_id}", self.lease_ttl)
         lease.acquire()
+        # The caller read ``parent`` before our lease existed: a prune (and a GC after
+        # it) may have removed it and its chunks since. Now that GC is held off, the
+        # parent's manifest still existing means every chunk its index names does too.
+        if parent is not None:
+            try:
+                alive = self.backend.exists(parent.key)
+            except BaseException:
+                lease.release()
+                raise
+            if not alive:
+                lease.release()
+                raise WriterError(
+                    f"parent backup {parent.backup_id} of {domain} no longer exists "
+                    "(pruned meanwhile): take a full backup or use the latest one"
+                )
         return BackupWriter(self, domain, backup_id, parent, kind, reason, checkpoint, now, lease)
 
     # ------------------------------------------------------------------ reading
