@@ -507,11 +507,15 @@ def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | N
                 )
             span = partial(_span, chunk=chunk, size=size)
 
-            # Unchanged chunks keep the parent's references; known-zero ones store nothing.
-            for first, count in _runs(dirty, False):
+            # Known-zero chunks store nothing, dirty or not: a disk shrunk and grown back
+            # to the parent's size reads zeros past the cut, but QEMU does not mark a
+            # truncation dirty, so the parent's data there is stale. Other clean chunks
+            # keep the parent's references.
+            keep = [not d and a for d, a in zip(dirty, data, strict=True)]
+            for first, count in _runs(keep, True):
                 dw.keep_parent(*span(first, count))
                 done += span(first, count)[1]
-            zero = [d and not a for d, a in zip(dirty, data, strict=True)]
+            zero = [not a for a in data]
             for first, count in _runs(zero, True):
                 dw.put_zero(*span(first, count))
                 done += span(first, count)[1]

@@ -185,8 +185,20 @@ def parse_chain(node: str, bitmaps: Iterable[BitmapLike]) -> DiskChain:
         else:
             problems.append("more than one recording checkpoint bitmap (forked chain)")
     usable_from = 0
+    # A checkpoint with two bitmaps, or two children, has an ambiguous successor: the
+    # writes up to the next checkpoint may sit in a bitmap outside the order.
+    duplicated = {cp.id for cp in duplicates}
+    child_count: dict[str, int] = {}
+    for cp in (*cps.values(), *duplicates):
+        if cp.parent is not None:
+            child_count[cp.parent] = child_count.get(cp.parent, 0) + 1
     for i, cp in enumerate(order):
-        if cp.inconsistent:
+        if cp.id in duplicated:
+            usable_from = i + 1
+        elif child_count.get(cp.id, 0) > 1:
+            usable_from = i + 1
+            problems.append(f"checkpoint {cp.id} has more than one child bitmap (forked chain)")
+        elif cp.inconsistent:
             usable_from = i + 1
             problems.append(f"bitmap {cp.name} is inconsistent (QEMU exited uncleanly)")
         elif cp.busy:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import stat
+from pathlib import Path
 
 import pytest
 
-from tests.fixtures.qemu import KiB, MiB
-from tests.worker.conftest import CHUNK, BackupEnv
+from storage.repository import init_repository
+from tests.fixtures.qemu import KiB, MiB, VmFactory
+from tests.worker.conftest import CHUNK, BackupEnv, make_config
 from worker.backup import run_backup
 from worker.checkpoints import parse_chain
 from worker.cleanup import nbd_socket_path
@@ -86,3 +88,23 @@ def test_allow_list_selects_disks(backup_env: BackupEnv) -> None:
 def _checkpoint_bitmaps(env: BackupEnv, disk: str) -> list[str]:
     node = next(n for n in env.vm.ctl.named_block_nodes() if n.node_name == env.vm.disks[disk].node)
     return [b.name for b in node.bitmaps if b.name.startswith("vmvault-")]
+
+
+def test_disk_tail_not_a_multiple_of_chunk_or_granularity(
+    qemu_vm_factory: VmFactory, tmp_path: Path, state_dir: Path
+) -> None:
+    """A short last chunk (and a partial last bitmap block) is backed up, full and incremental."""
+    size = 3 * MiB + 24 * KiB  # neither 1 MiB chunks nor 64 KiB bitmap blocks divide it
+    vm = qemu_vm_factory(disk_sizes=[size], name="vm")
+    repo_url = f"file://{tmp_path / 'repo'}"
+    init_repository(repo_url, chunk_size=CHUNK).close()
+    env = BackupEnv(vm, make_config(vm, repo_url, state_dir), repo_url, tmp_path)
+    vm.write("vda", size - 8 * KiB, 8 * KiB, pattern=0x61)
+    full = run_backup(env.config, "vm")
+    assert full.disks[0].bytes_read == 24 * KiB  # only the short tail chunk has data
+    env.assert_matches(env.manifest(full.backup_id), {"vda": env.capture("vda")})
+
+    vm.write("vda", size - 4 * KiB, 4 * KiB, pattern=0x62)
+    inc = run_backup(env.config, "vm", mode="incremental")
+    assert inc.disks[0].bytes_read == 24 * KiB
+    env.assert_matches(env.manifest(inc.backup_id), {"vda": env.capture("vda")})

@@ -307,3 +307,17 @@ def test_leftovers_of_a_sigkilled_worker_are_removed(backup_env: BackupEnv, tmp_
     env.assert_matches(env.manifest(result.backup_id), refs)
     _assert_clean(env)
     assert os.path.exists(env.config.state_dir / "locks" / "vm.lock")
+
+
+def test_shrink_then_grow_back_between_backups(backup_env: BackupEnv) -> None:
+    """Same size as the parent, but the tail was cut and regrown: it must read as zeros."""
+    env, vm = backup_env, backup_env.vm
+    vm.write("vda", 10 * MiB, 1 * MiB, pattern=0x71)
+    full = run_backup(env.config, "vm")
+    vm.resize("vda", 8 * MiB)
+    vm.resize("vda", 16 * MiB)
+    refs = _refs(env)
+    assert refs["vda"][10 * MiB : 11 * MiB] == bytes(1 * MiB)
+    inc = run_backup(env.config, "vm")
+    assert inc.kind == "incremental" and inc.parent == full.backup_id
+    env.assert_matches(env.manifest(inc.backup_id), refs)

@@ -166,6 +166,22 @@ def test_gap_inconsistency_and_missing_recording_tail() -> None:
     assert actions[-1]["data"]["name"] == "vmvault-z"
 
 
+def test_fork_or_duplicate_makes_the_branch_point_unusable() -> None:
+    # b^a and c^a both claim a as parent: a's successor is ambiguous. Diffing from a with
+    # a|c would miss the writes b recorded, so a must not be usable; c (the tail) is.
+    fork = parse_chain(NODE, [_bm("vmvault-a"), _bm("vmvault-b^a"), _bm("vmvault-c^a", True)])
+    assert fork.ids == ["a", "c"]
+    assert fork.why_unusable("a", "vda") is not None
+    assert fork.usable_ids() == ["c"]
+    # Two bitmaps for checkpoint b: which one holds b's writes is unknown.
+    dup = parse_chain(
+        NODE, [_bm("vmvault-a"), _bm("vmvault-b"), _bm("vmvault-b^a"), _bm("vmvault-c^b", True)]
+    )
+    assert dup.why_unusable("a", "vda") is not None
+    assert dup.why_unusable("b", "vda") is not None
+    assert dup.usable_ids() == ["c"]
+
+
 def test_chain_edits_are_accepted_by_real_qemu(qemu_vm: QemuVm) -> None:
     """The transactions (add+merge+remove, enable) run on QEMU and keep every write."""
     vm, node = qemu_vm, qemu_vm.disks["vda"].node
