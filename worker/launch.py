@@ -92,15 +92,20 @@ def render_argv(
     return argv + list(INCOMING_ARGS) if incoming else argv
 
 
-def start_qemu(
-    domain: str, argv: list[str], qmp: Path, log: Path, *, timeout: float = _START_TIMEOUT
-) -> QemuProcess:
-    """Start QEMU in its own session and wait until its QMP socket accepts connections."""
+def ensure_qmp_free(domain: str, qmp: Path) -> None:
+    """Refuse when something (the domain's running QEMU) already listens on ``qmp``."""
     if socket_is_listening(qmp):
         raise LaunchError(
             f"domain {domain!r}: something already listens on its QMP socket {qmp}:"
             " stop the running QEMU before restoring into the domain"
         )
+
+
+def start_qemu(
+    domain: str, argv: list[str], qmp: Path, log: Path, *, timeout: float = _START_TIMEOUT
+) -> QemuProcess:
+    """Start QEMU in its own session and wait until its QMP socket accepts connections."""
+    ensure_qmp_free(domain, qmp)
     # A stale socket file from a QEMU that died would make the wait below see the old file.
     qmp.unlink(missing_ok=True)
     qmp.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +127,18 @@ def start_qemu(
                 " (check launch.argv[0] in the config)"
             ) from err
     process = QemuProcess(domain, popen.pid, qmp, log, argv, popen)
+    try:
+        _wait_for_qmp(process, timeout)
+    except BaseException:
+        # Nobody else knows this QEMU yet (the caller's teardown starts with our return):
+        # a timeout, an exit or an interrupt while waiting must not leave it running.
+        process.kill()
+        raise
+    return process
+
+
+def _wait_for_qmp(process: QemuProcess, timeout: float) -> None:
+    domain, qmp, log, popen = process.domain, process.qmp, process.log, process.popen
     deadline = time.monotonic() + timeout
     while not socket_is_listening(qmp):
         code = popen.poll()
@@ -133,14 +150,12 @@ def start_qemu(
                 f" was ready; its stderr:\n{stderr}"
             )
         if time.monotonic() > deadline:
-            process.kill()
             raise LaunchError(
                 f"domain {domain!r}: QEMU did not open its QMP socket {qmp} within"
                 f" {timeout:.0f}s (does launch.argv use -qmp unix:{{qmp}},server=on,wait=off?);"
                 f" log: {log}"
             )
         time.sleep(0.05)
-    return process
 
 
 def private_socket_dir(preferred_parent: Path, prefix: str) -> Path:

@@ -349,10 +349,18 @@ class NbdDiskWriter:
         self._target_is_zero = target_is_zero
         self._run = None
         zeros = b""
+        # Offsets must only grow: a chunk written again later could land after the read-back
+        # of its window checked it, and would never be verified.
+        end = 0
         for offset, data in chunks:
             if offset % chunk_size:
                 raise NbdWriteError(
                     f"disk {self.disk}: chunk offset {offset} is not a multiple of {chunk_size}"
+                )
+            if offset < end:
+                raise NbdWriteError(
+                    f"disk {self.disk}: chunk offset {offset} comes after offset {end}: the"
+                    " chunks must be given in order, each once"
                 )
             length = min(chunk_size, self.size - offset) if data is None else len(data)
             if length <= 0 or offset + length > self.size:
@@ -366,6 +374,7 @@ class NbdDiskWriter:
                 if data == zeros:
                     data = None
             stats.chunks += 1
+            end = offset + length
             if data is None:
                 if self._run is not None and self._run[1] != offset:
                     self._close_zero_run()

@@ -41,6 +41,7 @@ from worker.errors import WorkerError
 from worker.launch import (
     LaunchError,
     QemuProcess,
+    ensure_qmp_free,
     private_socket_dir,
     render_argv,
     start_qemu,
@@ -716,12 +717,28 @@ def _restore_incoming(
     qmp_path = domain_cfg.qmp
     argv = render_argv(domain, launch, qmp_path, paths, incoming=True)
     log_path = config.state_dir / "logs" / f"{domain}.qemu.log"
+    # Before any image is replaced (--force): a running domain must not lose its files to a
+    # restore that start_qemu would refuse anyway.
+    ensure_qmp_free(domain, qmp_path)
     teardown = _Teardown()
     restored: list[RestoredDisk] = []
+    # --force: the old images are moved aside, not deleted, until the restore is verified;
+    # a failed restore puts them back (teardown) instead of leaving the domain without disks.
+    aside: list[Path] = []
     try:
         for disk in chosen:
-            create_image(paths[disk.name], disk.virtual_size)
             image = paths[disk.name]
+            if image.exists():
+                old = image.with_name(image.name + ".pre-restore")
+                if old.exists():
+                    raise RestoreTargetExistsError(
+                        f"{old} exists (left by an interrupted restore): move it away or"
+                        f" delete it, then restore again"
+                    )
+                os.replace(image, old)
+                aside.append(old)
+                teardown.push(f"put back {image}", functools.partial(os.replace, old, image))
+            create_image(image, disk.virtual_size)
             teardown.push(f"remove {image}", functools.partial(image.unlink, missing_ok=True))
         qemu = start_qemu(domain, argv, qmp_path, log_path)
         teardown.push("kill QEMU", qemu.kill)
@@ -767,6 +784,7 @@ def _restore_incoming(
                 raise RestoreError(f"domain {domain!r}: QEMU did not quit after the restore")
             # From here on the images are restored and verified: keep them whatever happens.
             teardown.forget()
+            _remove_all(aside)
             try:
                 qemu = start_qemu(domain, launch.render(qmp_path, paths), qmp_path, log_path)
             except LaunchError as err:
@@ -781,6 +799,7 @@ def _restore_incoming(
         teardown.run()
         raise
     teardown.forget()
+    _remove_all(aside)
     return RestoreResult(
         backup_id=manifest.backup_id,
         domain=domain,
@@ -799,3 +818,12 @@ def _restore_incoming(
 def _export_del(session: QmpSession, export_id: str) -> None:
     if any(e.get("id") == export_id for e in session.block_exports()):
         session.block_export_del(export_id)
+
+
+def _remove_all(paths: list[Path]) -> None:
+    """Delete the old images a verified restore replaced (a failure here only costs space)."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            log.warning("restore: cannot remove the replaced image %s: %s", path, err)

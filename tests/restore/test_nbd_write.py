@@ -151,3 +151,22 @@ def test_read_only_export_is_refused(tmp_path: Path) -> None:
     finally:
         stop_process(proc)
         subprocess.run(["rm", "-rf", str(sockdir)], check=False)
+
+
+def test_chunk_going_back_is_refused_not_written_unverified(
+    nbd_target: tuple[Path, Path],
+) -> None:
+    """A reader that yields an offset again, after its window may be verified already, must
+    fail the restore: that write would land after the read-back checked the chunk."""
+    sock, image = nbd_target
+    with NbdDiskWriter(sock, "vda", max_in_flight=2) as writer:
+        chunks = [
+            (o, os.urandom(min(CHUNK, writer.size - o))) for o in range(0, writer.size, CHUNK)
+        ]
+        digests: list[str | None] = [sha256_hex(d) for _, d in chunks]
+        bad: list[tuple[int, bytes | None]] = [*chunks, (0, b"\x5a" * CHUNK)]
+        with pytest.raises(NbdWriteError, match="offset 0 comes after"):
+            writer.write_and_verify(
+                iter(bad), CHUNK, digests, sha256_hex, target_is_zero=False, window=CHUNK
+            )
+    assert image.read_bytes()[:CHUNK] == chunks[0][1]
