@@ -123,6 +123,11 @@ def plan_slot(config: FleetConfig, schedule: str, slot: datetime) -> list[Planne
         if sched.spread_seconds is not None
         else config.scheduler.spread_seconds
     )
+    # A start past the next slot would never come: the next slot replaces this plan, and
+    # the offset is the same every slot, so that domain would never be backed up. Half
+    # the gap leaves room for discrete ticks (and for max_concurrent queueing).
+    gap = int((next_slot(sched.cron, slot) - slot).total_seconds())
+    window = min(window, gap // 2)
     plan = [
         PlannedBackup(
             not_before=slot + timedelta(seconds=spread_offset(schedule, domain, window)),

@@ -68,6 +68,9 @@ class RedisLease:
         self.token = f"{owner}:{secrets.token_hex(8)}" if owner else secrets.token_hex(8)
         self.renew_every = renew_every if renew_every is not None else ttl / 3
         self.lost = threading.Event()
+        # Monotonic time until which the key is surely still ours: the start of the last
+        # successful SET/renewal plus the TTL (the server's expiry is later than that).
+        self._valid_until = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._renew = client.register_script(_RENEW)
@@ -75,8 +78,10 @@ class RedisLease:
 
     def try_acquire(self) -> bool:
         """Take the lease if free (SET NX PX); start renewing. False when someone holds it."""
+        sent = time.monotonic()
         if not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
             return False
+        self._valid_until = sent + self.ttl_ms / 1000
         self.lost.clear()
         self._stop.clear()
         self._thread = threading.Thread(
@@ -96,13 +101,13 @@ class RedisLease:
             )
 
     def _renew_loop(self) -> None:
-        last_ok = time.monotonic()
         while not self._stop.wait(self.renew_every):
+            sent = time.monotonic()
             try:
                 ok = bool(self._renew(keys=[self.key], args=[self.token, self.ttl_ms]))
             except redis.RedisError as err:
                 log.warning("lease %s: renewal failed: %s", self.key, err)
-                if time.monotonic() - last_ok > self.ttl_ms / 1000:
+                if time.monotonic() >= self._valid_until:
                     log.error("lease %s: lost (Redis unreachable for a whole TTL)", self.key)
                     self.lost.set()
                     return
@@ -111,10 +116,17 @@ class RedisLease:
                 log.error("lease %s: lost (expired or taken over)", self.key)
                 self.lost.set()
                 return
-            last_ok = time.monotonic()
+            self._valid_until = sent + self.ttl_ms / 1000
 
     def check(self) -> None:
-        """Raise ``LockLostError`` if the lease was lost; cheap, call it on every progress step."""
+        """Raise ``LockLostError`` if the lease was lost; cheap, call it on every progress step.
+
+        Besides the renewal thread's verdict, the clock decides: once a TTL has passed
+        since the last renewal Redis confirmed, the key may have expired and been taken
+        by another job, even while a renewal is still hanging on an unreachable Redis.
+        """
+        if not self.lost.is_set() and time.monotonic() >= self._valid_until:
+            self.lost.set()
         if self.lost.is_set():
             raise LockLostError(
                 f"{self.key}: lease lost (TTL expired or taken over); the job stopped safely"

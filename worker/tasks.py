@@ -46,6 +46,17 @@ class MisroutedJobError(WorkerError):
     """A host-bound job reached another host's worker. Not retryable: check the routing."""
 
 
+class ReplayedJobError(WorkerError):
+    """A restore that a worker already started came back (redelivered): never re-run it."""
+
+
+# Jobs that must not run twice: Redis redelivers an unacked message after the visibility
+# timeout whatever ``reject_on_worker_lost`` says, so the registry decides.
+_NOT_REPLAYED = frozenset({"restore"})
+# Registry states of a job no worker has started yet (``waiting``: retried on a busy lock).
+_NOT_STARTED = frozenset({"queued", "waiting"})
+
+
 def redis_client() -> redis.Redis:
     """This process's Redis client for registry, leases and metrics (not shared across fork)."""
     global _client
@@ -147,7 +158,24 @@ def _run_job(
             finished=time.time(),
         )
         raise
-    if store.get(job_id) is None:
+    existing = store.get(job_id)
+    if existing is not None and job_type in _NOT_REPLAYED and existing.state not in _NOT_STARTED:
+        # A worker already started it (it died, or ended without acking): the operator
+        # decides whether to run it again, hours later a replay could clobber newer data.
+        replay = ReplayedJobError(
+            f"{job_type} job {job_id} was already started by {existing.worker or 'a worker'} "
+            f"(state {existing.state}) and came back after that worker died: not replayed; "
+            "check the domain and send a new job if needed"
+        )
+        store.update(
+            job_id,
+            state="failed",
+            error=f"{type(replay).__name__}: {replay}",
+            worker=worker_name,
+            finished=time.time(),
+        )
+        raise replay
+    if existing is None:
         # Sent by something that did not register it (e.g. celery call): register now.
         store.create(
             [
@@ -189,17 +217,28 @@ def _run_job(
         _store_final(task, states.SUCCESS, result)
         return result
     except BaseException as err:
+        if job_type in ("prune", "gc") and _will_retry_locked(task, err):
+            # The task retries it (``_retry_if_locked``): not an end, or a CLI following
+            # the job would report a failure for a job that runs again shortly.
+            outcome = "waiting"
+        else:
+            _store_final(task, states.FAILURE, err)
         store.update(job_id, error=f"{type(err).__name__}: {err}")
-        _store_final(task, states.FAILURE, err)
         raise
     finally:
         finished = time.time()
         if lease is not None:
             lease.release()
-        _registry_write(
-            job_id, lambda: _record_end(store, job_type, host, job_id, outcome, finished, result)
-        )
-        record_job(client, job_type, outcome, finished - started, domain or "", finished, result)
+        if outcome == "waiting":
+            _registry_write(job_id, lambda: store.update(job_id, state="waiting"))
+        else:
+            _registry_write(
+                job_id,
+                lambda: _record_end(store, job_type, host, job_id, outcome, finished, result),
+            )
+            record_job(
+                client, job_type, outcome, finished - started, domain or "", finished, result
+            )
         log.info(
             "job %s: %s %s %s in %.1fs", job_id, job_type, domain or "", outcome, finished - started
         )
@@ -310,12 +349,21 @@ def _repository() -> Any:
     return fleet_config().repository.open()
 
 
-def _retry_if_locked(task: Task, err: Exception) -> None:
-    """Repository lock conflicts (GC vs. writers) are waited out: the jobs are idempotent."""
+_LOCKED_RETRIES = 20
+
+
+def _will_retry_locked(task: Task, err: BaseException) -> bool:
+    """True when ``_retry_if_locked`` will retry this failure (retries left)."""
     from storage.errors import RepositoryLockedError
 
-    if isinstance(err, RepositoryLockedError):
-        raise task.retry(exc=err, countdown=30, max_retries=20) from err
+    retries: int = task.request.retries or 0
+    return isinstance(err, RepositoryLockedError) and retries < _LOCKED_RETRIES
+
+
+def _retry_if_locked(task: Task, err: Exception) -> None:
+    """Repository lock conflicts (GC vs. writers) are waited out: the jobs are idempotent."""
+    if _will_retry_locked(task, err):
+        raise task.retry(exc=err, countdown=30, max_retries=_LOCKED_RETRIES) from err
 
 
 @app.task(bind=True, name="vmvault.verify", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]

@@ -195,3 +195,22 @@ def test_claims_outlive_their_slot_even_for_monthly_schedules() -> None:
     ttl = claim_ttl("0 2 1 * *", monthly, monthly + timedelta(seconds=5))
     assert ttl >= 31 * 86400 - 5 + CLAIM_MARGIN - 1
     assert claim_ttl("*/15 * * * *", T0, T0) == 15 * 60 + CLAIM_MARGIN
+
+
+@pytest.mark.parametrize("cron", ["*/10 * * * *", "0 2,3 * * *", "0 2 * * *"])
+def test_spread_never_reaches_past_the_next_slot(tmp_path: Path, cron: str) -> None:
+    """A start offset past the next slot would never be released: the next slot replaces
+    the plan first, and the offset is the same every slot, so the domain never runs."""
+    config = make_config(
+        tmp_path,
+        schedules={"often": {"cron": cron, "domains": ["*"], "spread_seconds": 1800}},
+    )
+    slot = latest_slot(cron, T0)
+    plan = plan_slot(config, "often", slot)
+    assert len(plan) == 3
+    nxt = next_slot(cron, slot)
+    # Half the gap at most: ticks are discrete, and a late start still lands in its slot.
+    assert all(job.not_before < slot + (nxt - slot) / 2 for job in plan), plan
+    if nxt - slot >= timedelta(hours=1):
+        # Long intervals keep the configured window (offsets 811, 1307, 1249 s).
+        assert max(job.not_before for job in plan) - slot > timedelta(seconds=1200)
