@@ -325,6 +325,11 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         job.step = Step.PULL
         _pull(job, writer, repo.chunk_size, plan, temp)
         job.step = Step.COMMIT
+        # A last progress report before the manifest: the fleet's progress callback is
+        # where a job that lost its domain lock stops, and the final uploads may have
+        # taken a while since the last one.
+        pulled = sum(r.virtual_size for r in job.results.values())
+        job.progress("commit", pulled, pulled)
         manifest = writer.commit(
             layout=_layout(disks),
             extra={"dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()}},
