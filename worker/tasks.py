@@ -134,6 +134,17 @@ def _check_host(config: FleetConfig, job_id: str, domain: str | None) -> str:
     return host
 
 
+def _record_refusal(store: JobStore, job_id: str, worker_name: str, err: Exception) -> None:
+    """A job refused before it started still ends ``failed`` in the registry, with why."""
+    store.update(
+        job_id,
+        state="failed",
+        error=f"{type(err).__name__}: {err}",
+        worker=worker_name,
+        finished=time.time(),
+    )
+
+
 def _run_job(
     task: Task,
     job_type: str,
@@ -149,14 +160,7 @@ def _run_job(
     try:
         host = _check_host(config, job_id, domain)
     except Exception as err:
-        # Refused before it started: still say so in the registry.
-        store.update(
-            job_id,
-            state="failed",
-            error=f"{type(err).__name__}: {err}",
-            worker=worker_name,
-            finished=time.time(),
-        )
+        _record_refusal(store, job_id, worker_name, err)
         raise
     existing = store.get(job_id)
     if existing is not None and job_type in _NOT_REPLAYED and existing.state not in _NOT_STARTED:
@@ -167,13 +171,7 @@ def _run_job(
             f"(state {existing.state}) and came back after that worker died: not replayed; "
             "check the domain and send a new job if needed"
         )
-        store.update(
-            job_id,
-            state="failed",
-            error=f"{type(replay).__name__}: {replay}",
-            worker=worker_name,
-            finished=time.time(),
-        )
+        _record_refusal(store, job_id, worker_name, replay)
         raise replay
     if existing is None:
         # Sent by something that did not register it (e.g. celery call): register now.
