@@ -102,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     ctx = CliContext(config_file=args.config, json=args.json, verbose=args.verbose)
+    from worker.signals import Terminated, signals_as_exceptions
+
     try:
-        code: int = args.func(args, ctx)
+        # SIGTERM (systemctl stop, kill) stops a job through its teardown, as Ctrl-C does.
+        with signals_as_exceptions():
+            code: int = args.func(args, ctx)
         return code
     except ConfigError as err:
         for problem in err.problems:
@@ -118,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vmvault: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"vmvault: {err}; what the job had set up was removed", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

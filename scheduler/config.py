@@ -230,6 +230,26 @@ class HostConfig(_Strict):
     max_concurrent: int = Field(default=1, ge=1, le=1024)
 
 
+class BackupSettings(_Strict):
+    """How backups protect the guest and bound their waits (durations in seconds)."""
+
+    # Every NBD request and handshake, and every QMP command, waits at most this long for
+    # QEMU: a frozen QEMU ends a job with a message instead of stalling it.
+    io_timeout_seconds: float = Field(default=120.0, ge=1, le=3600)
+    # QEMU's copy-before-write timeout (``cbw-timeout``): a guest write waits at most this
+    # long for its old data to reach the scratch image; after that the backup breaks,
+    # never the write.
+    fleece_timeout_seconds: int = Field(default=5, ge=1, le=600)
+    # A backup does not start when state_dir has less free space than this (MiB).
+    min_free_mib: int = Field(default=64, ge=1)
+    # Refuse to start (instead of warning) when state_dir cannot hold the most the
+    # fleecing scratch images can grow to (every protected byte overwritten).
+    require_fleece_space: bool = False
+    # Checkpoints that another repository's backups of the same domain took are kept by
+    # this repository's trims for this many days (that repository diffs from them).
+    foreign_checkpoint_days: int = Field(default=35, ge=1, le=3650)
+
+
 class SchedulerSettings(_Strict):
     """How the scheduler and the job queue behave (all durations in seconds)."""
 
@@ -241,6 +261,8 @@ class SchedulerSettings(_Strict):
     job_time_limit_seconds: int = Field(default=6 * 3600, ge=5)
     # A message whose worker died unacked is redelivered after this long (Redis transport).
     visibility_timeout_seconds: int = Field(default=7 * 3600, ge=5)
+    # How often a worker looks for what a killed job left in its host's QEMUs and state_dir.
+    reaper_interval_seconds: float = Field(default=60.0, ge=1, le=86400)
 
     @model_validator(mode="after")
     def _redelivery_after_limit(self) -> SchedulerSettings:
@@ -262,6 +284,7 @@ class FleetConfig(_Strict):
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
     hosts: dict[Name, HostConfig] = Field(default_factory=dict)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    backup: BackupSettings = Field(default_factory=BackupSettings)
 
     @field_validator("broker")
     @classmethod

@@ -46,5 +46,8 @@ def setup_logging(verbose: int = 0, json_logs: bool | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     # Libraries we drive are chatty at INFO; their detail only helps at -vv.
-    for noisy in ("qemu.qmp", "botocore", "boto3", "urllib3", "s3transfer"):
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    # qemu.qmp logs every failed connection and command at ERROR; vmvault's own message
+    # says the same with the domain's name, so its lines would print the fault twice.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if verbose >= 2 else logging.CRITICAL)

@@ -1,26 +1,31 @@
 """One pull backup of a running QEMU domain, as explicit steps with a reverse teardown.
 
     lock → connect → remove leftovers → inspect + plan (full / incremental, reason)
-      → scratch nodes → ONE transaction: checkpoint bitmaps + fleecing for all disks
-      → export bitmap (incremental) → NBD export (0600 unix socket)
+      → scratch files and nodes, fleecing filters (worker/fleece.py)
+      → guest paused for milliseconds: ONE transaction (checkpoint bitmaps + export
+        bitmap for all disks), filters put in front of the guest devices → resumed
+      → snapshot views → NBD export (0600 unix socket)
       → pull changed / allocated chunks → repository (chunks, index, manifest LAST)
       → teardown (reverse order) → trim checkpoints older than this backup's
 
 On failure, whatever was set up is torn down in reverse; the new checkpoint stays (its
 bitmap is valid), so the next backup diffs from the last *committed* backup by merging
-the chain. The QMP sequence is the one in ``shared/DESIGN.md`` (verified on QEMU 7.2).
+the chain. A failing or full scratch breaks the backup, never a guest write. SIGTERM
+tears down like SIGINT (``worker/signals.py``); after a SIGKILL the worker's reaper or the
+next job removes what was left (``worker/cleanup.py``).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +43,14 @@ from worker.cleanup import (
     scratch_dir,
 )
 from worker.errors import WorkerError
+from worker.fleece import (
+    FleeceNodes,
+    access_options,
+    filter_options,
+    paused_guest,
+    scratch_bytes,
+    scratch_options,
+)
 from worker.inspect import DiskInfo, list_disks, node_bitmaps
 from worker.locks import domain_lock
 from worker.memory import chunk_friendly_malloc
@@ -45,12 +58,15 @@ from worker.nbd import (
     BASE_ALLOCATION,
     DIRTY,
     STATE_ZERO,
+    NbdError,
     NbdReader,
+    NbdTimeoutError,
     chunks_touched,
     dirty_context,
 )
 from worker.progress import Progress, no_progress
 from worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
+from worker.signals import critical
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +77,7 @@ MODES: tuple[BackupMode, ...] = ("auto", "full", "incremental")
 _MAX_SOCKET_PATH = 107
 # NBD connections reading at once (each one request in flight; see worker/nbd.py).
 _READ_CONNECTIONS = 3
+_MIB = 1024 * 1024
 
 
 class BackupError(WorkerError):
@@ -76,6 +93,15 @@ class DomainStateError(BackupError):
     """The domain is in a state where it cannot be backed up (e.g. waiting for migration)."""
 
 
+class StateDirError(BackupError):
+    """``state_dir`` is full or unusable. Not retryable until space is freed."""
+
+
+class FleeceBrokenError(BackupError):
+    """QEMU broke the snapshot instead of a guest write (scratch full, failing or too slow).
+    Retryable once ``state_dir`` has room."""
+
+
 class Step(enum.Enum):
     """The step a backup job is in; a failure message names it."""
 
@@ -84,8 +110,8 @@ class Step(enum.Enum):
     CONNECT = "connecting to QMP"
     CLEANUP = "removing leftovers of an earlier job"
     PLAN = "inspecting disks and planning"
-    SCRATCH = "creating scratch images"
-    CHECKPOINT = "taking the checkpoint (fleecing transaction)"
+    SCRATCH = "creating scratch images and fleecing filters"
+    CHECKPOINT = "taking the checkpoint (guest paused, filters inserted)"
     EXPORT = "exporting the disks over NBD"
     PULL = "pulling data into the repository"
     COMMIT = "committing the manifest"
@@ -133,10 +159,13 @@ class BackupResult:
     disks: list[DiskResult]
     duration_s: float
     leftovers_removed: bool = False
+    paused_ms: float = 0.0
+    fleece_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["duration_s"] = round(self.duration_s, 3)
+        data["paused_ms"] = round(self.paused_ms, 1)
         return data
 
 
@@ -214,6 +243,7 @@ class _Job:
     session: QmpSession | None = None
     disks: list[DiskInfo] = field(default_factory=list)
     results: dict[str, DiskResult] = field(default_factory=dict)
+    paused_ms: float = 0.0
 
     @property
     def qmp(self) -> QmpSession:
@@ -224,11 +254,17 @@ class _Job:
         self.undo.append((what, action))
 
     def teardown(self) -> list[str]:
-        """Run every undo action in reverse; return the failures (best effort, never raises).
+        """Run every undo action in reverse; return the failures (best effort).
 
-        Once QEMU is gone (connection lost), the remaining QMP actions are skipped: there
-        is nothing left to undo in a dead process, and files are still removed.
+        Once QEMU is gone (connection lost, or no answer: frozen), the remaining QMP
+        actions are skipped: there is nothing left to undo in a dead process, a frozen one
+        is left to the reaper, and files are still removed. SIGTERM/SIGINT wait until the
+        teardown is done.
         """
+        with critical():
+            return self._teardown()
+
+    def _teardown(self) -> list[str]:
         failures: list[str] = []
         qemu_gone = False
         while self.undo:
@@ -276,10 +312,11 @@ def _run_backup(
     state_dir = config.state_dir
     try:
         job.step = Step.LOCK
+        check_state_dir(config)
         with domain_lock(state_dir, domain, "backup"):
             job.step = Step.CONNECT
             with (
-                open_session(domain, dom_cfg.qmp) as session,
+                open_session(domain, dom_cfg.qmp, config.backup.io_timeout_seconds) as session,
                 config.repository.open() as repo,
             ):
                 job.session = session
@@ -289,9 +326,9 @@ def _run_backup(
     except (WorkerError, StorageError) as err:
         if job.step in _NOTHING_CHANGED:
             raise  # nothing was changed: the original message says it all
-        raise BackupError(
-            f"backup of domain {domain!r} failed while {job.step.value}: {err}"
-        ) from err
+        # Keep the kind of failure (a broken fleece, a full state_dir) for callers.
+        kind = type(err) if isinstance(err, BackupError) else BackupError
+        raise kind(f"backup of domain {domain!r} failed while {job.step.value}: {err}") from err
 
 
 def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResult:
@@ -310,20 +347,22 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
     job.disks = disks = list_disks(qmp, allow)
     chains = {d.name: cp.parse_chain(d.node, d.bitmaps) for d in disks}
     plan = plan_backup(domain, job.mode, disks, chains, repo.list_manifests(domain))
-    new_id = cp.new_checkpoint_id()
+    new_id = cp.new_checkpoint_id(owner=repo_owner(repo))
     log.info("domain %s: %s backup (%s), checkpoint %s", domain, plan.kind, plan.reason, new_id)
 
+    _check_fleece_space(job)
     writer = repo.open_backup(domain, plan.parent, plan.kind, plan.reason, new_id)
     job.on_undo("abort the repository backup", writer.abort)
     try:
         job.step = Step.SCRATCH
         _setup_scratch(job)
         job.step = Step.CHECKPOINT
-        _checkpoint_and_fleece(job, chains, new_id)
+        temp = _checkpoint_and_fleece(job, chains, new_id, plan)
         job.step = Step.EXPORT
-        temp = _export(job, plan)
+        _export(job, temp)
         job.step = Step.PULL
         _pull(job, writer, repo.chunk_size, plan, temp)
+        fleece_bytes = sum(scratch_bytes(_scratch_path(job, d.name)) for d in job.disks)
         job.step = Step.COMMIT
         # A last progress report before the manifest: the fleet's progress callback is
         # where a job that lost its domain lock stops, and the final uploads may have
@@ -332,7 +371,11 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         job.progress("commit", pulled, pulled)
         manifest = writer.commit(
             layout=_layout(disks),
-            extra={"dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()}},
+            extra={
+                "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
+                "paused_ms": round(job.paused_ms, 1),
+                "fleece_bytes": fleece_bytes,
+            },
         )
     except BaseException:
         job.teardown()
@@ -347,7 +390,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
             "; ".join(failures),
         )
     job.step = Step.TRIM
-    _trim(job, new_id)
+    _trim(job, new_id, repo_owner(repo))
     job.step = Step.DONE
     return BackupResult(
         backup_id=manifest.backup_id,
@@ -359,6 +402,8 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         disks=[job.results[d.name] for d in disks],
         duration_s=0.0,
         leftovers_removed=bool(leftovers),
+        paused_ms=job.paused_ms,
+        fleece_bytes=fleece_bytes,
     )
 
 
@@ -374,84 +419,125 @@ def _check_socket_dir(state_dir: Path, domain: str) -> None:
     os.chmod(directory, 0o700)  # the export socket must not be reachable by other users
 
 
+def check_state_dir(config: FleetConfig) -> int:
+    """Free bytes in ``state_dir``; ``StateDirError`` when it cannot be made or is nearly full.
+
+    Checked before the domain is touched: the lock file, the NBD socket, the pause marker
+    and the fleecing scratch files all live there.
+    """
+    state_dir = config.state_dir
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        stats = os.statvfs(state_dir)
+    except OSError as err:
+        raise StateDirError(f"state_dir {state_dir} is not usable: {err.strerror}") from err
+    free = stats.f_bavail * stats.f_frsize
+    need = config.backup.min_free_mib * _MIB
+    if free < need:
+        raise StateDirError(
+            f"state_dir {state_dir} has {free / _MIB:.0f} MiB free, less than "
+            f"backup.min_free_mib ({config.backup.min_free_mib} MiB): free space there or "
+            "point state_dir at a larger file system"
+        )
+    return free
+
+
+def _check_fleece_space(job: _Job) -> None:
+    """Compare ``state_dir``'s free space with the most the scratch files can grow to.
+
+    The copy-before-write filter copies old data of a region the first time the guest
+    overwrites it during the backup: at worst every allocated byte of every disk.
+    Running out breaks the backup, not the guest (``on-cbw-error=break-snapshot``), so
+    this warns; ``backup.require_fleece_space`` makes it refuse instead.
+    """
+    state_dir = job.config.state_dir
+    stats = os.statvfs(state_dir)
+    free = stats.f_bavail * stats.f_frsize
+    bound = sum(d.allocated for d in job.disks)
+    if free >= bound:
+        return
+    message = (
+        f"domain {job.domain!r}: state_dir {state_dir} has {free / _MIB:.0f} MiB free; the "
+        f"fleecing scratch files can grow to {bound / _MIB:.0f} MiB if the guest overwrites "
+        "all its data during the backup"
+    )
+    if job.config.backup.require_fleece_space:
+        raise StateDirError(
+            f"{message}: refused (backup.require_fleece_space); free space in state_dir"
+        )
+    log.warning("%s; if they fill it, the backup fails (the guest is not affected)", message)
+
+
+def _scratch_path(job: _Job, disk: str) -> Path:
+    return scratch_dir(job.config.state_dir, job.domain) / f"{disk}.raw"
+
+
 def _setup_scratch(job: _Job) -> None:
-    """One empty qcow2 per disk, opened with the live disk node as its backing (fleecing)."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise BackupError("qemu-img not found: install qemu-utils")
+    """Per disk: an empty sparse scratch file, its node, and the (not yet inserted) filter."""
     directory = scratch_dir(job.config.state_dir, job.domain)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     job.on_undo("remove scratch directory", lambda: shutil.rmtree(directory, ignore_errors=True))
     for disk in job.disks:
-        path = directory / f"{disk.name}.qcow2"
-        proc = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", str(path), str(disk.virtual_size)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise BackupError(
-                f"disk {disk.name}: cannot create scratch image {path}: {proc.stderr.strip()}"
-            )
-        node = qemu_id("s", disk.name)
+        path = _scratch_path(job, disk.name)
+        try:
+            with open(path, "wb") as scratch:
+                scratch.truncate(disk.virtual_size)
+        except OSError as err:
+            raise StateDirError(
+                f"disk {disk.name}: cannot create scratch file {path}: {err.strerror}"
+            ) from err
+        nodes = FleeceNodes.of(disk.name)
+        job.qmp.blockdev_add(scratch_options(nodes.scratch, path))
+        job.on_undo(f"blockdev-del {nodes.scratch}", partial(job.qmp.blockdev_del, nodes.scratch))
         job.qmp.blockdev_add(
-            {
-                "driver": "qcow2",
-                "node-name": node,
-                "file": {"driver": "file", "filename": str(path)},
-                "backing": disk.node,
-            }
+            filter_options(nodes, disk.node, job.config.backup.fleece_timeout_seconds, None)
         )
-        job.on_undo(f"blockdev-del {node}", partial(job.qmp.blockdev_del, node))
+        job.on_undo(f"blockdev-del {nodes.filter}", partial(job.qmp.blockdev_del, nodes.filter))
 
 
-def _checkpoint_and_fleece(job: _Job, chains: dict[str, cp.DiskChain], new_id: str) -> None:
-    """ONE transaction for all disks: new checkpoint bitmaps + ``blockdev-backup sync=none``."""
+def _checkpoint_and_fleece(
+    job: _Job, chains: dict[str, cp.DiskChain], new_id: str, plan: Plan
+) -> str | None:
+    """One instant for all disks: checkpoint bitmaps, the export bitmap, filters inserted.
+
+    Returns the export bitmap's name (incremental) or None. The guest is paused for this
+    step only (``worker/fleece.py`` says why); the export bitmap is merged from the chain
+    as it was before the transaction disabled its newest bitmap: B_since .. B_old.
+    """
+    qmp = job.qmp
+    temp = f"{cp.TEMP_PREFIX}{os.getpid()}" if plan.since is not None else None
     actions: list[dict[str, Any]] = []
     for disk in job.disks:
         actions += cp.checkpoint_actions(chains[disk.name], new_id)
-        actions.append(
-            {
-                "type": "blockdev-backup",
-                "data": {
-                    "job-id": qemu_id("j", disk.name),
-                    "device": disk.node,
-                    "target": qemu_id("s", disk.name),
-                    "sync": "none",
-                },
-            }
-        )
-    job.qmp.transaction(actions)
-    # Undo runs in reverse: jobs are cancelled before their scratch nodes are deleted.
-    for disk in job.disks:
-        job_id = qemu_id("j", disk.name)
-        job.on_undo(f"block-job-cancel {job_id}", partial(job.qmp.block_job_cancel, job_id))
-
-
-def _export(job: _Job, plan: Plan) -> str | None:
-    """Export each scratch node over NBD (read-only), with the merged bitmap if incremental."""
-    qmp, state_dir = job.qmp, job.config.state_dir
-    temp: str | None = None
-    if plan.since is not None:
-        temp = f"{cp.TEMP_PREFIX}{os.getpid()}"
-        actions: list[dict[str, Any]] = []
-        # Re-read the chains: the checkpoint transaction disabled the previous newest bitmap.
-        bitmaps = node_bitmaps(qmp, [d.node for d in job.disks])
+    if temp is not None and plan.since is not None:
         for disk in job.disks:
-            chain = cp.parse_chain(disk.node, bitmaps[disk.node])
-            # The new checkpoint is the newest; merge from `since` up to the one before it.
-            before_new = cp.DiskChain(
-                chain.node, chain.order[:-1], chain.usable_from, chain.stale, chain.problems
-            )
-            actions += cp.export_bitmap_actions(before_new, plan.since, temp)
+            actions += cp.export_bitmap_actions(chains[disk.name], plan.since, temp)
+    with paused_guest(qmp, job.config.state_dir) as paused_at:
         qmp.transaction(actions)
+        if temp is not None:
+            for disk in job.disks:
+                job.on_undo(
+                    f"remove bitmap {temp} on {disk.node}",
+                    partial(qmp.bitmap_remove, disk.node, temp),
+                )
         for disk in job.disks:
+            nodes = FleeceNodes.of(disk.name)
+            qmp.set_drive(disk.qdev, nodes.filter)
             job.on_undo(
-                f"remove bitmap {temp} on {disk.node}",
-                partial(qmp.bitmap_remove, disk.node, temp),
+                f"give {disk.qdev} back its disk", partial(qmp.set_drive, disk.qdev, disk.node)
             )
+        job.paused_ms = (time.monotonic() - paused_at) * 1000
+    for disk in job.disks:
+        nodes = FleeceNodes.of(disk.name)
+        qmp.blockdev_add(access_options(nodes))
+        job.on_undo(f"blockdev-del {nodes.access}", partial(qmp.blockdev_del, nodes.access))
+    return temp
+
+
+def _export(job: _Job, temp: str | None) -> None:
+    """Export each disk's snapshot view over NBD (read-only), with the export bitmap."""
+    qmp, state_dir = job.qmp, job.config.state_dir
     sock = nbd_socket_path(state_dir, job.domain)
     sock.unlink(missing_ok=True)
     qmp.nbd_server_start(sock)
@@ -460,9 +546,12 @@ def _export(job: _Job, plan: Plan) -> str | None:
     os.chmod(sock, 0o600)
     for disk in job.disks:
         export_id = qemu_id("e", disk.name)
-        qmp.block_export_add(export_id, qemu_id("s", disk.name), disk.name, [temp] if temp else [])
+        # The bitmap lives on the disk's node, below the filter: named with its node
+        # (BlockDirtyBitmapOrStr, QEMU 7.1+), as a plain name is looked up only through
+        # backing and filtered children, which snapshot-access's child is not.
+        bitmaps = [{"node": disk.node, "name": temp}] if temp else []
+        qmp.block_export_add(export_id, FleeceNodes.of(disk.name).access, disk.name, bitmaps)
         job.on_undo(f"block-export-del {export_id}", partial(qmp.block_export_del, export_id))
-    return temp
 
 
 def _runs(flags: Sequence[bool], want: bool) -> Iterator[tuple[int, int]]:
@@ -484,58 +573,106 @@ def _span(first: int, count: int, chunk: int, size: int) -> tuple[int, int]:
     return offset, min(size, (first + count) * chunk) - offset
 
 
-def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | None) -> None:
-    """Pull every disk: classify chunks from extents, read the needed ones, stream them."""
-    sock = nbd_socket_path(job.config.state_dir, job.domain)
-    total = sum(d.virtual_size for d in job.disks)
-    done = 0
-    for disk in job.disks:
-        size = disk.virtual_size
-        contexts = [BASE_ALLOCATION] + ([dirty_context(temp)] if temp else [])
-        result = DiskResult(disk.name, size)
-        job.results[disk.name] = result
-        dw: DiskWriter = writer.open_disk(disk.name, size, disk.format)
-        with NbdReader(sock, disk.name, contexts) as reader:
-            if reader.size != size:
-                raise BackupError(f"disk {disk.name}: export has {reader.size} bytes, not {size}")
-            extents = reader.extents()
-            n = -(-size // chunk)
-            data = chunks_touched(extents[BASE_ALLOCATION], chunk, n, STATE_ZERO, want=False)
-            if temp is not None:
-                dirty_ext = extents[dirty_context(temp)]
-                dirty = chunks_touched(dirty_ext, chunk, n, DIRTY, want=True)
-                result.dirty_bytes = sum(e.length for e in dirty_ext if e.flags & DIRTY)
-            else:
-                dirty = [True] * n
-                result.dirty_bytes = sum(
-                    e.length for e in extents[BASE_ALLOCATION] if not e.flags & STATE_ZERO
-                )
-            span = partial(_span, chunk=chunk, size=size)
+@dataclass
+class _Meter:
+    """Bytes of all disks accounted for so far, reported as the job's progress."""
 
-            # Known-zero chunks store nothing, dirty or not: a disk shrunk and grown back
-            # to the parent's size reads zeros past the cut, but QEMU does not mark a
-            # truncation dirty, so the parent's data there is stale. Other clean chunks
-            # keep the parent's references.
-            keep = [not d and a for d, a in zip(dirty, data, strict=True)]
-            for first, count in _runs(keep, True):
-                dw.keep_parent(*span(first, count))
-                done += span(first, count)[1]
-            zero = [not a for a in data]
-            for first, count in _runs(zero, True):
-                dw.put_zero(*span(first, count))
-                done += span(first, count)[1]
-            job.progress(f"pull {disk.name}", done, total)
-            reads = [span(i, 1) for i in range(n) if dirty[i] and data[i]]
-            for offset, payload in reader.read_parallel(reads, _READ_CONNECTIONS):
-                dw.put_chunk(offset, payload)  # the reader's own buffer: no copy
-                result.bytes_read += len(payload)
-                done += len(payload)
-                job.progress(f"pull {disk.name}", done, total)
+    job: _Job
+    total: int
+    done: int = 0
+
+    def add(self, disk: str, nbytes: int) -> None:
+        self.done += nbytes
+        self.job.progress(f"pull {disk}", self.done, self.total)
+
+
+def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | None) -> None:
+    """Pull every disk into the repository; a failed read names its likely cause."""
+    meter = _Meter(job, sum(d.virtual_size for d in job.disks))
+    for disk in job.disks:
+        result = DiskResult(disk.name, disk.virtual_size)
+        job.results[disk.name] = result
+        dw = writer.open_disk(disk.name, disk.virtual_size, disk.format)
+        try:
+            _pull_disk(job, disk, dw, chunk, temp, result, meter)
+        except NbdError as err:
+            raise _read_failure(job, disk, err) from err
         stats = dw.finish()
         result.bytes_uploaded = stats.bytes_uploaded
         result.chunks_new = stats.chunks_new
         result.chunks_zero = stats.chunks_zero
         result.chunks_parent = stats.chunks_parent
+
+
+def _pull_disk(
+    job: _Job,
+    disk: DiskInfo,
+    dw: DiskWriter,
+    chunk: int,
+    temp: str | None,
+    result: DiskResult,
+    meter: _Meter,
+) -> None:
+    """Classify one disk's chunks from its extents, read the needed ones, stream them."""
+    size = disk.virtual_size
+    sock = nbd_socket_path(job.config.state_dir, job.domain)
+    contexts = [BASE_ALLOCATION] + ([dirty_context(temp)] if temp else [])
+    with NbdReader(sock, disk.name, contexts, job.config.backup.io_timeout_seconds) as reader:
+        if reader.size != size:
+            raise BackupError(f"disk {disk.name}: export has {reader.size} bytes, not {size}")
+        extents = reader.extents()
+        n = -(-size // chunk)
+        data = chunks_touched(extents[BASE_ALLOCATION], chunk, n, STATE_ZERO, want=False)
+        if temp is not None:
+            dirty_ext = extents[dirty_context(temp)]
+            dirty = chunks_touched(dirty_ext, chunk, n, DIRTY, want=True)
+            result.dirty_bytes = sum(e.length for e in dirty_ext if e.flags & DIRTY)
+        else:
+            dirty = [True] * n
+            result.dirty_bytes = sum(
+                e.length for e in extents[BASE_ALLOCATION] if not e.flags & STATE_ZERO
+            )
+        span = partial(_span, chunk=chunk, size=size)
+
+        # Known-zero chunks store nothing, dirty or not: a disk shrunk and grown back
+        # to the parent's size reads zeros past the cut, but QEMU does not mark a
+        # truncation dirty, so the parent's data there is stale. Other clean chunks
+        # keep the parent's references.
+        keep = [not d and a for d, a in zip(dirty, data, strict=True)]
+        for first, count in _runs(keep, True):
+            dw.keep_parent(*span(first, count))
+            meter.add(disk.name, span(first, count)[1])
+        zero = [not a for a in data]
+        for first, count in _runs(zero, True):
+            dw.put_zero(*span(first, count))
+            meter.add(disk.name, span(first, count)[1])
+        reads = [span(i, 1) for i in range(n) if dirty[i] and data[i]]
+        for offset, payload in reader.read_parallel(reads, _READ_CONNECTIONS):
+            dw.put_chunk(offset, payload)  # the reader's own buffer: no copy
+            result.bytes_read += len(payload)
+            meter.add(disk.name, len(payload))
+
+
+def _read_failure(job: _Job, disk: DiskInfo, err: NbdError) -> BackupError:
+    """Name the likely cause of a failed read of a frozen disk.
+
+    When the scratch file cannot take a copy (full, I/O error, slower than
+    ``fleece_timeout_seconds``), QEMU breaks the snapshot and the export fails every read
+    (snapshot-access answers EACCES, which the NBD server sends as EINVAL or EPERM).
+    """
+    if isinstance(err, NbdTimeoutError):
+        return BackupError(f"domain {job.domain!r} disk {disk.name}: {err}")
+    path = _scratch_path(job, disk.name)
+    stats = os.statvfs(job.config.state_dir)
+    free = stats.f_bavail * stats.f_frsize
+    return FleeceBrokenError(
+        f"domain {job.domain!r} disk {disk.name}: reading the frozen disk failed ({err}). "
+        f"The fleecing scratch {path} holds {scratch_bytes(path) / _MIB:.0f} MiB and "
+        f"{job.config.state_dir} has {free / _MIB:.0f} MiB free: when the scratch cannot "
+        "take a copy (full, failing, or slower than backup.fleece_timeout_seconds), QEMU "
+        "stops the snapshot instead of failing the guest's write. The guest was not "
+        "affected; free space in state_dir and back up again"
+    )
 
 
 def _layout(disks: Sequence[DiskInfo]) -> dict[str, Any]:
@@ -554,13 +691,22 @@ def _layout(disks: Sequence[DiskInfo]) -> dict[str, Any]:
     }
 
 
-def _trim(job: _Job, keep_from: str) -> None:
-    """Delete checkpoints older than the one just committed (and stale vmvault bitmaps)."""
+def repo_owner(repo: Repository) -> str:
+    """The tag this repository's checkpoints carry: 8 hex digits derived from its id."""
+    return hashlib.sha256(repo.config.id.encode()).hexdigest()[:8]
+
+
+def _trim(job: _Job, keep_from: str, owner: str) -> None:
+    """Delete checkpoints older than the one just committed (and stale vmvault bitmaps),
+    except recent ones of other repositories that back up this domain too."""
+    days = job.config.backup.foreign_checkpoint_days
+    keep_foreign_since = datetime.now(UTC) - timedelta(days=days)
     try:
         bitmaps = node_bitmaps(job.qmp, [d.node for d in job.disks])
         actions: list[dict[str, Any]] = []
         for disk in job.disks:
-            actions += cp.trim_actions(cp.parse_chain(disk.node, bitmaps[disk.node]), keep_from)
+            chain = cp.parse_chain(disk.node, bitmaps[disk.node])
+            actions += cp.trim_actions(chain, keep_from, owner, keep_foreign_since)
         job.qmp.transaction(actions)
     except QmpError as err:
         # The backup is committed; extra checkpoints only cost memory until the next trim.

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ TEMP_PREFIX = "vmvault.tmp-"
 """Name prefix of temporary export bitmaps (never persistent)."""
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_OWNER_RE = re.compile(r"[0-9a-f]{8}")
 
 Action = dict[str, Any]
 
@@ -56,10 +57,32 @@ class BitmapLike(Protocol):
     def granularity(self) -> int: ...
 
 
-def new_checkpoint_id(now: datetime | None = None) -> str:
-    """A fresh checkpoint id that sorts by time: ``20260102T030405Z-1a2b3c``."""
+def new_checkpoint_id(now: datetime | None = None, owner: str | None = None) -> str:
+    """A fresh checkpoint id that sorts by time: ``20260102T030405Z-1a2b3c[.<owner>]``.
+
+    ``owner`` tags the checkpoint with the repository whose backup takes it (8 hex
+    digits of its id), so that a backup into another repository of the same domain
+    leaves it alone when it trims (:func:`trim_actions`).
+    """
     now = now or datetime.now(UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+    if owner is not None and not _OWNER_RE.fullmatch(owner):
+        raise ValueError(f"bad checkpoint owner tag {owner!r}")
+    tag = f".{owner}" if owner is not None else ""
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}{tag}"
+
+
+def checkpoint_owner(checkpoint_id: str) -> str | None:
+    """The repository tag of a checkpoint id, None for an untagged (older) one."""
+    _, dot, tag = checkpoint_id.rpartition(".")
+    return tag if dot and _OWNER_RE.fullmatch(tag) else None
+
+
+def checkpoint_time(checkpoint_id: str) -> datetime | None:
+    """When the checkpoint was taken, read from its id (None if it does not say)."""
+    try:
+        return datetime.strptime(checkpoint_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def bitmap_name(checkpoint_id: str, parent: str | None) -> str:
@@ -301,41 +324,87 @@ def delete_actions(chain: DiskChain, checkpoint_id: str) -> list[Action]:
       merge + remove, recording if it is the newest); remove B_K;
     - newest: merge it into its predecessor, re-enable the predecessor, remove it.
     """
-    ids = chain.ids
-    k = ids.index(checkpoint_id)
+    return remove_actions(chain, [checkpoint_id])
+
+
+def remove_actions(chain: DiskChain, doomed: Collection[str]) -> list[Action]:
+    """Delete several checkpoints at once, the seed's merge rule applied to each.
+
+    Every doomed checkpoint's bits go to its nearest surviving predecessor (with none,
+    they only describe writes before every surviving checkpoint and are dropped). A
+    survivor whose parent is doomed is renamed after its nearest surviving predecessor
+    (add + merge + remove); the oldest survivor keeps a dangling ``^parent``. When the
+    newest is doomed, its nearest surviving predecessor records again::
+
+        before   A ── B ── C ── D (records)        doomed: B, D
+        after    A ── C^A (records)                A |= B, C^A = C | D
+    """
     node = chain.node
-    cp = chain.order[k]
-    if k == 0:
-        return [remove_action(node, cp.name)]
-    prev = chain.order[k - 1]
-    actions = [merge_action(node, prev.name, [cp.name])]
-    if k == len(ids) - 1:
-        actions.append(_act("block-dirty-bitmap-enable", node=node, name=prev.name))
-    else:
-        nxt = chain.order[k + 1]
-        renamed = bitmap_name(nxt.id, prev.id)
-        actions += [
-            add_action(
-                node,
-                renamed,
-                persistent=True,
-                disabled=not nxt.recording,
-                granularity=nxt.granularity,
-            ),
-            merge_action(node, renamed, [nxt.name]),
-            remove_action(node, nxt.name),
-        ]
-    actions.append(remove_action(node, cp.name))
-    return actions
+    gone = set(doomed) & set(chain.ids)
+    renames: list[Action] = []
+    removes: list[Action] = []
+    into: dict[str, list[str]] = {}  # survivor's (final) name -> doomed bitmaps for it
+    survivor: CheckpointBitmap | None = None  # nearest surviving predecessor so far
+    parent_gone = False
+    for cp in chain.order:
+        if cp.id in gone:
+            if survivor is not None:
+                into.setdefault(survivor.name, []).append(cp.name)
+            removes.append(remove_action(node, cp.name))
+            parent_gone = True
+            continue
+        current = cp
+        if parent_gone and survivor is not None:
+            current = replace(cp, name=bitmap_name(cp.id, survivor.id), parent=survivor.id)
+            renames += [
+                add_action(
+                    node,
+                    current.name,
+                    persistent=True,
+                    disabled=not cp.recording,
+                    granularity=cp.granularity,
+                ),
+                merge_action(node, current.name, [cp.name]),
+                remove_action(node, cp.name),
+            ]
+        survivor, parent_gone = current, False
+    # Renamed survivors exist under their new names before anything is merged into them;
+    # doomed bitmaps go last, after their bits were merged.
+    merges = [merge_action(node, target, sources) for target, sources in into.items()]
+    enable: list[Action] = []
+    tail = chain.tail
+    if tail is not None and tail.id in gone and tail.recording and survivor is not None:
+        enable.append(_act("block-dirty-bitmap-enable", node=node, name=survivor.name))
+    return renames + merges + enable + removes
 
 
-def trim_actions(chain: DiskChain, keep_from: str) -> list[Action]:
-    """Remove every checkpoint older than ``keep_from`` and every stale vmvault bitmap.
+def trim_actions(
+    chain: DiskChain,
+    keep_from: str,
+    owner: str | None = None,
+    keep_foreign_since: datetime | None = None,
+) -> list[Action]:
+    """Remove the checkpoints older than ``keep_from`` and every stale vmvault bitmap.
 
-    Deleting the oldest checkpoints needs no merge: their bits describe writes before
-    ``keep_from``, which no backup needs any more.
+    With ``owner`` (the repository tag of this backup's checkpoints), checkpoints that
+    another repository's backups made (:func:`checkpoint_owner`) and that are not older
+    than ``keep_foreign_since`` are kept, merged rule and all: that repository's next
+    incremental diffs from one of them. Untagged (older vmvault) ones count as ours.
     """
     ids = chain.ids
     index = ids.index(keep_from) if keep_from in ids else 0
-    doomed = [*chain.order[:index], *chain.stale]
-    return [remove_action(chain.node, cp.name) for cp in doomed if not cp.busy]
+    doomed = [
+        cp.id
+        for cp in chain.order[:index]
+        if not cp.busy and not _kept_foreign(cp.id, owner, keep_foreign_since)
+    ]
+    stale = [remove_action(chain.node, cp.name) for cp in chain.stale if not cp.busy]
+    return remove_actions(chain, doomed) + stale
+
+
+def _kept_foreign(checkpoint_id: str, owner: str | None, since: datetime | None) -> bool:
+    theirs = checkpoint_owner(checkpoint_id)
+    if owner is None or theirs is None or theirs == owner:
+        return False
+    taken = checkpoint_time(checkpoint_id)
+    return since is None or taken is None or taken >= since

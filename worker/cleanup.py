@@ -1,17 +1,23 @@
 """Names of a backup's temporary QEMU objects and files, and removal of a dead job's leftovers.
 
 Every temporary thing a backup sets up carries a recognisable name, so the next job on
-the domain can find what a worker killed with SIGKILL left behind and remove it first:
+the domain, or the worker's reaper, can find what a job killed with SIGKILL left behind
+and remove it:
 
-    QEMU object         name                         removed with
-    NBD export          vmv-e-<disk>                 block-export-del
-    fleece block job    vmv-j-<disk>                 block-job-cancel
-    scratch node        vmv-s-<disk>                 blockdev-del
-    export bitmap       vmvault.tmp-<job>            block-dirty-bitmap-remove
-    NBD server socket   <state_dir>/run/<domain>.nbd nbd-server-stop
-    scratch files       <state_dir>/scratch/<domain>/*.qcow2
+    QEMU object / file   name                            removed with
+    NBD export           vmv-e-<disk>                    block-export-del
+    snapshot view        vmv-a-<disk>                    blockdev-del
+    fleecing filter      vmv-c-<disk> (guest's root)     qom-set drive back, blockdev-del
+    scratch node         vmv-s-<disk>                    blockdev-del
+    fleece block job     vmv-j-<disk> (older vmvault)    block-job-cancel
+    export bitmaps       vmvault.tmp-<job>[c]            block-dirty-bitmap-remove
+    NBD server socket    <state_dir>/run/<domain>.nbd    nbd-server-stop
+    paused guest         <state_dir>/run/<domain>.paused cont (when QEMU still says paused)
+    scratch files        <state_dir>/scratch/<domain>/*
 
 Checkpoint bitmaps (``vmvault-<id>^<parent>``) are not leftovers: they stay valid.
+Nothing here checks that the job which made these is dead: callers hold the domain's
+lock (``worker/locks.py``), which the kernel frees when its holder dies.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from worker.checkpoints import is_temp_bitmap
 from worker.qmp import QmpCommandError, QmpSession
@@ -55,26 +62,52 @@ def scratch_dir(state_dir: Path, domain: str) -> Path:
     return state_dir / "scratch" / domain
 
 
+def paused_marker(state_dir: Path, domain: str) -> Path:
+    """Exists while a backup has the guest paused (``worker/fleece.py``)."""
+    return run_dir(state_dir) / f"{domain}.paused"
+
+
 @dataclass
 class Leftovers:
     """What :func:`remove_leftovers` found and removed (for logs and tests)."""
 
     exports: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
     jobs: list[str] = field(default_factory=list)
     nodes: list[str] = field(default_factory=list)
     bitmaps: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     nbd_server: bool = False
+    resumed: bool = False
 
     def __bool__(self) -> bool:
         return bool(
-            self.exports or self.jobs or self.nodes or self.bitmaps or self.files or self.nbd_server
+            self.exports
+            or self.devices
+            or self.jobs
+            or self.nodes
+            or self.bitmaps
+            or self.files
+            or self.nbd_server
+            or self.resumed
         )
 
 
+# Fleecing nodes are deleted parents first: the snapshot view, the filter, the scratch.
+_NODE_ORDER = {"vmv-a-": 0, "vmv-c-": 1, "vmv-s-": 2}
+
+
 def remove_leftovers(session: QmpSession, state_dir: Path) -> Leftovers:
-    """Remove a previous job's temporary exports, jobs, nodes, bitmaps and files, in that order."""
+    """Remove a dead job's temporary QEMU objects and files; resume a guest it left paused."""
     found = Leftovers()
+    marker = paused_marker(state_dir, session.domain)
+    if marker.exists():
+        # Resume first: the guest must not wait for the rest of the clean-up. Only
+        # "paused" is ours to undo; any other state was set by someone else since.
+        if session.query_status() == "paused":
+            session.execute("cont")
+            found.resumed = True
+        marker.unlink(missing_ok=True)
     for export in session.block_exports():
         if _ours(str(export["id"])):
             session.block_export_del(str(export["id"]))
@@ -87,14 +120,26 @@ def remove_leftovers(session: QmpSession, state_dir: Path) -> Leftovers:
         except QmpCommandError:
             pass  # not running: the socket file is stale
         sock.unlink(missing_ok=True)
+    # Parents before children: a device cannot go back to its disk while the filter in
+    # front of it has a parent of its own (the snapshot view), and nodes are deleted
+    # view → filter → scratch.
+    ours = sorted(
+        (n.node_name for n in session.named_block_nodes() if _ours(n.node_name)),
+        key=lambda name: _NODE_ORDER.get(name[:6], len(_NODE_ORDER)),
+    )
+    for name in [n for n in ours if n.startswith("vmv-a-")]:
+        session.blockdev_del(name)
+        found.nodes.append(name)
+    for qdev, original in _devices_on_filters(session):
+        session.set_drive(qdev, original)
+        found.devices.append(qdev)
     for job in session.block_jobs():
         if _ours(str(job["device"])):
             session.block_job_cancel(str(job["device"]))
             found.jobs.append(str(job["device"]))
-    for node in session.named_block_nodes():
-        if _ours(node.node_name):
-            session.blockdev_del(node.node_name)
-            found.nodes.append(node.node_name)
+    for name in [n for n in ours if not n.startswith("vmv-a-")]:
+        session.blockdev_del(name)
+        found.nodes.append(name)
     for node in session.named_block_nodes():
         for bitmap in node.bitmaps:
             if is_temp_bitmap(bitmap.name):
@@ -107,3 +152,43 @@ def remove_leftovers(session: QmpSession, state_dir: Path) -> Leftovers:
     if found:
         log.warning("domain %s: removed leftovers of an earlier job: %s", session.domain, found)
     return found
+
+
+def _devices_on_filters(session: QmpSession) -> list[tuple[str, str]]:
+    """``(qdev, original node)`` of every guest device whose root is a vmvault filter.
+
+    The filter's ``file`` child is the node the device had before; QEMU's block graph
+    (``x-debug-query-block-graph``, QEMU 3.0+) is the one place that names it.
+    """
+    on_filter = [
+        str(dev["qdev"])
+        for dev in session.query_block()
+        if dev.get("qdev") and _root(dev).startswith("vmv-c-")
+    ]
+    if not on_filter:
+        return []
+    graph = session.execute("x-debug-query-block-graph")
+    by_id = {n["id"]: n for n in graph["nodes"]}
+    roots: dict[str, str] = {}  # backend name (qdev) -> its root node name
+    files: dict[str, str] = {}  # filter node name -> its file child's node name
+    for edge in graph["edges"]:
+        parent, child = by_id[edge["parent"]], by_id[edge["child"]]
+        if parent["type"] == "block-backend" and edge["name"] == "root":
+            roots[parent["name"]] = child["name"]
+        elif edge["name"] == "file" and str(parent["name"]).startswith("vmv-c-"):
+            files[parent["name"]] = child["name"]
+    pairs = []
+    for qdev in on_filter:
+        original = files.get(roots.get(qdev, ""), "")
+        if original:
+            pairs.append((qdev, original))
+        else:
+            log.warning(
+                "domain %s: cannot tell which node %s had: left as is", session.domain, qdev
+            )
+    return pairs
+
+
+def _root(device: dict[str, Any]) -> str:
+    """The node name at the root of a ``query-block`` device ('' when it has no medium)."""
+    return str(device.get("inserted", {}).get("node-name", ""))

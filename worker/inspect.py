@@ -26,6 +26,8 @@ class DiskInfo:
     filename: str
     virtual_size: int
     bitmaps: tuple[DirtyBitmapInfo, ...]
+    qdev: str = ""  # QOM path of the guest device: where fleecing inserts its filter
+    allocated: int = 0  # bytes the image file occupies (an upper bound of its data)
 
     def bitmap(self, name: str) -> DirtyBitmapInfo | None:
         return next((b for b in self.bitmaps if b.name == name), None)
@@ -76,14 +78,23 @@ def list_disks(session: QmpSession, allow: Sequence[str] | None = None) -> list[
                 "(give its device an id like 'vda')"
             )
         node = nodes.get(node_name)
+        qdev = str(dev.get("qdev", ""))
+        if not qdev:
+            raise DiskSelectionError(
+                f"domain {session.domain!r}: disk {name!r} is not attached to a guest device: "
+                "leave it out with domains.<name>.disks"
+            )
+        image = inserted.get("image", {})
         disks.append(
             DiskInfo(
                 name=name,
                 node=node_name,
                 format=str(inserted.get("drv", "")),
                 filename=str(inserted.get("file", "")),
-                virtual_size=int(inserted.get("image", {}).get("virtual-size", 0)),
+                virtual_size=int(image.get("virtual-size", 0)),
                 bitmaps=node.bitmaps if node is not None else (),
+                qdev=qdev,
+                allocated=int(image.get("actual-size", 0)),
             )
         )
     if allow is not None:

@@ -1,8 +1,15 @@
 """NBD reading with libnbd: extents (``block_status``) and chunk reads with many requests in flight.
 
 Uses only libnbd calls present in 1.14 (Debian 12) and still in 1.22 (Debian 13):
-``add_meta_context``, ``block_status``, ``get_block_size``, ``aio_pread`` with ``nbd.Buffer``,
-``aio_command_completed``, ``poll`` and ``pread``.
+``add_meta_context``, ``aio_connect_unix``, ``block_status``, ``get_block_size``,
+``aio_pread`` with ``nbd.Buffer``, ``aio_command_completed``, ``aio_get_fd``, ``poll`` and
+``pread``.
+
+Every wait is bounded (``io_timeout``): a frozen server (a QEMU stopped with SIGSTOP, a
+hung host) ends in :class:`NbdTimeoutError` naming the export, never in a job that waits
+forever. Blocking calls (``pread``, ``block_status``) cannot time out by themselves:
+a watchdog thread shuts the socket down under a call that waited too long, which makes
+libnbd fail it at once.
 
 Extent arithmetic (chunk = repository chunk, fixed and offset-aligned)::
 
@@ -17,8 +24,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import queue
+import socket
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +48,8 @@ DIRTY = 1  # qemu:dirty-bitmap:<name>: bit 0 set = dirty
 READ_PIECE = 1 << 20
 # One block_status request may not exceed 4 GiB (32-bit length before extended headers).
 _MAX_STATUS_REQUEST = 1 << 31
+# How long any one NBD request (or the connection handshake) may wait for the server.
+DEFAULT_IO_TIMEOUT = 120.0
 
 
 def dirty_context(bitmap: str) -> str:
@@ -47,6 +59,109 @@ def dirty_context(bitmap: str) -> str:
 
 class NbdError(WorkerError):
     """Reading a disk over NBD failed (server gone, I/O error). Retryable."""
+
+
+class NbdTimeoutError(NbdError):
+    """The NBD server did not answer within the I/O timeout (frozen or overloaded). Retryable."""
+
+
+def connect_unix(h: Any, path: Path, timeout: float, what: str) -> None:
+    """Connect ``h`` to the unix socket ``path`` and finish the handshake within ``timeout``.
+
+    ``connect_unix`` would wait forever for a server that accepted the connection (the
+    kernel does that for it) but never answers, like a QEMU stopped with SIGSTOP.
+    """
+    h.aio_connect_unix(str(path))
+    deadline = time.monotonic() + timeout
+    while h.aio_is_connecting():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise NbdTimeoutError(
+                f"{what}: NBD server on {path} did not complete the handshake within "
+                f"{timeout:.0f}s (is its QEMU frozen?)"
+            )
+        h.poll(max(1, int(min(remaining, 1.0) * 1000)))
+    if not h.aio_is_ready():
+        raise NbdError(f"{what}: NBD connection to {path} failed: {nbd.get_error()}")
+
+
+def poll(h: Any, timeout: float, what: str) -> None:
+    """One ``poll`` of an aio handle; :class:`NbdTimeoutError` after ``timeout`` without any
+    event (no reply, no room to send) from the server."""
+    if h.poll(max(1, int(timeout * 1000))) == 0:
+        raise NbdTimeoutError(
+            f"{what}: the NBD server did not answer within {timeout:.0f}s "
+            "(is its QEMU frozen or overloaded?)"
+        )
+
+
+class _Watchdog:
+    """Cuts the connection of a blocking call that has waited longer than ``timeout``.
+
+    ``shutdown(2)`` on the handle's socket wakes the thread blocked in libnbd, whose call
+    then fails; :meth:`waiting` turns that failure into :class:`NbdTimeoutError`.
+    """
+
+    def __init__(self, timeout: float, what: str) -> None:
+        self.timeout = timeout
+        self.what = what
+        self._lock = threading.Lock()
+        self._waits: dict[int, tuple[float, int]] = {}
+        self._fired: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def waiting(self, h: Any, doing: str) -> Iterator[None]:
+        key = id(h)
+        with self._lock:
+            self._waits[key] = (time.monotonic() + self.timeout, h.aio_get_fd())
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="nbd-watchdog", daemon=True)
+                self._thread.start()
+        try:
+            yield
+        except nbd.Error as err:
+            with self._lock:
+                fired = key in self._fired
+            if fired:
+                raise NbdTimeoutError(
+                    f"{self.what}: {doing} got no answer within {self.timeout:.0f}s "
+                    "(is its QEMU frozen or overloaded?)"
+                ) from err
+            raise
+        finally:
+            with self._lock:
+                self._waits.pop(key, None)
+                self._fired.discard(key)
+
+    def _run(self) -> None:
+        tick = min(1.0, self.timeout / 4)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                late = [(k, fd) for k, (deadline, fd) in self._waits.items() if now > deadline]
+                for key, _ in late:
+                    self._fired.add(key)
+                    self._waits.pop(key)
+            for _, fd in late:
+                _cut(fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _cut(fd: int) -> None:
+    """Shut a connected socket down for both directions (the fd itself stays libnbd's)."""
+    with contextlib.suppress(OSError):
+        dup = socket.socket(fileno=os.dup(fd))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
 
 
 @dataclass(frozen=True)
@@ -63,16 +178,24 @@ class Extent:
 class NbdReader:
     """A read-only libnbd connection to one export on a unix socket."""
 
-    def __init__(self, socket_path: Path, export: str, contexts: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        export: str,
+        contexts: Iterable[str] = (),
+        io_timeout: float = DEFAULT_IO_TIMEOUT,
+    ) -> None:
         self.export = export
         self.contexts = list(contexts)
         self.socket_path = socket_path
+        self.io_timeout = io_timeout
         self._h = nbd.NBD()
+        self._watchdog = _Watchdog(io_timeout, f"NBD export {export!r}")
         try:
             for ctx in self.contexts:
                 self._h.add_meta_context(ctx)
             self._h.set_export_name(export)
-            self._h.connect_unix(str(socket_path))
+            connect_unix(self._h, socket_path, io_timeout, f"NBD export {export!r}")
             for ctx in self.contexts:
                 if not self._h.can_meta_context(ctx):
                     raise NbdError(f"NBD export {export!r} does not offer meta context {ctx!r}")
@@ -85,8 +208,10 @@ class NbdReader:
             raise NbdError(f"NBD export {export!r} on {socket_path}: {err}") from err
 
     def close(self) -> None:
+        self._watchdog.close()
         with contextlib.suppress(nbd.Error):
-            self._h.shutdown()
+            if self._h.aio_is_ready():
+                self._h.shutdown()
         # NBD.close() exists from libnbd 1.16 on; before, the handle closes when collected.
         close = getattr(self._h, "close", None)
         if close is not None:
@@ -98,22 +223,25 @@ class NbdReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def extents(self) -> dict[str, list[Extent]]:
-        """Every negotiated context's extents over the whole disk, contiguous from 0.
+    def extents(self, start: int = 0, end: int | None = None) -> dict[str, list[Extent]]:
+        """Every negotiated context's extents over ``[start, end)`` (default: the whole
+        disk), contiguous.
 
         A reply may cover less than asked, and contexts may stop at different offsets:
         the next request starts where the least advanced context stopped.
         """
+        stop = self.size if end is None else min(end, self.size)
         result: dict[str, list[Extent]] = {ctx: [] for ctx in self.contexts}
-        ends = dict.fromkeys(self.contexts, 0)
-        while ends and min(ends.values()) < self.size:
+        ends = dict.fromkeys(self.contexts, start)
+        while ends and min(ends.values()) < stop:
             start = min(ends.values())
-            length = min(self.size - start, _MAX_STATUS_REQUEST)
+            length = min(stop - start, _MAX_STATUS_REQUEST)
             replies: list[tuple[str, int, list[int]]] = []
             collect = _collector(replies)
 
             try:
-                self._h.block_status(length, start, collect)
+                with self._watchdog.waiting(self._h, f"block status at {start}"):
+                    self._h.block_status(length, start, collect)
             except nbd.Error as err:
                 raise NbdError(
                     f"NBD export {self.export!r}: block status at {start} failed: {err}"
@@ -125,7 +253,7 @@ class NbdReader:
                 pos = offset
                 for i in range(0, len(entries) - 1, 2):
                     ext_len, flags = entries[i], entries[i + 1]
-                    lo, hi = max(pos, ends[ctx]), min(pos + ext_len, self.size)
+                    lo, hi = max(pos, ends[ctx]), min(pos + ext_len, stop)
                     if lo == ends[ctx] and hi > lo:
                         result[ctx].append(Extent(lo, hi - lo, flags))
                         ends[ctx] = hi
@@ -205,7 +333,7 @@ class NbdReader:
         extra: list[NbdReader] = []
         try:
             for _ in range(connections - 1):
-                extra.append(NbdReader(self.socket_path, self.export))
+                extra.append(NbdReader(self.socket_path, self.export, io_timeout=self.io_timeout))
                 handles.append(extra[-1]._h)
             for h in handles:
                 thread = threading.Thread(target=work, args=(h,), name="nbd-read", daemon=True)
@@ -232,11 +360,14 @@ class NbdReader:
 
     def _pread(self, h: Any, offset: int, length: int) -> bytes | bytearray:
         piece = min(self.max_request, READ_PIECE)
-        if length <= piece:
-            data: bytearray = h.pread(length, offset)
-            return data
-        end = offset + length
-        return b"".join(h.pread(min(piece, end - pos), pos) for pos in range(offset, end, piece))
+        with self._watchdog.waiting(h, f"read of {length} bytes at offset {offset}"):
+            if length <= piece:
+                data: bytearray = h.pread(length, offset)
+                return data
+            end = offset + length
+            return b"".join(
+                h.pread(min(piece, end - pos), pos) for pos in range(offset, end, piece)
+            )
 
     def _complete(
         self, offset: int, pieces: list[tuple[Any, int]], free: dict[int, list[Any]]
@@ -244,7 +375,7 @@ class NbdReader:
         data = bytearray()
         for buf, cookie in pieces:
             while not self._h.aio_command_completed(cookie):
-                self._h.poll(-1)
+                poll(self._h, self.io_timeout, f"NBD export {self.export!r}: read at {offset}")
             part = _copy_out(buf)  # a copy: the buffer can be reused at once
             free[len(part)].append(buf)
             if len(pieces) == 1:

@@ -37,6 +37,7 @@ from typing import Any
 import nbd
 
 from worker.errors import WorkerError
+from worker.nbd import DEFAULT_IO_TIMEOUT, NbdError, connect_unix, poll
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``; same shape as ``worker.progress.Progress``."""
@@ -122,8 +123,10 @@ class NbdDiskWriter:
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         max_in_flight_bytes: int = DEFAULT_MAX_IN_FLIGHT_BYTES,
+        io_timeout: float = DEFAULT_IO_TIMEOUT,
     ) -> None:
         self.disk = disk
+        self.io_timeout = io_timeout
         self._socket = socket
         self._export = export_name
         self._max_in_flight = max_in_flight
@@ -176,8 +179,11 @@ class NbdDiskWriter:
             # read is an error here anyway, so that memset would only cost time.
             handle.set_pread_initialize(False)
             try:
-                handle.connect_unix(str(self._socket))
+                connect_unix(handle, self._socket, self.io_timeout, f"disk {self.disk}")
                 break
+            except NbdError as err:
+                _release(handle)
+                raise NbdWriteError(str(err)) from err
             except nbd.Error as err:
                 _release(handle)
                 retry = err.errnum in (errno.ECONNREFUSED, errno.ENOENT)
@@ -207,11 +213,11 @@ class NbdDiskWriter:
         try:
             # Let requests still in flight after an error finish before NBD_CMD_DISC.
             while self._pending:
-                self._handle.poll(-1)
+                poll(self._handle, self.io_timeout, f"disk {self.disk}")
             if self._handle.aio_is_ready():
                 self._handle.shutdown()
-        except nbd.Error:
-            pass
+        except (nbd.Error, NbdError):
+            pass  # closing anyway: the job's own error says what went wrong
         finally:
             handle, self._handle = self._handle, None
             self._pending.clear()
@@ -282,7 +288,9 @@ class NbdDiskWriter:
 
     def _poll_once(self) -> None:
         try:
-            self._h.poll(-1)
+            poll(self._h, self.io_timeout, f"disk {self.disk}")
+        except NbdError as err:
+            raise NbdWriteError(str(err)) from err
         except nbd.Error as err:
             raise NbdWriteError(f"disk {self.disk}: NBD connection failed: {err}") from err
         self._check()

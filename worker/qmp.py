@@ -8,12 +8,11 @@ Each session owns a private asyncio event loop, so it can be used from plain thr
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +25,9 @@ from worker.errors import WorkerError
 
 _T = TypeVar("_T")
 
-# qemu.qmp logs every failed connection at ERROR level; our exceptions carry the same
-# facts with the domain's name, so its own log would only repeat them on stderr.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
-
 DEFAULT_TIMEOUT = 30.0
+# A QMP greeting comes at once from a live QEMU; longer means frozen or not QEMU.
+_CONNECT_TIMEOUT = 10.0
 
 
 class QmpError(WorkerError):
@@ -142,16 +139,17 @@ class QmpSession:
     def _run(self, aw: Awaitable[_T], timeout: float | None) -> _T:
         return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
 
-    def connect(self, timeout: float = 10.0) -> None:
+    def connect(self, timeout: float | None = None) -> None:
         """Connect and negotiate capabilities; ``QmpConnectError`` when it is not QEMU."""
         check_socket(self.domain, self.path)
+        timeout = timeout or min(self.timeout, _CONNECT_TIMEOUT)
         try:
             self._run(self._client.connect(str(self.path)), timeout)
         except TimeoutError as err:
             self._drop()
             raise QmpConnectError(
                 f"domain {self.domain!r}: no QMP greeting on {self.path} within {timeout:.0f}s "
-                "(is it a QEMU QMP socket?)"
+                "(is its QEMU frozen, or is it not a QEMU QMP socket?)"
             ) from err
         except (QMPError, OSError) as err:
             self._drop()
@@ -199,7 +197,7 @@ class QmpSession:
         except TimeoutError as err:
             raise QmpDisconnectedError(
                 f"domain {self.domain!r}: QMP {command} got no answer within "
-                f"{timeout or self.timeout:.0f}s"
+                f"{timeout or self.timeout:.0f}s (is its QEMU frozen?)"
             ) from err
         except (QMPError, OSError, EOFError) as err:
             raise QmpDisconnectedError(
@@ -251,6 +249,11 @@ class QmpSession:
     def bitmap_remove(self, node: str, name: str) -> None:
         self.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
 
+    def set_drive(self, qdev: str, node: str) -> None:
+        """Point guest device ``qdev`` at block node ``node`` (``qom-set`` of its drive
+        property; QEMU 6.0+ allows it on a running device)."""
+        self.execute("qom-set", {"path": qdev, "property": "drive", "value": node})
+
     def nbd_server_start(self, socket_path: Path) -> None:
         """Start QEMU's NBD server on a unix socket (``SocketAddressLegacy``, valid 7.2–10.x)."""
         self.execute(
@@ -262,8 +265,14 @@ class QmpSession:
         self.execute("nbd-server-stop")
 
     def block_export_add(
-        self, export_id: str, node: str, name: str, bitmaps: list[str], writable: bool = False
+        self,
+        export_id: str,
+        node: str,
+        name: str,
+        bitmaps: Sequence[str | Mapping[str, str]],
+        writable: bool = False,
     ) -> None:
+        """An NBD export of ``node``; ``bitmaps`` by name, or ``{node, name}`` (QEMU 7.1+)."""
         args: dict[str, object] = {
             "type": "nbd",
             "id": export_id,
@@ -272,7 +281,7 @@ class QmpSession:
             "writable": writable,
         }
         if bitmaps:
-            args["bitmaps"] = bitmaps
+            args["bitmaps"] = list(bitmaps)
         self.execute("block-export-add", args)
 
     def block_exports(self) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from worker.celery_app import app, fleet_config
 from worker.errors import WorkerError
 from worker.metrics import record_job
 from worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
+from worker.signals import Terminated, signals_as_exceptions
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ _client: redis.Redis | None = None
 
 class MisroutedJobError(WorkerError):
     """A host-bound job reached another host's worker. Not retryable: check the routing."""
+
+
+class JobTerminatedError(WorkerError):
+    """The worker process running the job got SIGTERM; the job tore down and stopped.
+    Retryable as a new job."""
 
 
 class ReplayedJobError(WorkerError):
@@ -210,7 +217,7 @@ def _run_job(
     outcome = "failed"
     result: dict[str, Any] = {}
     try:
-        result = _result_json(work(JobProgress(task, store, job_id, lease)))
+        result = _result_json(_until_sigterm(work, JobProgress(task, store, job_id, lease)))
         outcome = "succeeded"
         _store_final(task, states.SUCCESS, result)
         return result
@@ -240,6 +247,23 @@ def _run_job(
         log.info(
             "job %s: %s %s %s in %.1fs", job_id, job_type, domain or "", outcome, finished - started
         )
+
+
+def _until_sigterm(work: Callable[[JobProgress], Any], progress: JobProgress) -> Any:
+    """Run the job with SIGTERM turned into an exception, so its teardown runs.
+
+    A pool process otherwise dies on SIGTERM at once (Celery resets it to the default),
+    e.g. under systemd's default ``KillMode=control-group``, leaving fleecing in QEMU.
+    SIGINT stays ignored there: the worker's main process handles Ctrl-C.
+    """
+    try:
+        with signals_as_exceptions((signal.SIGTERM,)):
+            return work(progress)
+    except Terminated as err:
+        raise JobTerminatedError(
+            f"job {progress.job_id}: the worker process got SIGTERM; the job tore down and "
+            "stopped (run it again)"
+        ) from err
 
 
 def _store_final(task: Task, state: str, value: Any) -> None:
@@ -435,29 +459,6 @@ def gc(self: Task, dry_run: bool = False, grace: float | None = None) -> dict[st
     except Exception as err:
         _retry_if_locked(self, err)
         raise
-
-
-def clean_host_leftovers(config: FleetConfig, host: str) -> int:
-    """At worker start: remove what a crashed job left in this host's QEMUs. Returns domains
-    cleaned. A domain that is down or busy is skipped: its next job cleans up anyway."""
-    from worker.cleanup import remove_leftovers
-    from worker.locks import domain_lock
-    from worker.qmp import open_session
-
-    cleaned = 0
-    for name, dom in sorted(config.domains.items()):
-        if dom.host != host or not dom.qmp.exists():
-            continue
-        try:
-            with (
-                domain_lock(config.state_dir, name, "cleanup"),
-                open_session(name, dom.qmp) as session,
-            ):
-                if remove_leftovers(session, config.state_dir):
-                    cleaned += 1
-        except Exception as err:
-            log.warning("worker start: leftovers of %s not cleaned: %s", name, err)
-    return cleaned
 
 
 @app.task(bind=True, name="vmvault.ping", acks_late=True)  # type: ignore[untyped-decorator]

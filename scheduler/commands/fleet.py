@@ -114,6 +114,10 @@ def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
 
     app = configure(config)
     _clean_leftovers(config, host)
+    from worker.reaper import Reaper
+
+    # The main process reaps: pool processes run jobs, and fork does not copy threads.
+    Reaper(config, host, config.scheduler.reaper_interval_seconds).start()
     queues = [host_queue(host)] + ([STORAGE_QUEUE] if args.storage else [])
     if args.metrics_port:
         from worker.metrics import serve
@@ -142,9 +146,9 @@ def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _clean_leftovers(config: FleetConfig, host: str) -> None:
     """Before taking jobs, remove what a crashed worker left behind on this host's domains."""
-    from worker.tasks import clean_host_leftovers
+    from worker.reaper import reap_host
 
-    cleaned = clean_host_leftovers(config, host)
+    cleaned = reap_host(config, host)
     if cleaned:
         log.warning("worker %s: cleaned leftovers of %d domain(s)", host, cleaned)
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scheduler.enqueue import JobRequest, enqueue
@@ -174,3 +175,69 @@ def test_warm_shutdown_finishes_the_running_backup(
         assert [m.backup_id for m in repo.list_manifests("web1")] == [
             json.loads(done.result)["backup_id"]
         ]
+
+
+def _pool_processes(worker: subprocess.Popen[bytes]) -> list[int]:
+    """Pids of the worker's Celery pool processes (its children)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == worker.pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _fleecing_left(vm: QemuVm) -> bool:
+    """True while a vmvault filter sits in front of the guest's disk."""
+    return any(
+        str(dev.get("inserted", {}).get("node-name", "")).startswith("vmv-")
+        for dev in vm.ctl.query_block()
+    )
+
+
+def test_reaper_removes_a_killed_jobs_fleecing_without_a_new_job(
+    fleet: Fleet, qemu_vm_factory: VmFactory
+) -> None:
+    # The dead job's Redis lease (60 s TTL) keeps its redelivered message waiting: only
+    # the reaper can be what cleans up within the test's bound.
+    job = _backup_caught_pulling(fleet, qemu_vm_factory, 0x50, {"reaper_interval_seconds": 1})
+    vm = job.vm
+    assert vm.proc is not None
+    os.kill(vm.proc.pid, signal.SIGSTOP)  # reads stall: the job is surely mid-pull
+    try:
+        (pool,) = _pool_processes(job.worker)
+        os.kill(pool, signal.SIGKILL)
+    finally:
+        os.kill(vm.proc.pid, signal.SIGCONT)
+    assert _fleecing_left(vm)
+    wait_until(lambda: not _fleecing_left(vm), 20, "the reaper to remove the fleecing")
+    assert vm.ctl.block_exports() == []
+    assert not [n.node_name for n in vm.ctl.named_block_nodes() if n.node_name.startswith("vmv-")]
+    assert "reaper: removed leftovers" in fleet.log("worker-hv1.log")
+    assert job.worker.poll() is None  # the worker itself lives on
+
+
+def test_sigterm_to_the_pool_process_tears_the_job_down(
+    fleet: Fleet, qemu_vm_factory: VmFactory
+) -> None:
+    # systemd's default KillMode=control-group signals every process of the worker.
+    job = _backup_caught_pulling(fleet, qemu_vm_factory, 0x60, {"reaper_interval_seconds": 3600})
+    vm = job.vm
+    assert vm.proc is not None
+    os.kill(vm.proc.pid, signal.SIGSTOP)
+    try:
+        (pool,) = _pool_processes(job.worker)
+        os.kill(pool, signal.SIGTERM)
+        time.sleep(0.5)
+    finally:
+        os.kill(vm.proc.pid, signal.SIGCONT)
+    done = fleet.wait_jobs([job.job_id], timeout=60)[job.job_id]
+    assert done.state == "failed" and "SIGTERM" in done.error, done
+    # The job removed what it had set up itself (the reaper waits an hour here).
+    assert not _fleecing_left(vm)
+    assert vm.ctl.block_exports() == [] and vm.ctl.query_status() == "running"
+    with open_repository(job.repo_url) as repo:
+        assert repo.list_manifests("web1") == []

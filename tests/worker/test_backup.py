@@ -108,3 +108,28 @@ def test_disk_tail_not_a_multiple_of_chunk_or_granularity(
     inc = run_backup(env.config, "vm", mode="incremental")
     assert inc.disks[0].bytes_read == 24 * KiB
     env.assert_matches(env.manifest(inc.backup_id), {"vda": env.capture("vda")})
+
+
+def test_two_repositories_back_up_one_domain_incrementally(
+    backup_env: BackupEnv, tmp_path: Path
+) -> None:
+    """An off-site repository next to the local one: each stays incremental, both exact."""
+    env, vm = backup_env, backup_env.vm
+    offsite_url = f"file://{tmp_path / 'offsite'}"
+    init_repository(offsite_url, chunk_size=CHUNK).close()
+    offsite = BackupEnv(
+        vm, make_config(vm, offsite_url, env.config.state_dir), offsite_url, tmp_path
+    )
+    vm.write("vda", 0, 2 * MiB, pattern=0x71)
+    assert run_backup(env.config, "vm").kind == "full"
+    assert run_backup(offsite.config, "vm").kind == "full"
+    for round_ in range(3):
+        vm.write("vda", (4 + round_) * MiB, 64 * KiB, pattern=0x72 + round_)
+        vm.write("vdb", round_ * MiB, 64 * KiB, pattern=0x75 + round_)
+        refs = {d: env.capture(d) for d in ("vda", "vdb")}
+        for target in (env, offsite):
+            result = run_backup(target.config, "vm")
+            assert result.kind == "incremental", result.reason
+            target.assert_matches(target.manifest(result.backup_id), refs)
+    # Each trim left the other repository's newest checkpoint: two per disk, no more.
+    assert len(_checkpoint_bitmaps(env, "vda")) == 2

@@ -39,9 +39,20 @@ def _vmvault_bitmaps(env: BackupEnv, disk: str) -> list[str]:
     return [b.name for b in node.bitmaps if b.name.startswith(PREFIX)]
 
 
+def _device_roots(env: BackupEnv) -> dict[str, str]:
+    """The node each guest device reads and writes through (its root node)."""
+    return {
+        str(dev["qdev"]).split("/")[3]: str(dev["inserted"]["node-name"])
+        for dev in env.vm.ctl.query_block()
+        if dev.get("inserted")
+    }
+
+
 def _assert_clean(env: BackupEnv) -> None:
-    """No temporary QEMU object or file of a backup is left behind."""
+    """No temporary QEMU object or file of a backup is left behind; the guest runs."""
     ctl = env.vm.ctl
+    assert ctl.query_status() == "running"
+    assert _device_roots(env) == {d: env.vm.disks[d].node for d in DISKS}
     assert ctl.block_exports() == [] and ctl.block_jobs() == []
     assert not any(n.node_name.startswith("vmv-") for n in ctl.named_block_nodes())
     for disk in DISKS:
@@ -299,7 +310,9 @@ def test_leftovers_of_a_sigkilled_worker_are_removed(backup_env: BackupEnv, tmp_
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
     assert proc.returncode == -signal.SIGKILL
-    assert vm.ctl.block_exports() and vm.ctl.block_jobs()  # the dead worker's export and job
+    # The dead worker's exports, and its fleecing filters in front of the guest's disks.
+    assert vm.ctl.block_exports()
+    assert all(root.startswith("vmv-c-") for root in _device_roots(env).values())
     assert list((env.config.state_dir / "scratch").glob("*/*"))
     refs = _refs(env)
     result = run_backup(env.config, "vm")

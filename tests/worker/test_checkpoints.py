@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,10 +16,13 @@ from worker.checkpoints import (
     DiskChain,
     bitmap_name,
     checkpoint_actions,
+    checkpoint_owner,
     delete_actions,
     export_bitmap_actions,
+    new_checkpoint_id,
     parse_bitmap_name,
     parse_chain,
+    remove_actions,
     trim_actions,
 )
 
@@ -126,6 +130,66 @@ def test_chain_matches_reference_model(ops: list[tuple[str, int]]) -> None:
             assert not exported.recording
             # The exported dirty set is exactly the writes since the checkpoint.
             assert exported.bits == writes_since[since]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.sets(st.integers(0, 31), max_size=4), min_size=1, max_size=8),
+    st.data(),
+)
+def test_removing_any_set_of_checkpoints_keeps_the_survivors_exact(
+    writes: list[set[int]], data: st.DataObject
+) -> None:
+    """Checkpoint i, then writes[i]: after any removal every survivor still diffs exactly."""
+    node = FakeNode()
+    ids = [f"c{i:03d}" for i in range(len(writes))]
+    for checkpoint, blocks in zip(ids, writes, strict=True):
+        node.transaction(checkpoint_actions(node.chain(), checkpoint))
+        for block in blocks:
+            node.write(block)
+    doomed = data.draw(st.sets(st.sampled_from(ids)))
+    node.transaction(remove_actions(node.chain(), doomed))
+    survivors = [c for c in ids if c not in doomed]
+    chain = node.chain()
+    assert chain.ids == survivors and chain.usable_ids() == survivors
+    assert not chain.problems
+    assert len([b for b in node.bitmaps.values() if b.recording]) == (1 if survivors else 0)
+    for since in survivors:
+        probe = copy.deepcopy(node)
+        probe.transaction(export_bitmap_actions(chain, since, "vmvault.tmp-x"))
+        expected = set().union(*writes[ids.index(since) :])
+        assert probe.bitmaps["vmvault.tmp-x"].bits == expected
+    # Writes after the removal land in the newest survivor.
+    node.write(99)
+    if survivors:
+        assert 99 in node.bitmaps[chain.order[-1].name].bits
+
+
+def test_trim_keeps_another_repositorys_recent_checkpoints() -> None:
+    """Two repositories back up one domain: neither trim deletes what the other needs."""
+    assert checkpoint_owner(new_checkpoint_id(owner="0a1b2c3d")) == "0a1b2c3d"
+    assert checkpoint_owner("20260102T030405Z-1a2b3c") is None
+    node = FakeNode()
+    ours, theirs = "aaaaaaaa", "bbbbbbbb"
+    old_theirs = "20251001T000000Z-000001." + theirs
+    sequence = [
+        old_theirs,
+        "20261201T000000Z-000002." + ours,
+        "20261201T010000Z-000003." + theirs,
+        "20261201T020000Z-000004",  # untagged: an older vmvault's, counts as ours
+        "20261201T030000Z-000005." + ours,
+    ]
+    for index, checkpoint in enumerate(sequence):
+        node.transaction(checkpoint_actions(node.chain(), checkpoint))
+        node.write(index)
+    since = datetime(2026, 11, 1, tzinfo=UTC)
+    node.transaction(trim_actions(node.chain(), sequence[-1], ours, since))
+    assert node.chain().ids == [sequence[2], sequence[4]]
+    assert not node.chain().problems
+    # The other repository's next incremental still sees every write since its checkpoint.
+    probe = copy.deepcopy(node)
+    probe.transaction(export_bitmap_actions(node.chain(), sequence[2], "vmvault.tmp-x"))
+    assert probe.bitmaps["vmvault.tmp-x"].bits == {2, 3, 4}
 
 
 def _bm(name: str, recording: bool = False, inconsistent: bool = False) -> FakeBitmap:

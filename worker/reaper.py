@@ -1,0 +1,76 @@
+"""The reaper: removes what dead jobs left on this host's domains, at worker start and periodically.
+
+A job killed with SIGKILL (OOM killer, a second ``systemctl stop``, a crashed host agent)
+cannot tear down: its fleecing filters stay in front of the guest's disks and copy every
+first write to a scratch file, a guest it had paused stays paused. The next job on the
+domain removes all that first, but a domain may have no job for a day. So the worker
+looks every ``scheduler.reaper_interval_seconds``.
+
+A job is dead when its domain's lock (``worker/locks.py``, an ``flock``) can be taken:
+the kernel frees it when the holder dies, whatever killed it. A live job holds it, so
+the reaper never touches a running backup or restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from scheduler.config import FleetConfig
+from worker.cleanup import remove_leftovers
+from worker.locks import DomainBusyError, domain_lock
+from worker.qmp import open_session
+
+log = logging.getLogger(__name__)
+
+
+def reap_host(config: FleetConfig, host: str) -> int:
+    """Remove dead jobs' leftovers on every domain of ``host``; returns domains cleaned.
+
+    A domain that is down or busy is skipped: the next pass (or its next job) sees it.
+    """
+    cleaned = 0
+    for name, domain in sorted(config.domains.items()):
+        if domain.host != host or not domain.qmp.exists():
+            continue
+        try:
+            with (
+                domain_lock(config.state_dir, name, "cleanup"),
+                open_session(name, domain.qmp, config.backup.io_timeout_seconds) as session,
+            ):
+                if remove_leftovers(session, config.state_dir):
+                    cleaned += 1
+        except DomainBusyError:
+            continue  # a live job: it cleans up after itself
+        except Exception as err:
+            log.warning("reaper: leftovers of domain %s not removed: %s", name, err)
+    return cleaned
+
+
+class Reaper:
+    """A daemon thread running :func:`reap_host` every ``interval`` seconds until stopped."""
+
+    def __init__(self, config: FleetConfig, host: str, interval: float) -> None:
+        self.config = config
+        self.host = host
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vmvault-reaper", daemon=True)
+
+    def start(self) -> Reaper:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                cleaned = reap_host(self.config, self.host)
+            except Exception as err:  # the reaper must outlive any one bad pass
+                log.warning("reaper: pass failed: %s", err)
+                continue
+            if cleaned:
+                log.warning("reaper: removed leftovers of dead jobs on %d domain(s)", cleaned)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
