@@ -523,8 +523,11 @@ def _reading(
     manifest: Manifest,
     disk: Any,
     expected: list[str | None],
+    stop: _StopRequest,
 ) -> Iterator[tuple[int, bytes | None]]:
     """The reader's chunks; a failure below the storage layer still names disk and offset.
+
+    A SIGTERM stops the restore here, between chunks, like a failing read would.
 
     ``StorageError`` already says where (storage/repository.py ``read_disk``); a boto3 or
     OS error that the backend does not map to it is turned into ``RestoreReadError`` here
@@ -537,6 +540,7 @@ def _reading(
     cs = manifest.chunk_size
     offset = 0
     while True:
+        stop.check()
         try:
             item = next(chunks)
         except StopIteration:
@@ -586,6 +590,7 @@ def _restore_disk(
     socket: Path,
     export: str,
     progress: _DiskProgress,
+    stop: _StopRequest,
 ) -> RestoredDisk:
     """Write one disk through an NBD export, flush, read back and verify every chunk."""
     started = time.monotonic()
@@ -603,7 +608,7 @@ def _restore_disk(
         chunks = repo.read_disk(manifest, disk.name, prefetch=PREFETCH, check=False)
         try:
             stats, _ = writer.write_and_verify(
-                _reading(chunks, repo, manifest, disk, expected),
+                _reading(chunks, repo, manifest, disk, expected, stop),
                 manifest.chunk_size,
                 expected,
                 repo.chunk_digest,
@@ -615,6 +620,7 @@ def _restore_disk(
             raise
         # A last flush: nothing is reported restored before the server says it is stable.
         writer.flush()
+    stop.check()
     return RestoredDisk(
         name=disk.name,
         path=Path(),
@@ -673,36 +679,53 @@ def run_restore(
             f"domain {domain!r} has no launch description: add domains.{domain}.launch.argv"
             " to the config (see docs/restore.md) to restore into the domain"
         )
-    with _sigterm_stops(domain), chunk_friendly_malloc(), open_repo(config) as repo:
+    with _sigterm_stops(domain) as stop, chunk_friendly_malloc(), open_repo(config) as repo:
         return _run(config, domain, domain_cfg, repo, backup_id, at, to_dir, incoming, boot,
-                    force, disks, progress, started)  # fmt: skip
+                    force, disks, progress, started, stop)  # fmt: skip
+
+
+class _StopRequest:
+    """Set by SIGTERM; the restore stops where ``check`` is called, and undoes its work.
+
+    The signal handler only sets it: an exception raised from a handler can land inside a
+    libnbd completion callback, which cannot pass it on (the request is then never
+    retired and the writer waits for it forever). ``check`` runs between chunks and steps.
+    """
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.requested = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise RestoreInterruptedError(
+                f"restore of domain {self.domain!r} stopped by SIGTERM; what it had set up"
+                " was undone"
+            )
 
 
 @contextlib.contextmanager
-def _sigterm_stops(domain: str) -> Iterator[None]:
+def _sigterm_stops(domain: str) -> Iterator[_StopRequest]:
     """SIGTERM (``systemctl stop``, ``kill``) stops the restore like Ctrl-C: undone, then exit.
 
     Python's default for SIGTERM ends the process at once, leaving the journal's undo to
     the next restore or the reaper. Only the main thread can take signals, and a process
     that set its own SIGTERM handler (a Celery worker) keeps it.
     """
+    stop = _StopRequest(domain)
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     ):
-        yield
+        yield stop
         return
 
-    def stop(signum: int, frame: object) -> None:
-        # One interruption: a second SIGTERM must not cut the undo short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise RestoreInterruptedError(
-            f"restore of domain {domain!r} stopped by SIGTERM; what it had set up was undone"
-        )
+    def request(signum: int, frame: object) -> None:
+        stop.requested = True
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, request)
     try:
-        yield
+        yield stop
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -721,6 +744,7 @@ def _run(
     disks: list[str] | None,
     progress: Progress | None,
     started: float,
+    stop: _StopRequest,
 ) -> RestoreResult:
     manifest = select_backup(repo, domain, backup_id, at)
     chosen = _select_disks(manifest, disks)
@@ -750,16 +774,19 @@ def _run(
         # Checked before anything is created: a refused restore leaves nothing behind.
         check_target_dir(target_dir)
         _check_targets(list(paths.values()), force)
+        stop.check()
         _make_target_dir(target_dir)
         journal = RestoreJournal(config.state_dir, domain, "incoming" if incoming else "files")
         try:
             if incoming:
                 result = _restore_incoming(
                     config, domain_cfg, repo, manifest, chosen, paths, checkpoint, boot, meter,
-                    journal,
+                    journal, stop,
                 )  # fmt: skip
             else:
-                result = _restore_files(repo, manifest, chosen, paths, checkpoint, meter, journal)
+                result = _restore_files(
+                    repo, manifest, chosen, paths, checkpoint, meter, journal, stop
+                )
         except OSError as err:
             # The journal, a rename, a socket directory: a file system refusing (ENOSPC,
             # EACCES, EROFS) is a failed restore with a message, not a traceback.
@@ -839,6 +866,7 @@ def _restore_files(
     checkpoint: str | None,
     meter: _DiskProgress,
     journal: RestoreJournal,
+    stop: _StopRequest,
 ) -> RestoreResult:
     """Each disk into ``<disk>.qcow2.partial`` via qemu-nbd; renamed only once all are verified."""
     restored: list[RestoredDisk] = []
@@ -850,7 +878,7 @@ def _restore_files(
             socket = sockdir / f"d{index}.nbd"
             record = functools.partial(journal.add_process, "qemu-nbd")
             with serve_image(partial, socket, disk.name, on_start=record):
-                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
+                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter, stop)
             socket.unlink(missing_ok=True)
             # The post-restore checkpoint: the image now equals the backup exactly.
             if checkpoint is not None:
@@ -859,6 +887,7 @@ def _restore_files(
             durable(partial)
             done.path = final
             restored.append(done)
+        stop.check()
         _commit(journal)
     except BaseException:
         _fail(journal)
@@ -897,6 +926,7 @@ def _restore_incoming(
     boot: bool,
     meter: _DiskProgress,
     journal: RestoreJournal,
+    stop: _StopRequest,
 ) -> RestoreResult:
     """Write the partial images in a paused QEMU of their own, commit, start the domain."""
     assert domain_cfg.launch is not None
@@ -931,7 +961,7 @@ def _restore_incoming(
             export_id = qemu_id("r", disk.name)
             # A writable export activates the node that -incoming left inactive (QEMU 7.2+).
             session.block_export_add(export_id, nodes[disk.name], disk.name, [], writable=True)
-            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
+            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter, stop)
             session.block_export_del(export_id)
             done.path = paths[disk.name]
             restored.append(done)
@@ -949,6 +979,8 @@ def _restore_incoming(
             raise RestoreError(f"domain {domain!r}: the restore's QEMU did not quit after writing")
         for partial in partials.values():
             durable(partial)
+        # The last point to stop: once committed, the restore finishes (a few seconds).
+        stop.check()
         _commit(journal)
     except BaseException:
         if session is not None:
