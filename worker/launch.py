@@ -13,8 +13,8 @@ import contextlib
 import os
 import signal
 import subprocess
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +25,6 @@ from worker.qmp import socket_is_listening
 INCOMING_ARGS = ("-S", "-incoming", "defer")
 _START_TIMEOUT = 30.0
 _STDERR_TAIL = 2000
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-_MAX_SOCKET_PATH = 107
 
 
 class LaunchError(WorkerError):
@@ -102,14 +100,24 @@ def ensure_qmp_free(domain: str, qmp: Path) -> None:
 
 
 def start_qemu(
-    domain: str, argv: list[str], qmp: Path, log: Path, *, timeout: float = _START_TIMEOUT
+    domain: str,
+    argv: list[str],
+    qmp: Path,
+    log: Path,
+    *,
+    timeout: float = _START_TIMEOUT,
+    on_start: Callable[[int], None] | None = None,
 ) -> QemuProcess:
-    """Start QEMU in its own session and wait until its QMP socket accepts connections."""
+    """Start QEMU in its own session and wait until its QMP socket accepts connections.
+
+    ``on_start(pid)`` runs as soon as the process exists (the restore journal records it).
+    """
     ensure_qmp_free(domain, qmp)
     # A stale socket file from a QEMU that died would make the wait below see the old file.
     qmp.unlink(missing_ok=True)
     qmp.parent.mkdir(parents=True, exist_ok=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
+    if not log.parent.exists():
+        log.parent.mkdir(parents=True, mode=0o700)  # QEMU's stderr may name the guest's data
     with log.open("ab") as out:
         out.write(f"--- vmvault: starting {' '.join(argv)}\n".encode())
         out.flush()
@@ -128,6 +136,8 @@ def start_qemu(
             ) from err
     process = QemuProcess(domain, popen.pid, qmp, log, argv, popen)
     try:
+        if on_start is not None:
+            on_start(popen.pid)
         _wait_for_qmp(process, timeout)
     except BaseException:
         # Nobody else knows this QEMU yet (the caller's teardown starts with our return):
@@ -156,12 +166,3 @@ def _wait_for_qmp(process: QemuProcess, timeout: float) -> None:
                 f" log: {log}"
             )
         time.sleep(0.05)
-
-
-def private_socket_dir(preferred_parent: Path, prefix: str) -> Path:
-    """A new 0700 directory for unix sockets, under ``preferred_parent`` when paths fit."""
-    # Leave room for a socket name of up to 20 bytes inside the new directory.
-    if len(str(preferred_parent)) + len(prefix) + 30 < _MAX_SOCKET_PATH:
-        preferred_parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=prefix, dir=preferred_parent))
-    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -2,19 +2,25 @@
 
 Two targets, one data path: repository reader (bounded parallel prefetch) →
 ``NbdDiskWriter.write_and_verify`` (windows written, flushed, read back and checked
-against the index while the next ones are written) → final flush:
+against the index while the next ones are written) → final flush. Every disk is written
+under a temporary name; the final names only ever receive verified images:
 
-    files     qemu-img create → qemu-nbd on a 0600 unix socket → write/verify → qemu-nbd exits
-              → checkpoint bitmap (qemu-img bitmap) → rename <disk>.qcow2.partial → <disk>.qcow2
-    incoming  qemu-img create → QEMU from launch.argv + ``-S -incoming defer``
-              → nbd-server-start + block-export-add {writable} per disk → write/verify
-              → checkpoint bitmaps (block-dirty-bitmap-add) → block-export-del, nbd-server-stop
-              → left paused for its manager, or (--boot) quit and started normally
+    files     qemu-img create <disk>.qcow2.partial → qemu-nbd on a 0600 unix socket
+              → write/verify → qemu-nbd exits → checkpoint bitmap (qemu-img bitmap)
+              → commit
+    incoming  qemu-img create <disk>.qcow2.partial → QEMU from launch.argv (private QMP
+              socket) + ``-S -incoming defer`` → nbd-server-start + block-export-add
+              {writable} per disk → write/verify → checkpoint bitmaps
+              (block-dirty-bitmap-add) → block-export-del, nbd-server-stop → quit → commit
+              → the domain's QEMU from launch.argv on the final names: normally (--boot),
+              or paused in incoming mode with its disks activated, for its manager
+    commit    old images (--force) → <disk>.qcow2.pre-restore; partials → final names;
+              fsync; the old images deleted
 
-The job is a sequence of named steps; ``_Teardown`` undoes whatever was set up, in
-reverse, when a step fails: no half-written image is left looking restored, and a
-QEMU started for a failed restore is killed. Nothing is reported restored that was
-not read back and verified against the backup's index.
+What a restore sets up is saved in a journal before it is created
+(worker/restore_cleanup.py); a failing restore undoes it from there, and so does the
+next restore (or the worker's reaper) when the restore died: no half-written image is
+ever left under a final name, and the old images come back unless the commit finished.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ import functools
 import logging
 import os
 import shutil
+import signal
+import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +51,6 @@ from worker.launch import (
     LaunchError,
     QemuProcess,
     ensure_qmp_free,
-    private_socket_dir,
     render_argv,
     start_qemu,
 )
@@ -51,6 +59,15 @@ from worker.memory import chunk_friendly_malloc
 from worker.nbd_write import NbdDiskWriter, VerifyError
 from worker.progress import Progress
 from worker.qmp import QmpSession
+from worker.restore_cleanup import (
+    COMMITTED,
+    COMMITTING,
+    RestoreCleanupError,
+    RestoreJournal,
+    make_private_dir,
+    remove_leftovers_locked,
+    undo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +99,14 @@ class RestoreReadError(RestoreError):
 
 class RestoreTargetExistsError(RestoreError):
     """A target image exists (without ``force``) or is in use by a QEMU. Not retryable as is."""
+
+
+class RestoreInterruptedError(RestoreError):
+    """SIGTERM stopped the restore; what it had set up was undone. Retryable."""
+
+
+PARTIAL_SUFFIX = ".partial"
+ASIDE_SUFFIX = ".pre-restore"
 
 
 @dataclass
@@ -142,27 +167,6 @@ class RestoreResult:
         return doc
 
 
-class _Teardown:
-    """Undo actions registered as steps succeed; run in reverse when the job fails."""
-
-    def __init__(self) -> None:
-        self._actions: list[tuple[str, Callable[[], None]]] = []
-
-    def push(self, what: str, action: Callable[[], None]) -> None:
-        self._actions.append((what, action))
-
-    def run(self) -> None:
-        while self._actions:
-            what, action = self._actions.pop()
-            try:
-                action()
-            except Exception as err:  # teardown must go on; the job's own error wins
-                log.warning("restore teardown: %s failed: %s", what, err)
-
-    def forget(self) -> None:
-        self._actions.clear()
-
-
 # -- choosing what to restore ------------------------------------------------------------
 
 
@@ -190,7 +194,7 @@ def select_backup(
         known = ", ".join(m.backup_id for m in manifests[-3:]) or "none"
         raise BackupNotFoundError(
             f"domain {domain!r}: no backup {backup_id!r} in the repository"
-            f" (newest: {known}; list them with 'vmvault backups {domain}')"
+            f" (newest: {known}; list them with 'vmvault list {domain}')"
         )
     if not manifests:
         raise BackupNotFoundError(
@@ -236,7 +240,64 @@ def _select_disks(manifest: Manifest, wanted: list[str] | None) -> list[Any]:
     return [by_name[name] for name in dict.fromkeys(wanted)]
 
 
+def partial_path(final: Path) -> Path:
+    """The temporary name a disk is written under until it is verified."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def aside_path(final: Path) -> Path:
+    """Where an image replaced by ``--force`` waits until the restore has committed."""
+    return final.with_name(final.name + ASIDE_SUFFIX)
+
+
+def check_target_dir(path: Path) -> None:
+    """Refuse, before anything is created, a directory the restore cannot create or write.
+
+    ``path`` need not exist: then its nearest existing ancestor must let us create it.
+    """
+    probe = path
+    reason = None
+    while reason is None:
+        try:
+            info = probe.stat()
+            break
+        except FileNotFoundError:
+            probe = probe.parent
+        except NotADirectoryError:
+            reason = "a part of the path is not a directory"
+        except PermissionError:
+            reason = "permission denied (a directory on the way cannot be entered)"
+        except OSError as err:
+            reason = err.strerror.lower() if err.strerror else str(err)
+    if reason is None:
+        where = "" if probe == path else f" ({probe})"
+        effective = os.access in os.supports_effective_ids
+        if not stat.S_ISDIR(info.st_mode):
+            reason = f"not a directory{where}"
+        elif os.statvfs(probe).f_flag & os.ST_RDONLY:
+            reason = f"read-only file system{where}"
+        elif not os.access(probe, os.X_OK, effective_ids=effective):
+            reason = f"permission denied (cannot enter{where or ' it'})"
+        elif not os.access(probe, os.W_OK, effective_ids=effective):
+            reason = f"no write permission{where}"
+        else:
+            return
+    raise RestoreError(
+        f"cannot restore into {path}: {reason}; choose another directory (--to) or fix its"
+        " permissions"
+    )
+
+
 def _check_targets(paths: list[Path], force: bool) -> None:
+    for path in paths:
+        partial = partial_path(path)
+        # Our own dead restore's partials are gone by now (remove_leftovers_locked): this
+        # one is somebody else's, perhaps data being copied in.
+        if partial.exists() and not force:
+            raise RestoreTargetExistsError(
+                f"{partial} exists and no earlier restore of this domain left it: move it"
+                " away or delete it, or pass --force to replace it"
+            )
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise RestoreTargetExistsError(
@@ -256,6 +317,29 @@ def _check_targets(paths: list[Path], force: bool) -> None:
                 f"{path} is in use (a QEMU holds its image lock): stop that VM first or"
                 " restore to another directory (--to)"
             )
+        old = aside_path(path)
+        if old.exists():
+            raise RestoreTargetExistsError(
+                f"{old} exists (left by an interrupted restore): move it away or"
+                f" delete it, then restore again"
+            )
+
+
+def _make_target_dir(path: Path) -> None:
+    """Create ``path`` and missing parents 0700 (restored disks are private data).
+
+    A directory that exists keeps its mode.
+    """
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        for directory in reversed(missing):
+            make_private_dir(directory)
+    except OSError as err:
+        raise RestoreError(f"cannot create target directory {path}: {err.strerror or err}") from err
 
 
 # -- images and qemu-nbd -------------------------------------------------------------------
@@ -263,7 +347,8 @@ def _check_targets(paths: list[Path], force: bool) -> None:
 
 def _run_tool(argv: list[str], what: str) -> None:
     try:
-        subprocess.run(argv, check=True, capture_output=True, text=True)
+        # umask 077: an image qemu-img creates is 0600 (restored disks are private data).
+        subprocess.run(argv, check=True, capture_output=True, text=True, umask=0o077)
     except FileNotFoundError as err:
         raise RestoreError(f"{what}: {argv[0]} not found (install qemu-utils)") from err
     except subprocess.CalledProcessError as err:
@@ -272,7 +357,7 @@ def _run_tool(argv: list[str], what: str) -> None:
 
 
 def create_image(path: Path, size: int) -> None:
-    """A fresh, empty (all-zero, unallocated) qcow2 image of ``size`` bytes."""
+    """A fresh, empty (all-zero, unallocated) qcow2 image of ``size`` bytes, mode 0600."""
     path.unlink(missing_ok=True)
     _run_tool(
         [
@@ -359,11 +444,14 @@ def durable(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def serve_image(path: Path, socket: Path, export: str) -> Iterator[subprocess.Popen[bytes]]:
+def serve_image(
+    path: Path, socket: Path, export: str, on_start: Callable[[int], None] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """``qemu-nbd`` serving ``path`` writable on a 0600 unix socket, for one client.
 
     Without ``--persistent`` qemu-nbd exits once its client disconnects, after closing the
     image cleanly (qcow2 metadata written); we wait for that before the image is used.
+    ``on_start(pid)`` runs as soon as it is started (the restore journal records it).
     """
     argv = qemu_nbd_argv(path, socket, export)
     try:
@@ -375,6 +463,8 @@ def serve_image(path: Path, socket: Path, export: str) -> Iterator[subprocess.Po
     except FileNotFoundError as err:
         raise RestoreError("qemu-nbd not found: install qemu-utils") from err
     try:
+        if on_start is not None:
+            on_start(proc.pid)
         deadline = time.monotonic() + _QEMU_NBD_START_TIMEOUT
         while not socket.exists():
             if proc.poll() is not None:
@@ -433,8 +523,11 @@ def _reading(
     manifest: Manifest,
     disk: Any,
     expected: list[str | None],
+    stop: _StopRequest,
 ) -> Iterator[tuple[int, bytes | None]]:
     """The reader's chunks; a failure below the storage layer still names disk and offset.
+
+    A SIGTERM stops the restore here, between chunks, like a failing read would.
 
     ``StorageError`` already says where (storage/repository.py ``read_disk``); a boto3 or
     OS error that the backend does not map to it is turned into ``RestoreReadError`` here
@@ -447,6 +540,7 @@ def _reading(
     cs = manifest.chunk_size
     offset = 0
     while True:
+        stop.check()
         try:
             item = next(chunks)
         except StopIteration:
@@ -496,6 +590,7 @@ def _restore_disk(
     socket: Path,
     export: str,
     progress: _DiskProgress,
+    stop: _StopRequest,
 ) -> RestoredDisk:
     """Write one disk through an NBD export, flush, read back and verify every chunk."""
     started = time.monotonic()
@@ -513,7 +608,7 @@ def _restore_disk(
         chunks = repo.read_disk(manifest, disk.name, prefetch=PREFETCH, check=False)
         try:
             stats, _ = writer.write_and_verify(
-                _reading(chunks, repo, manifest, disk, expected),
+                _reading(chunks, repo, manifest, disk, expected, stop),
                 manifest.chunk_size,
                 expected,
                 repo.chunk_digest,
@@ -525,6 +620,7 @@ def _restore_disk(
             raise
         # A last flush: nothing is reported restored before the server says it is stable.
         writer.flush()
+    stop.check()
     return RestoredDisk(
         name=disk.name,
         path=Path(),
@@ -556,11 +652,12 @@ def run_restore(
 ) -> RestoreResult:
     """Restore one backup of ``domain`` to image files (``to_dir``) or into the domain.
 
-    Files: ``to_dir/<disk>.qcow2`` for every disk (or ``disks``). Incoming: fresh images
-    in ``to_dir`` (default ``launch.image_dir``, else ``<state_dir>/images/<domain>``), a
-    QEMU started paused in incoming mode from the domain's ``launch`` description, left
-    paused (``boot=False``) or restarted normally (``boot=True``). Either way the restored
+    Files: ``to_dir/<disk>.qcow2`` for every disk (or ``disks``). Incoming: images in
+    ``to_dir`` (default ``launch.image_dir``, else ``<state_dir>/images/<domain>``), then the
+    domain's QEMU started from its ``launch`` description on them, left paused in incoming
+    mode (``boot=False``) or started normally (``boot=True``). Either way the restored
     images carry a checkpoint bitmap tied to the backup, so the next backup is incremental.
+    Images are created 0600, directories the restore creates 0700.
 
     ``qmp`` and ``launch`` override the domain's QMP socket and launch description for an
     incoming restore: a clone started next to the still-running domain (``vmvault demo``).
@@ -582,9 +679,55 @@ def run_restore(
             f"domain {domain!r} has no launch description: add domains.{domain}.launch.argv"
             " to the config (see docs/restore.md) to restore into the domain"
         )
-    with chunk_friendly_malloc(), open_repo(config) as repo:
+    with _sigterm_stops(domain) as stop, chunk_friendly_malloc(), open_repo(config) as repo:
         return _run(config, domain, domain_cfg, repo, backup_id, at, to_dir, incoming, boot,
-                    force, disks, progress, started)  # fmt: skip
+                    force, disks, progress, started, stop)  # fmt: skip
+
+
+class _StopRequest:
+    """Set by SIGTERM; the restore stops where ``check`` is called, and undoes its work.
+
+    The signal handler only sets it: an exception raised from a handler can land inside a
+    libnbd completion callback, which cannot pass it on (the request is then never
+    retired and the writer waits for it forever). ``check`` runs between chunks and steps.
+    """
+
+    def __init__(self, domain: str) -> None:
+        self.domain = domain
+        self.requested = False
+
+    def check(self) -> None:
+        if self.requested:
+            raise RestoreInterruptedError(
+                f"restore of domain {self.domain!r} stopped by SIGTERM; what it had set up"
+                " was undone"
+            )
+
+
+@contextlib.contextmanager
+def _sigterm_stops(domain: str) -> Iterator[_StopRequest]:
+    """SIGTERM (``systemctl stop``, ``kill``) stops the restore like Ctrl-C: undone, then exit.
+
+    Python's default for SIGTERM ends the process at once, leaving the journal's undo to
+    the next restore or the reaper. Only the main thread can take signals, and a process
+    that set its own SIGTERM handler (a Celery worker) keeps it.
+    """
+    stop = _StopRequest(domain)
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield stop
+        return
+
+    def request(signum: int, frame: object) -> None:
+        stop.requested = True
+
+    signal.signal(signal.SIGTERM, request)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _run(
@@ -601,6 +744,7 @@ def _run(
     disks: list[str] | None,
     progress: Progress | None,
     started: float,
+    stop: _StopRequest,
 ) -> RestoreResult:
     manifest = select_backup(repo, domain, backup_id, at)
     chosen = _select_disks(manifest, disks)
@@ -612,11 +756,6 @@ def _run(
         assert to_dir is not None
         target_dir = to_dir
     paths = {d.name: target_dir / f"{d.name}.qcow2" for d in chosen}
-    _check_targets(list(paths.values()), force)
-    try:
-        target_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RestoreError(f"cannot create target directory {target_dir}: {err.strerror}") from err
     checkpoint = restore_checkpoint_name(manifest)
     if checkpoint is None:
         log.warning(
@@ -626,40 +765,120 @@ def _run(
         )
     meter = _DiskProgress(progress, sum(d.virtual_size for d in chosen))
     with domain_lock(config.state_dir, domain, job="restore"):
+        # A restore of this domain that died (SIGKILL, crash) left a journal: undo it first.
+        # Holding the lock, we know it is dead.
+        remove_leftovers_locked(config.state_dir, domain)
         if incoming:
-            result = _restore_incoming(
-                config, domain, domain_cfg, repo, manifest, chosen, paths, checkpoint, boot, meter
-            )
-        else:
-            result = _restore_files(config, repo, manifest, chosen, paths, checkpoint, meter)
+            # Before any file is touched: a running domain is never restored into.
+            ensure_qmp_free(domain, domain_cfg.qmp)
+        # Checked before anything is created: a refused restore leaves nothing behind.
+        check_target_dir(target_dir)
+        _check_targets(list(paths.values()), force)
+        stop.check()
+        _make_target_dir(target_dir)
+        journal = RestoreJournal(config.state_dir, domain, "incoming" if incoming else "files")
+        try:
+            if incoming:
+                result = _restore_incoming(
+                    config, domain_cfg, repo, manifest, chosen, paths, checkpoint, boot, meter,
+                    journal, stop,
+                )  # fmt: skip
+            else:
+                result = _restore_files(
+                    repo, manifest, chosen, paths, checkpoint, meter, journal, stop
+                )
+        except OSError as err:
+            # The journal, a rename, a socket directory: a file system refusing (ENOSPC,
+            # EACCES, EROFS) is a failed restore with a message, not a traceback.
+            raise RestoreError(
+                f"restore of domain {domain!r} (backup {manifest.backup_id}) failed: {err}"
+            ) from err
     result.duration_s = time.monotonic() - started
     return result
 
 
+def _fail(journal: RestoreJournal) -> None:
+    """After a failure: undo what the journal names. The job's own error is what is raised."""
+    done: list[str] = []
+    try:
+        undo(journal, done)
+    except RestoreCleanupError as err:
+        log.warning("restore teardown: %s (the next restore of the domain tries again)", err)
+    except BaseException as err:  # e.g. a second interruption: the next restore finishes it
+        log.warning("restore teardown interrupted: %r; the next restore of the domain ends it", err)
+    if done:
+        log.debug("restore teardown: %s", "; ".join(done))
+
+
+def _new_partial(journal: RestoreJournal, name: str, final: Path, size: int) -> Path:
+    partial = partial_path(final)
+    journal.add_disk(name, final, partial)
+    create_image(partial, size)
+    return partial
+
+
+def _commit(journal: RestoreJournal) -> None:
+    """Give the verified partial images their final names; old images only go once all have.
+
+    The journal says ``committing`` before the first rename, ``committed`` after the last:
+    a restore that dies in between gets the old images back (worker/restore_cleanup.py).
+    """
+    for disk in journal.disks:
+        if Path(disk.final).exists():
+            disk.aside = str(aside_path(Path(disk.final)))
+    journal.set_phase(COMMITTING)
+    for disk in journal.disks:
+        if disk.aside is not None:
+            os.replace(disk.final, disk.aside)
+    for disk in journal.disks:
+        os.replace(disk.partial, disk.final)
+    for directory in {Path(d.final).parent for d in journal.disks}:
+        _fsync_dir(directory)  # the renames themselves survive a power loss
+    journal.set_phase(COMMITTED)
+    for disk in journal.disks:
+        if disk.aside is not None:
+            try:
+                os.unlink(disk.aside)
+            except OSError as err:  # only costs space; the restore itself is done
+                log.warning("restore: cannot remove the replaced image %s: %s", disk.aside, err)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish(journal: RestoreJournal) -> None:
+    """The restore is done: its socket directories and journal go."""
+    for sockdir in journal.socket_dirs:
+        shutil.rmtree(sockdir, ignore_errors=True)
+    journal.remove()
+
+
 def _restore_files(
-    config: FleetConfig,
     repo: Repository,
     manifest: Manifest,
     chosen: list[Any],
     paths: dict[str, Path],
     checkpoint: str | None,
     meter: _DiskProgress,
+    journal: RestoreJournal,
+    stop: _StopRequest,
 ) -> RestoreResult:
-    """Each disk into ``<disk>.qcow2.partial`` via qemu-nbd; renamed only once verified."""
-    teardown = _Teardown()
+    """Each disk into ``<disk>.qcow2.partial`` via qemu-nbd; renamed only once all are verified."""
     restored: list[RestoredDisk] = []
-    sockdir = private_socket_dir(config.state_dir / "run", "vmvr")
-    teardown.push("remove socket directory", lambda: shutil.rmtree(sockdir, ignore_errors=True))
     try:
-        partials: list[tuple[Path, Path]] = []
-        for disk in chosen:
+        sockdir = journal.new_socket_dir()
+        for index, disk in enumerate(chosen):
             final = paths[disk.name]
-            partial = final.with_name(final.name + ".partial")
-            create_image(partial, disk.virtual_size)
-            teardown.push(f"remove {partial}", functools.partial(partial.unlink, missing_ok=True))
-            socket = sockdir / f"{disk.name}.nbd"
-            with serve_image(partial, socket, disk.name):
-                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
+            partial = _new_partial(journal, disk.name, final, disk.virtual_size)
+            socket = sockdir / f"d{index}.nbd"
+            record = functools.partial(journal.add_process, "qemu-nbd")
+            with serve_image(partial, socket, disk.name, on_start=record):
+                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter, stop)
             socket.unlink(missing_ok=True)
             # The post-restore checkpoint: the image now equals the backup exactly.
             if checkpoint is not None:
@@ -668,16 +887,12 @@ def _restore_files(
             durable(partial)
             done.path = final
             restored.append(done)
-            partials.append((partial, final))
-        # Only verified images get their final names, and only once all disks are done.
-        for partial, final in partials:
-            os.replace(partial, final)
-        if partials:
-            durable(partials[0][1])  # the renames, by fsync of the directory
+        stop.check()
+        _commit(journal)
     except BaseException:
-        teardown.run()
+        _fail(journal)
         raise
-    shutil.rmtree(sockdir, ignore_errors=True)
+    _finish(journal)
     return RestoreResult(
         backup_id=manifest.backup_id,
         domain=manifest.domain,
@@ -702,7 +917,6 @@ def _format_node(session: QmpSession, domain: str, disk: str, path: Path) -> str
 
 def _restore_incoming(
     config: FleetConfig,
-    domain: str,
     domain_cfg: DomainConfig,
     repo: Repository,
     manifest: Manifest,
@@ -711,60 +925,44 @@ def _restore_incoming(
     checkpoint: str | None,
     boot: bool,
     meter: _DiskProgress,
+    journal: RestoreJournal,
+    stop: _StopRequest,
 ) -> RestoreResult:
+    """Write the partial images in a paused QEMU of their own, commit, start the domain."""
     assert domain_cfg.launch is not None
-    launch = domain_cfg.launch
-    qmp_path = domain_cfg.qmp
-    argv = render_argv(domain, launch, qmp_path, paths, incoming=True)
+    domain = journal.domain
     log_path = config.state_dir / "logs" / f"{domain}.qemu.log"
-    # Before any image is replaced (--force): a running domain must not lose its files to a
-    # restore that start_qemu would refuse anyway.
-    ensure_qmp_free(domain, qmp_path)
-    teardown = _Teardown()
     restored: list[RestoredDisk] = []
-    # --force: the old images are moved aside, not deleted, until the restore is verified;
-    # a failed restore puts them back (teardown) instead of leaving the domain without disks.
-    aside: list[Path] = []
+    writer: QemuProcess | None = None
+    session: QmpSession | None = None
     try:
-        for disk in chosen:
-            image = paths[disk.name]
-            if image.exists():
-                old = image.with_name(image.name + ".pre-restore")
-                if old.exists():
-                    raise RestoreTargetExistsError(
-                        f"{old} exists (left by an interrupted restore): move it away or"
-                        f" delete it, then restore again"
-                    )
-                os.replace(image, old)
-                aside.append(old)
-                teardown.push(f"put back {image}", functools.partial(os.replace, old, image))
-            create_image(image, disk.virtual_size)
-            teardown.push(f"remove {image}", functools.partial(image.unlink, missing_ok=True))
-        qemu = start_qemu(domain, argv, qmp_path, log_path)
-        teardown.push("kill QEMU", qemu.kill)
-        sockdir = private_socket_dir(config.state_dir / "run", "vmvr")
-        teardown.push("remove socket directory", lambda: shutil.rmtree(sockdir, ignore_errors=True))
-        socket = sockdir / "nbd.sock"
-        session = QmpSession(domain, qmp_path)
+        sockdir = journal.new_socket_dir()
+        partials = {
+            d.name: _new_partial(journal, d.name, paths[d.name], d.virtual_size) for d in chosen
+        }
+        # The writing QEMU answers on a private QMP socket: the domain's socket stays free,
+        # so nobody mistakes it (or its orphan, should the restore die) for the domain.
+        writer_qmp = sockdir / "qmp"
+        argv = render_argv(domain, domain_cfg.launch, writer_qmp, partials, incoming=True)
+        record = functools.partial(journal.add_process, "qemu")
+        writer = start_qemu(domain, argv, writer_qmp, log_path, on_start=record)
+        session = QmpSession(domain, writer_qmp)
         session.connect()
-        teardown.push("close QMP session", session.close)
         status = session.query_status()
         if status != "inmigrate":
             raise RestoreError(
                 f"domain {domain!r}: QEMU started in state {status!r}, not 'inmigrate'"
             )
-        nodes = {d.name: _format_node(session, domain, d.name, paths[d.name]) for d in chosen}
+        nodes = {d.name: _format_node(session, domain, d.name, partials[d.name]) for d in chosen}
+        socket = sockdir / "nbd"
         session.nbd_server_start(socket)
-        teardown.push("nbd-server-stop", session.nbd_server_stop)
         os.chmod(socket, 0o600)
         for disk in chosen:
             export_id = qemu_id("r", disk.name)
             # A writable export activates the node that -incoming left inactive (QEMU 7.2+).
             session.block_export_add(export_id, nodes[disk.name], disk.name, [], writable=True)
-            teardown.push(
-                f"block-export-del {export_id}", functools.partial(_export_del, session, export_id)
-            )
-            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
+            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter, stop)
+            session.block_export_del(export_id)
             done.path = paths[disk.name]
             restored.append(done)
         # Checkpoint bitmaps before any guest write: the next backup diffs from this backup.
@@ -772,34 +970,38 @@ def _restore_incoming(
             session.bitmap_add(
                 nodes[disk.name], str(checkpoint), persistent=True, granularity=_BITMAP_GRANULARITY
             )
-        for disk in chosen:
-            session.block_export_del(qemu_id("r", disk.name))
         session.nbd_server_stop()
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if boot:
-            # ``quit`` closes the images cleanly (persistent bitmaps stored in the qcow2).
-            session.execute("quit")
-            session.close()
-            if qemu.wait(_QEMU_QUIT_TIMEOUT) is None:
-                raise RestoreError(f"domain {domain!r}: QEMU did not quit after the restore")
-            # From here on the images are restored and verified: keep them whatever happens.
-            teardown.forget()
-            _remove_all(aside)
-            try:
-                qemu = start_qemu(domain, launch.render(qmp_path, paths), qmp_path, log_path)
-            except LaunchError as err:
-                images = ", ".join(str(p) for p in paths.values())
-                raise LaunchError(
-                    f"backup {manifest.backup_id} was restored and verified into {images},"
-                    f" but starting the domain normally failed: {err}"
-                ) from err
-        else:
-            session.close()
+        # ``quit`` closes the images cleanly: persistent bitmaps are stored in the qcow2.
+        session.execute("quit")
+        session.close()
+        session = None
+        if writer.wait(_QEMU_QUIT_TIMEOUT) is None:
+            raise RestoreError(f"domain {domain!r}: the restore's QEMU did not quit after writing")
+        for partial in partials.values():
+            durable(partial)
+        # The last point to stop: once committed, the restore finishes (a few seconds).
+        stop.check()
+        _commit(journal)
     except BaseException:
-        teardown.run()
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+        if writer is not None:
+            writer.kill()
+        _fail(journal)
         raise
-    teardown.forget()
-    _remove_all(aside)
+    # From here on the final names hold the restored, verified images: they stay.
+    try:
+        qemu = _start_domain(domain, domain_cfg, paths, log_path, boot, Path(sockdir))
+    except BaseException as err:
+        _fail(journal)
+        images = ", ".join(str(p) for p in paths.values())
+        what = "starting the domain normally" if boot else "starting the domain paused"
+        raise LaunchError(
+            f"backup {manifest.backup_id} was restored and verified into {images}, but {what}"
+            f" failed: {err}"
+        ) from err
+    _finish(journal)
     return RestoreResult(
         backup_id=manifest.backup_id,
         domain=domain,
@@ -807,7 +1009,7 @@ def _restore_incoming(
         disks=restored,
         duration_s=0.0,
         checkpoint=checkpoint,
-        qmp=qmp_path,
+        qmp=domain_cfg.qmp,
         qemu_pid=qemu.pid,
         booted=boot,
         qemu_log=log_path,
@@ -815,15 +1017,46 @@ def _restore_incoming(
     )
 
 
-def _export_del(session: QmpSession, export_id: str) -> None:
-    if any(e.get("id") == export_id for e in session.block_exports()):
-        session.block_export_del(export_id)
+def _start_domain(
+    domain: str,
+    domain_cfg: DomainConfig,
+    paths: dict[str, Path],
+    log_path: Path,
+    boot: bool,
+    sockdir: Path,
+) -> QemuProcess:
+    """The domain's QEMU on the restored images: running, or paused in incoming mode.
 
-
-def _remove_all(paths: list[Path]) -> None:
-    """Delete the old images a verified restore replaced (a failure here only costs space)."""
-    for path in paths:
+    Paused, it is what a manager expects after a restore into an incoming-mode QEMU: QMP
+    on the domain's socket, state ``inmigrate``, the disks active (image locks held,
+    checkpoint bitmaps loaded). ``-incoming`` opens them inactive; a writable NBD export,
+    added and removed at once on a private socket, activates each, as it does for the
+    restore's writes (QEMU 7.2+; 10.0 has ``blockdev-set-active``).
+    """
+    assert domain_cfg.launch is not None
+    qmp_path = domain_cfg.qmp
+    argv = render_argv(domain, domain_cfg.launch, qmp_path, paths, incoming=not boot)
+    qemu = start_qemu(domain, argv, qmp_path, log_path)
+    if boot:
+        return qemu
+    try:
+        session = QmpSession(domain, qmp_path)
+        session.connect()
         try:
-            path.unlink(missing_ok=True)
-        except OSError as err:
-            log.warning("restore: cannot remove the replaced image %s: %s", path, err)
+            socket = sockdir / "act"
+            session.nbd_server_start(socket)
+            os.chmod(socket, 0o600)
+            try:
+                for name, path in paths.items():
+                    node = _format_node(session, domain, name, path)
+                    export_id = qemu_id("a", name)
+                    session.block_export_add(export_id, node, name, [], writable=True)
+                    session.block_export_del(export_id)
+            finally:
+                session.nbd_server_stop()
+        finally:
+            session.close()
+    except BaseException:
+        qemu.kill()
+        raise
+    return qemu

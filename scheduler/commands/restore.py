@@ -34,8 +34,12 @@ def register(commands: Any) -> None:
         type=_parse_time,
         help="the newest backup taken at or before this time (UTC unless it has an offset)",
     )
+    # Kept as text: Path("") is Path("."), and an empty --to must not mean "here".
     parser.add_argument(
-        "--to", metavar="DIR", type=Path, help="directory for <disk>.qcow2 (made if missing)"
+        "--to",
+        dest="to_text",
+        metavar="DIR",
+        help="directory for <disk>.qcow2 (made 0700 if missing; images are created 0600)",
     )
     parser.add_argument(
         "--incoming",
@@ -98,6 +102,8 @@ def _progress(ctx: CliContext) -> Iterator[Progress | None]:
 
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
+    if args.to_text is not None and not args.to_text.strip():
+        return "--to is empty: name a directory (--to . for the current one)"
     if args.boot and not args.incoming:
         return "--boot needs --incoming (it restarts the restored domain)"
     if not args.incoming and args.to is None:
@@ -106,6 +112,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
+    args.to = Path(args.to_text) if args.to_text is not None else None
     problem = _usage_problem(args)
     if problem is not None:
         print(f"vmvault restore: error: {problem}", file=sys.stderr)

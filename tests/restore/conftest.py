@@ -133,3 +133,14 @@ def allocated_bytes(image: Path) -> int:
 def short_tmp() -> Path:
     """A short directory for unix sockets (tmp_path is often too long for sun_path)."""
     return Path(tempfile.mkdtemp(prefix="vmv"))
+
+
+def launch_argv() -> list[str]:
+    """A launch description with one qcow2 disk ``vda``: TCG, no guest OS."""
+    return [
+        "qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
+        "-m", "64", "-qmp", "unix:{qmp},server=on,wait=off",
+        "-blockdev", "driver=file,filename={disk:vda},node-name=file-vda",
+        "-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda",
+        "-device", "virtio-blk-pci,drive=fmt-vda,id=vda",
+    ]  # fmt: skip
