@@ -36,11 +36,13 @@ from storage.format import Manifest
 from storage.repository import BackupWriter, DiskWriter, Repository
 from worker import checkpoints as cp
 from worker.cleanup import (
+    job_marker,
     nbd_socket_path,
     qemu_id,
     remove_leftovers,
     run_dir,
     scratch_dir,
+    write_marker,
 )
 from worker.errors import WorkerError
 from worker.fleece import (
@@ -342,6 +344,10 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
     _check_socket_dir(state_dir, domain)
     job.step = Step.CLEANUP
     leftovers = remove_leftovers(qmp, state_dir)
+    # From here on QEMU may hold this job's objects: a SIGKILL leaves the marker, which
+    # tells the reaper to look (worker/reaper.py). Removed once the teardown is complete.
+    marker = job_marker(state_dir, domain)
+    write_marker(marker)
 
     job.step = Step.PLAN
     job.disks = disks = list_disks(qmp, allow)
@@ -378,10 +384,13 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
             },
         )
     except BaseException:
-        job.teardown()
+        if not job.teardown():
+            marker.unlink(missing_ok=True)
         raise
     job.step = Step.TEARDOWN
     failures = job.teardown()
+    if not failures:
+        marker.unlink(missing_ok=True)
     if failures:
         log.warning(
             "domain %s: backup %s committed; teardown left: %s",

@@ -23,8 +23,11 @@ lock (``worker/locks.py``), which the kernel frees when its holder dies.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,30 @@ def scratch_dir(state_dir: Path, domain: str) -> Path:
 def paused_marker(state_dir: Path, domain: str) -> Path:
     """Exists while a backup has the guest paused (``worker/fleece.py``)."""
     return run_dir(state_dir) / f"{domain}.paused"
+
+
+def job_marker(state_dir: Path, domain: str) -> Path:
+    """Exists from before a backup changes anything in QEMU until its teardown is done:
+    after a SIGKILL it tells the reaper that this domain has leftovers."""
+    return run_dir(state_dir) / f"{domain}.backup"
+
+
+def write_marker(path: Path) -> None:
+    """Durably create a marker naming this process (before the state it announces)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def has_leftovers(state_dir: Path, domain: str) -> bool:
+    """Did a backup of ``domain`` end without its teardown (a marker is still there)?"""
+    return job_marker(state_dir, domain).exists() or paused_marker(state_dir, domain).exists()
 
 
 @dataclass
@@ -149,6 +176,7 @@ def remove_leftovers(session: QmpSession, state_dir: Path) -> Leftovers:
     if scratch.exists():
         found.files = sorted(p.name for p in scratch.iterdir())
         shutil.rmtree(scratch, ignore_errors=True)
+    job_marker(state_dir, session.domain).unlink(missing_ok=True)
     if found:
         log.warning("domain %s: removed leftovers of an earlier job: %s", session.domain, found)
     return found

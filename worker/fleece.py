@@ -30,7 +30,6 @@ paused domain, and the reaper or the next job resumes it (``worker/cleanup.py``)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -39,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.cleanup import paused_marker, qemu_id, run_dir
+from worker.cleanup import paused_marker, qemu_id, write_marker
 from worker.qmp import QmpSession
 from worker.signals import critical
 
@@ -104,8 +103,7 @@ def paused_guest(session: QmpSession, state_dir: Path) -> Iterator[float]:
             yield started
             return
         marker = paused_marker(state_dir, session.domain)
-        run_dir(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_marker(marker)
+        write_marker(marker)
         session.execute("stop")
         try:
             yield started
@@ -117,18 +115,6 @@ def paused_guest(session: QmpSession, state_dir: Path) -> Iterator[float]:
                 session.domain,
                 (time.monotonic() - started) * 1000,
             )
-
-
-def _write_marker(path: Path) -> None:
-    """Durably record that this process pauses the guest (before it does)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps({"pid": os.getpid(), "since": time.time()}).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def scratch_bytes(path: Path) -> int:

@@ -20,10 +20,12 @@ from pathlib import Path
 
 from scheduler.config import LaunchConfig
 from worker.errors import WorkerError
-from worker.qmp import socket_is_listening
+from worker.qmp import QmpConnectError, QmpSession, socket_is_listening
 
 INCOMING_ARGS = ("-S", "-incoming", "defer")
 _START_TIMEOUT = 30.0
+# How long a QEMU that refused a QMP connection gets to show it is exiting.
+_EXIT_GRACE = 2.0
 _STDERR_TAIL = 2000
 
 
@@ -147,18 +149,42 @@ def start_qemu(
     return process
 
 
+def connect_qmp(process: QemuProcess) -> QmpSession:
+    """A QMP session to a QEMU this process started.
+
+    QEMU listens on its QMP socket before it has parsed all of its arguments: one that
+    then exits (a bad ``-drive`` option) resets the connection. That is reported as the
+    launch failure it is, with QEMU's stderr, not as a QMP connection error.
+    """
+    session = QmpSession(process.domain, process.qmp)
+    try:
+        session.connect()
+    except QmpConnectError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.popen.wait(_EXIT_GRACE)
+        code = process.popen.poll()
+        if code is not None:
+            raise _exited(process, code) from None
+        raise
+    return session
+
+
+def _exited(process: QemuProcess, code: int) -> LaunchError:
+    tail = log_tail(process.log).split("--- vmvault: starting")[-1]
+    stderr = "\n".join(tail.splitlines()[1:]).strip() or "(no output)"
+    return LaunchError(
+        f"domain {process.domain!r}: QEMU exited with code {code} before its QMP socket"
+        f" {process.qmp} was ready; its stderr:\n{stderr}"
+    )
+
+
 def _wait_for_qmp(process: QemuProcess, timeout: float) -> None:
     domain, qmp, log, popen = process.domain, process.qmp, process.log, process.popen
     deadline = time.monotonic() + timeout
     while not socket_is_listening(qmp):
         code = popen.poll()
         if code is not None:
-            tail = log_tail(log).split("--- vmvault: starting")[-1]
-            stderr = "\n".join(tail.splitlines()[1:]).strip() or "(no output)"
-            raise LaunchError(
-                f"domain {domain!r}: QEMU exited with code {code} before its QMP socket {qmp}"
-                f" was ready; its stderr:\n{stderr}"
-            )
+            raise _exited(process, code)
         if time.monotonic() > deadline:
             raise LaunchError(
                 f"domain {domain!r}: QEMU did not open its QMP socket {qmp} within"

@@ -37,6 +37,7 @@ from typing import Any
 import nbd
 
 from worker.errors import WorkerError
+from worker.signals import critical
 
 BASE_ALLOCATION = "base:allocation"
 STATE_HOLE = 1  # NBD spec, base:allocation: unallocated
@@ -88,7 +89,11 @@ def connect_unix(h: Any, path: Path, timeout: float, what: str) -> None:
 def poll(h: Any, timeout: float, what: str) -> None:
     """One ``poll`` of an aio handle; :class:`NbdTimeoutError` after ``timeout`` without any
     event (no reply, no room to send) from the server."""
-    if h.poll(max(1, int(timeout * 1000))) == 0:
+    # Completion callbacks run Python inside libnbd's poll: an exception raised there
+    # (a signal handler's) would be swallowed and leave the request unretired.
+    with critical():
+        ready = h.poll(max(1, int(timeout * 1000)))
+    if ready == 0:
         raise NbdTimeoutError(
             f"{what}: the NBD server did not answer within {timeout:.0f}s "
             "(is its QEMU frozen or overloaded?)"
@@ -240,7 +245,8 @@ class NbdReader:
             collect = _collector(replies)
 
             try:
-                with self._watchdog.waiting(self._h, f"block status at {start}"):
+                # The extent callback runs Python inside libnbd: signals wait (critical).
+                with critical(), self._watchdog.waiting(self._h, f"block status at {start}"):
                     self._h.block_status(length, start, collect)
             except nbd.Error as err:
                 raise NbdError(

@@ -254,17 +254,24 @@ class NbdDiskWriter:
             window.writes += 1
 
         def done(err: Any) -> int:
-            size, _ = self._pending.pop(tag)
-            self._inflight_bytes -= size
-            code = _error_value(err)
-            if code and self._failure is None:
-                self._failure = (
-                    f"disk {self.disk}: NBD {what} at offset {offset} failed: {os.strerror(code)}"
-                )
-            if window is not None:
-                window.writes -= 1
-            if on_done is not None:
-                on_done()
+            # Runs inside libnbd: an exception escaping here would be swallowed and the
+            # request never retired, so every failure is recorded for ``_check`` instead.
+            try:
+                size, _ = self._pending.pop(tag)
+                self._inflight_bytes -= size
+                code = _error_value(err)
+                if code and self._failure is None:
+                    self._failure = (
+                        f"disk {self.disk}: NBD {what} at offset {offset} failed: "
+                        f"{os.strerror(code)}"
+                    )
+                if window is not None:
+                    window.writes -= 1
+                if on_done is not None:
+                    on_done()
+            except BaseException as exc:
+                if self._failure is None:
+                    self._failure = f"disk {self.disk}: NBD {what} at offset {offset}: {exc!r}"
             # 1 = retire the command: nobody calls aio_command_completed for it.
             return 1
 

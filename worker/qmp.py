@@ -22,6 +22,7 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.qmp_client import GreetingError
 
 from worker.errors import WorkerError
+from worker.signals import critical
 
 _T = TypeVar("_T")
 
@@ -137,7 +138,10 @@ class QmpSession:
     # -- plumbing -----------------------------------------------------------------------------
 
     def _run(self, aw: Awaitable[_T], timeout: float | None) -> _T:
-        return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
+        # SIGTERM/SIGINT wait for the command (bounded by ``timeout``): an exception raised
+        # inside the event loop would leave the session half way through a command.
+        with critical():
+            return self._loop.run_until_complete(asyncio.wait_for(aw, timeout))
 
     def connect(self, timeout: float | None = None) -> None:
         """Connect and negotiate capabilities; ``QmpConnectError`` when it is not QEMU."""

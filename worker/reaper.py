@@ -8,7 +8,10 @@ looks every ``scheduler.reaper_interval_seconds``.
 
 A job is dead when its domain's lock (``worker/locks.py``, an ``flock``) can be taken:
 the kernel frees it when the holder dies, whatever killed it. A live job holds it, so
-the reaper never touches a running backup or restore.
+the reaper never touches a running backup or restore. The periodic passes take that lock
+only for a domain whose marker files say a job ended without its teardown
+(``worker/cleanup.py``, ``worker/restore_cleanup.py``): a job starting at that moment
+would otherwise find its domain busy for nothing.
 """
 
 from __future__ import annotations
@@ -17,21 +20,32 @@ import logging
 import threading
 
 from scheduler.config import FleetConfig
-from worker.cleanup import remove_leftovers
+from worker.cleanup import has_leftovers, remove_leftovers
 from worker.locks import DomainBusyError, domain_lock
 from worker.qmp import open_session
+from worker.restore_cleanup import remove_restore_leftovers
 
 log = logging.getLogger(__name__)
 
 
-def reap_host(config: FleetConfig, host: str) -> int:
+def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
     """Remove dead jobs' leftovers on every domain of ``host``; returns domains cleaned.
 
-    A domain that is down or busy is skipped: the next pass (or its next job) sees it.
+    ``thorough`` (at worker start) looks into every domain's QEMU, markers or not. A
+    domain that is down or busy is skipped: the next pass (or its next job) sees it.
     """
     cleaned = 0
     for name, domain in sorted(config.domains.items()):
-        if domain.host != host or not domain.qmp.exists():
+        if domain.host != host:
+            continue
+        try:
+            if remove_restore_leftovers(config, name):
+                cleaned += 1
+        except Exception as err:
+            log.warning("reaper: leftovers of a restore of %s not removed: %s", name, err)
+        if not domain.qmp.exists():
+            continue
+        if not thorough and not has_leftovers(config.state_dir, name):
             continue
         try:
             with (

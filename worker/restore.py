@@ -30,10 +30,8 @@ import functools
 import logging
 import os
 import shutil
-import signal
 import stat
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +48,7 @@ from worker.errors import WorkerError
 from worker.launch import (
     LaunchError,
     QemuProcess,
+    connect_qmp,
     ensure_qmp_free,
     render_argv,
     start_qemu,
@@ -68,6 +67,7 @@ from worker.restore_cleanup import (
     remove_leftovers_locked,
     undo,
 )
+from worker.signals import critical, finishing
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,6 @@ class RestoreReadError(RestoreError):
 
 class RestoreTargetExistsError(RestoreError):
     """A target image exists (without ``force``) or is in use by a QEMU. Not retryable as is."""
-
-
-class RestoreInterruptedError(RestoreError):
-    """SIGTERM stopped the restore; what it had set up was undone. Retryable."""
 
 
 PARTIAL_SUFFIX = ".partial"
@@ -523,11 +519,8 @@ def _reading(
     manifest: Manifest,
     disk: Any,
     expected: list[str | None],
-    stop: _StopRequest,
 ) -> Iterator[tuple[int, bytes | None]]:
     """The reader's chunks; a failure below the storage layer still names disk and offset.
-
-    A SIGTERM stops the restore here, between chunks, like a failing read would.
 
     ``StorageError`` already says where (storage/repository.py ``read_disk``); a boto3 or
     OS error that the backend does not map to it is turned into ``RestoreReadError`` here
@@ -540,7 +533,6 @@ def _reading(
     cs = manifest.chunk_size
     offset = 0
     while True:
-        stop.check()
         try:
             item = next(chunks)
         except StopIteration:
@@ -590,7 +582,6 @@ def _restore_disk(
     socket: Path,
     export: str,
     progress: _DiskProgress,
-    stop: _StopRequest,
 ) -> RestoredDisk:
     """Write one disk through an NBD export, flush, read back and verify every chunk."""
     started = time.monotonic()
@@ -608,7 +599,7 @@ def _restore_disk(
         chunks = repo.read_disk(manifest, disk.name, prefetch=PREFETCH, check=False)
         try:
             stats, _ = writer.write_and_verify(
-                _reading(chunks, repo, manifest, disk, expected, stop),
+                _reading(chunks, repo, manifest, disk, expected),
                 manifest.chunk_size,
                 expected,
                 repo.chunk_digest,
@@ -620,7 +611,6 @@ def _restore_disk(
             raise
         # A last flush: nothing is reported restored before the server says it is stable.
         writer.flush()
-    stop.check()
     return RestoredDisk(
         name=disk.name,
         path=Path(),
@@ -679,55 +669,9 @@ def run_restore(
             f"domain {domain!r} has no launch description: add domains.{domain}.launch.argv"
             " to the config (see docs/restore.md) to restore into the domain"
         )
-    with _sigterm_stops(domain) as stop, chunk_friendly_malloc(), open_repo(config) as repo:
+    with chunk_friendly_malloc(), open_repo(config) as repo:
         return _run(config, domain, domain_cfg, repo, backup_id, at, to_dir, incoming, boot,
-                    force, disks, progress, started, stop)  # fmt: skip
-
-
-class _StopRequest:
-    """Set by SIGTERM; the restore stops where ``check`` is called, and undoes its work.
-
-    The signal handler only sets it: an exception raised from a handler can land inside a
-    libnbd completion callback, which cannot pass it on (the request is then never
-    retired and the writer waits for it forever). ``check`` runs between chunks and steps.
-    """
-
-    def __init__(self, domain: str) -> None:
-        self.domain = domain
-        self.requested = False
-
-    def check(self) -> None:
-        if self.requested:
-            raise RestoreInterruptedError(
-                f"restore of domain {self.domain!r} stopped by SIGTERM; what it had set up"
-                " was undone"
-            )
-
-
-@contextlib.contextmanager
-def _sigterm_stops(domain: str) -> Iterator[_StopRequest]:
-    """SIGTERM (``systemctl stop``, ``kill``) stops the restore like Ctrl-C: undone, then exit.
-
-    Python's default for SIGTERM ends the process at once, leaving the journal's undo to
-    the next restore or the reaper. Only the main thread can take signals, and a process
-    that set its own SIGTERM handler (a Celery worker) keeps it.
-    """
-    stop = _StopRequest(domain)
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-    ):
-        yield stop
-        return
-
-    def request(signum: int, frame: object) -> None:
-        stop.requested = True
-
-    signal.signal(signal.SIGTERM, request)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    force, disks, progress, started)  # fmt: skip
 
 
 def _run(
@@ -744,7 +688,6 @@ def _run(
     disks: list[str] | None,
     progress: Progress | None,
     started: float,
-    stop: _StopRequest,
 ) -> RestoreResult:
     manifest = select_backup(repo, domain, backup_id, at)
     chosen = _select_disks(manifest, disks)
@@ -774,19 +717,16 @@ def _run(
         # Checked before anything is created: a refused restore leaves nothing behind.
         check_target_dir(target_dir)
         _check_targets(list(paths.values()), force)
-        stop.check()
         _make_target_dir(target_dir)
         journal = RestoreJournal(config.state_dir, domain, "incoming" if incoming else "files")
         try:
             if incoming:
                 result = _restore_incoming(
                     config, domain_cfg, repo, manifest, chosen, paths, checkpoint, boot, meter,
-                    journal, stop,
+                    journal,
                 )  # fmt: skip
             else:
-                result = _restore_files(
-                    repo, manifest, chosen, paths, checkpoint, meter, journal, stop
-                )
+                result = _restore_files(repo, manifest, chosen, paths, checkpoint, meter, journal)
         except OSError as err:
             # The journal, a rename, a socket directory: a file system refusing (ENOSPC,
             # EACCES, EROFS) is a failed restore with a message, not a traceback.
@@ -798,10 +738,14 @@ def _run(
 
 
 def _fail(journal: RestoreJournal) -> None:
-    """After a failure: undo what the journal names. The job's own error is what is raised."""
+    """After a failure: undo what the journal names. The job's own error is what is raised.
+
+    SIGTERM and SIGINT wait until the undo is done.
+    """
     done: list[str] = []
     try:
-        undo(journal, done)
+        with critical():
+            undo(journal, done)
     except RestoreCleanupError as err:
         log.warning("restore teardown: %s (the next restore of the domain tries again)", err)
     except BaseException as err:  # e.g. a second interruption: the next restore finishes it
@@ -866,7 +810,6 @@ def _restore_files(
     checkpoint: str | None,
     meter: _DiskProgress,
     journal: RestoreJournal,
-    stop: _StopRequest,
 ) -> RestoreResult:
     """Each disk into ``<disk>.qcow2.partial`` via qemu-nbd; renamed only once all are verified."""
     restored: list[RestoredDisk] = []
@@ -878,7 +821,7 @@ def _restore_files(
             socket = sockdir / f"d{index}.nbd"
             record = functools.partial(journal.add_process, "qemu-nbd")
             with serve_image(partial, socket, disk.name, on_start=record):
-                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter, stop)
+                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
             socket.unlink(missing_ok=True)
             # The post-restore checkpoint: the image now equals the backup exactly.
             if checkpoint is not None:
@@ -887,12 +830,13 @@ def _restore_files(
             durable(partial)
             done.path = final
             restored.append(done)
-        stop.check()
-        _commit(journal)
+        # Once committed, the restore completes: a SIGTERM now would have nothing to undo.
+        with finishing():
+            _commit(journal)
+            _finish(journal)
     except BaseException:
         _fail(journal)
         raise
-    _finish(journal)
     return RestoreResult(
         backup_id=manifest.backup_id,
         domain=manifest.domain,
@@ -926,7 +870,6 @@ def _restore_incoming(
     boot: bool,
     meter: _DiskProgress,
     journal: RestoreJournal,
-    stop: _StopRequest,
 ) -> RestoreResult:
     """Write the partial images in a paused QEMU of their own, commit, start the domain."""
     assert domain_cfg.launch is not None
@@ -946,8 +889,7 @@ def _restore_incoming(
         argv = render_argv(domain, domain_cfg.launch, writer_qmp, partials, incoming=True)
         record = functools.partial(journal.add_process, "qemu")
         writer = start_qemu(domain, argv, writer_qmp, log_path, on_start=record)
-        session = QmpSession(domain, writer_qmp)
-        session.connect()
+        session = connect_qmp(writer)
         status = session.query_status()
         if status != "inmigrate":
             raise RestoreError(
@@ -961,7 +903,7 @@ def _restore_incoming(
             export_id = qemu_id("r", disk.name)
             # A writable export activates the node that -incoming left inactive (QEMU 7.2+).
             session.block_export_add(export_id, nodes[disk.name], disk.name, [], writable=True)
-            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter, stop)
+            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
             session.block_export_del(export_id)
             done.path = paths[disk.name]
             restored.append(done)
@@ -979,9 +921,6 @@ def _restore_incoming(
             raise RestoreError(f"domain {domain!r}: the restore's QEMU did not quit after writing")
         for partial in partials.values():
             durable(partial)
-        # The last point to stop: once committed, the restore finishes (a few seconds).
-        stop.check()
-        _commit(journal)
     except BaseException:
         if session is not None:
             with contextlib.suppress(Exception):
@@ -990,18 +929,25 @@ def _restore_incoming(
             writer.kill()
         _fail(journal)
         raise
-    # From here on the final names hold the restored, verified images: they stay.
-    try:
-        qemu = _start_domain(domain, domain_cfg, paths, log_path, boot, Path(sockdir))
-    except BaseException as err:
-        _fail(journal)
-        images = ", ".join(str(p) for p in paths.values())
-        what = "starting the domain normally" if boot else "starting the domain paused"
-        raise LaunchError(
-            f"backup {manifest.backup_id} was restored and verified into {images}, but {what}"
-            f" failed: {err}"
-        ) from err
-    _finish(journal)
+    # Once committed, the restore completes (a few seconds): a SIGTERM now would have
+    # nothing to undo. The final names hold the restored, verified images: they stay.
+    with finishing():
+        try:
+            _commit(journal)
+        except BaseException:
+            _fail(journal)
+            raise
+        try:
+            qemu = _start_domain(domain, domain_cfg, paths, log_path, boot, Path(sockdir))
+        except BaseException as err:
+            _fail(journal)
+            images = ", ".join(str(p) for p in paths.values())
+            what = "starting the domain normally" if boot else "starting the domain paused"
+            raise LaunchError(
+                f"backup {manifest.backup_id} was restored and verified into {images}, but"
+                f" {what} failed: {err}"
+            ) from err
+        _finish(journal)
     return RestoreResult(
         backup_id=manifest.backup_id,
         domain=domain,
@@ -1040,8 +986,7 @@ def _start_domain(
     if boot:
         return qemu
     try:
-        session = QmpSession(domain, qmp_path)
-        session.connect()
+        session = connect_qmp(qemu)
         try:
             socket = sockdir / "act"
             session.nbd_server_start(socket)

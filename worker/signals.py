@@ -5,16 +5,21 @@ A job is stopped by an exception so that its teardown runs: ``SIGINT`` already r
 would end the process on the spot and leave fleecing running in the guest's QEMU.
 :func:`signals_as_exceptions` makes SIGTERM raise :class:`Terminated` instead.
 
-Some steps must not be cut in half: between ``stop`` and ``cont`` of the guest, or while a
-teardown undoes what a job set up. Inside :func:`critical` both signals are remembered
-and raised when the outermost critical block ends. (Blocking them with
+Some steps must not be cut in half: between ``stop`` and ``cont`` of the guest, while a
+teardown undoes what a job set up, or inside a call into C that calls back into Python
+(a libnbd completion callback, or the event loop of a QMP command: an exception raised
+there is swallowed or leaves the call half done). Inside :func:`critical` both signals
+are remembered and raised when the outermost critical block ends. (Blocking them with
 ``pthread_sigmask`` does not work for this: Python runs its handlers in the main thread
-whichever thread the kernel delivered the signal to.) Only SIGKILL can still cut such a
-step; what it leaves behind is found by the reaper (``worker/cleanup.py``).
+whichever thread the kernel delivered the signal to.) Inside :func:`finishing` a job
+that has committed its result completes: a signal then only gets a log line. Only
+SIGKILL can still cut such a step; what it leaves behind is found by the reaper
+(``worker/reaper.py``).
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -33,6 +38,9 @@ class Terminated(BaseException):
 
 _depth = 0
 _pending: list[int] = []
+_finishing = 0
+
+log = logging.getLogger(__name__)
 
 
 def _raise_for(signum: int) -> None:
@@ -81,7 +89,29 @@ def critical() -> Iterator[None]:
         yield
     finally:
         _depth -= 1
-        if _depth == 0 and _pending:
+        if _depth == 0 and _pending and not _finishing:
             first = _pending[0]
             _pending.clear()
             _raise_for(first)
+
+
+@contextmanager
+def finishing() -> Iterator[None]:
+    """The job has committed its result: SIGTERM/SIGINT no longer stop it, it completes.
+
+    Stopping now would have nothing to undo; the signal is logged and dropped.
+    """
+    global _finishing
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _finishing += 1
+    try:
+        with critical():
+            yield
+    finally:
+        _finishing -= 1
+        if _finishing == 0 and _pending and _depth == 0:
+            names = ", ".join(signal.Signals(n).name for n in _pending)
+            _pending.clear()
+            log.warning("%s came after the job committed its result: it completed", names)

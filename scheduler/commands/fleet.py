@@ -148,7 +148,7 @@ def _clean_leftovers(config: FleetConfig, host: str) -> None:
     """Before taking jobs, remove what a crashed worker left behind on this host's domains."""
     from worker.reaper import reap_host
 
-    cleaned = reap_host(config, host)
+    cleaned = reap_host(config, host, thorough=True)
     if cleaned:
         log.warning("worker %s: cleaned leftovers of %d domain(s)", host, cleaned)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -251,19 +250,3 @@ def test_failed_commit_in_process_puts_the_old_images_back(
         assert list((state / "run").glob("vmvr*")) == []
     finally:
         shutil.rmtree(state, ignore_errors=True)
-
-
-def test_sigterm_is_only_taken_over_when_nobody_else_handles_it() -> None:
-    """A process with its own SIGTERM handler (a Celery worker) keeps it during a restore."""
-    from worker.restore import _sigterm_stops
-
-    def mine(signum: int, frame: object) -> None:
-        pass
-
-    previous = signal.signal(signal.SIGTERM, mine)
-    try:
-        with _sigterm_stops("web1"):
-            assert signal.getsignal(signal.SIGTERM) is mine
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert signal.getsignal(signal.SIGTERM) is previous

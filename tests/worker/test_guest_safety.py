@@ -27,7 +27,7 @@ from tests.fixtures.common import wait_until
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from worker.backup import BackupError, FleeceBrokenError, StateDirError, run_backup
 from worker.checkpoints import PREFIX
-from worker.cleanup import paused_marker
+from worker.cleanup import job_marker, paused_marker
 from worker.qmp import QmpConnectError
 from worker.reaper import reap_host
 
@@ -99,6 +99,7 @@ def _assert_untouched(vm: QemuVm, state_dir: Path) -> None:
     for node in ctl.named_block_nodes():
         assert not [b.name for b in node.bitmaps if b.name.startswith("vmvault.tmp-")]
     assert not paused_marker(state_dir, "vm").exists()
+    assert not job_marker(state_dir, "vm").exists()
     assert not list((state_dir / "scratch").glob("*/*"))
 
 
@@ -341,3 +342,20 @@ def test_frozen_qemu_before_the_backup_is_named(
             run_backup(config, "vm")
     finally:
         os.kill(vm.proc.pid, signal.SIGCONT)
+
+
+def test_reaper_passes_leave_quiet_domains_alone(
+    qemu_vm_factory: VmFactory, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A periodic pass takes a domain's lock only when a marker says a job died: a job
+    starting at that moment must not find its domain busy for nothing."""
+    vm = qemu_vm_factory(disk_sizes=[16 * MiB], name="vm")
+    config = _config(vm, _repo(tmp_path), state_dir)
+    run_backup(config, "vm")
+    import worker.reaper
+
+    def no_lock(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the reaper took the domain lock of a quiet domain")
+
+    monkeypatch.setattr(worker.reaper, "domain_lock", no_lock)
+    assert reap_host(config, "hv1") == 0
