@@ -14,7 +14,18 @@ layer decides what the bytes mean. Every backend offers exactly:
     exists(key) -> bool
     delete(key)                            absent keys are fine
     list(prefix) -> Iterator[ObjectInfo]   every key under prefix, any depth
+    sweep_litter(older_than, dry_run) -> Litter
+                                           remove what killed writers left that is not an
+                                           object (see below)
     close()
+
+Why ``sweep_litter`` exists: a file:// put writes a temporary file and renames it into
+place, and creates directories on the way. A writer killed in between leaves a temp
+file (``.tmp-*``) or an empty directory. Neither is an object: a temp file has no key
+(listing it would show readers half-written bytes) and directories are not objects, so
+GC cannot name them through the six object operations. Only the backend knows its own
+litter. S3 leaves none (a PUT is atomic and vmvault never starts multipart uploads),
+so its ``sweep_litter`` does nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +59,15 @@ Data = Blob | Sequence[Blob]
 _FLUSH_THREADS = 8
 
 
+@dataclass
+class Litter:
+    """What ``sweep_litter`` found: temp files removed and kept (young), directories removed."""
+
+    temp_files_deleted: int = 0
+    temp_files_in_grace: int = 0
+    empty_dirs_removed: int = 0
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed object: key relative to the repository root, size, last-modified (UTC)."""
@@ -75,6 +95,8 @@ class Backend(Protocol):
     def delete(self, key: str) -> None: ...
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter: ...
 
     def close(self) -> None: ...
 
@@ -240,6 +262,84 @@ class FileBackend:
                 except FileNotFoundError:
                     continue
                 yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        """Remove temp files last written before ``older_than``, then empty directories.
+
+        A temp file younger than that may belong to a live writer: it stays. A directory
+        goes when it is empty and either older than ``older_than`` or emptied by this
+        sweep (removing its entries changed its mtime). Only the key spaces vmvault
+        writes (``_LITTER_DIRS``) are walked, and their top directories stay: anything
+        else under the root (``lost+found`` of a mount point) is not ours.
+        """
+        litter = Litter()
+        cutoff = older_than.timestamp()
+        for name in sorted(os.listdir(self.root)) if self.root.is_dir() else []:
+            if name.startswith(self._TMP_PREFIX):
+                self._sweep_temp(self.root / name, cutoff, dry_run, litter)
+        for top in self._LITTER_DIRS:
+            base = self.root / top
+            if base.is_dir():
+                self._sweep_tree(base, cutoff, dry_run, litter)
+        return litter
+
+    _LITTER_DIRS = ("chunks", "backups", "locks")
+
+    def _sweep_temp(self, path: Path, cutoff: float, dry_run: bool, litter: Litter) -> bool:
+        """Remove one temp file if old enough; True when it is gone (or would be)."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return True  # its writer finished (renamed or removed it) meanwhile
+        if st.st_mtime >= cutoff:
+            litter.temp_files_in_grace += 1
+            return False
+        if not dry_run:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise StorageError(f"cannot remove {path} in {self.url}: {err.strerror}") from err
+        litter.temp_files_deleted += 1
+        return True
+
+    def _sweep_tree(self, base: Path, cutoff: float, dry_run: bool, litter: Litter) -> None:
+        gone: set[str] = set()  # directories removed (or that a dry run would remove)
+        # Bottom-up, so a directory is looked at after everything below it.
+        for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+            left = 0
+            emptied = False
+            for name in filenames:
+                if name.startswith(self._TMP_PREFIX) and self._sweep_temp(
+                    Path(dirpath) / name, cutoff, dry_run, litter
+                ):
+                    emptied = True
+                else:
+                    left += 1
+            for name in dirnames:
+                if os.path.join(dirpath, name) in gone:
+                    emptied = True
+                else:
+                    left += 1
+            if left or dirpath == str(base):
+                continue
+            try:
+                old = os.stat(dirpath).st_mtime < cutoff
+            except FileNotFoundError:
+                gone.add(dirpath)
+                continue
+            if not (old or emptied):
+                continue
+            if not dry_run:
+                try:
+                    os.rmdir(dirpath)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # a writer put something there meanwhile: it stays
+            gone.add(dirpath)
+            litter.empty_dirs_removed += 1
 
     def close(self) -> None:
         pass
@@ -461,6 +561,10 @@ class S3Backend:
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        """Nothing to do: a PUT is atomic, and no multipart upload is ever started."""
+        return Litter()
 
     def close(self) -> None:
         self._client.close()

@@ -53,6 +53,9 @@ class GcReport:
     orphan_objects_deleted: int = 0
     orphan_objects_in_grace: int = 0
     locks_removed: int = 0
+    temp_files_deleted: int = 0
+    temp_files_in_grace: int = 0
+    empty_dirs_removed: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -152,4 +155,11 @@ def _run(
             if other.key != lease.key and not other.live(now):
                 backend.delete(other.key)
                 report.locks_removed += 1
+    # Last, what killed writers left that is not an object (file:// temp files and the
+    # directories emptied above or by them), under the same grace rule.
+    lease.check()
+    litter = backend.sweep_litter(cutoff, dry_run=dry_run)
+    report.temp_files_deleted = litter.temp_files_deleted
+    report.temp_files_in_grace = litter.temp_files_in_grace
+    report.empty_dirs_removed = litter.empty_dirs_removed
     return report

@@ -335,8 +335,9 @@ def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
         ctx,
         f"gc: {report.backups} backups reference {report.chunks_referenced} of "
         f"{report.chunks_total} chunks; {verb} {report.chunks_deleted} chunks "
-        f"({_human(report.bytes_deleted)}) and {report.orphan_objects_deleted} objects of "
-        f"unfinished backups; {report.chunks_in_grace + report.orphan_objects_in_grace} "
-        f"objects younger than the grace window kept",
+        f"({_human(report.bytes_deleted)}), {report.orphan_objects_deleted} objects of "
+        f"unfinished backups and {report.temp_files_deleted} temp files of killed writers; "
+        f"{report.chunks_in_grace + report.orphan_objects_in_grace + report.temp_files_in_grace}"
+        f" objects younger than the grace window kept",
     )
     return 0

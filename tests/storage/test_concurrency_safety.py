@@ -7,12 +7,13 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 import storage.backends as backends
-from storage.backends import Backend, Data, ObjectInfo
+from storage.backends import Backend, Data, Litter, ObjectInfo
 from storage.errors import (
     BackendUnavailableError,
     InvalidNameError,
@@ -66,6 +67,9 @@ class _LockReadsFail:
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         return self.inner.list(prefix)
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        return self.inner.sweep_litter(older_than, dry_run)
 
     def close(self) -> None:
         self.inner.close()
@@ -163,6 +167,9 @@ class _SlowDeletes:
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         return self.inner.list(prefix)
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        return self.inner.sweep_litter(older_than, dry_run)
 
     def close(self) -> None:
         self.inner.close()
