@@ -401,3 +401,22 @@ class Manifest:
             if d.index_key != index_key(m.domain, m.backup_id, d.name):
                 raise CorruptObjectError(f"manifest {what}: disk {d.name} points elsewhere")
         return m
+
+
+@dataclass(frozen=True)
+class DamagedManifest:
+    """A manifest object that exists but cannot be read: reported and skipped, never counted
+    as a backup (nor kept or removed by prune). ``vmvault verify`` names it as a problem."""
+
+    domain: str
+    backup_id: str
+    key: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "domain": self.domain,
+            "backup_id": self.backup_id,
+            "key": self.key,
+            "error": self.error,
+        }

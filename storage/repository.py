@@ -21,6 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -43,6 +44,7 @@ from storage.format import (
     DEFAULT_CHUNK_SIZE,
     KEY_KEY,
     MANIFEST_NAME,
+    DamagedManifest,
     DiskStats,
     IndexEntry,
     Kind,
@@ -66,10 +68,12 @@ from storage.locks import DEFAULT_LEASE_TTL, Lease
 
 __all__ = [
     "BackupWriter",
+    "DamagedManifest",
     "DiskStats",
     "DiskWriter",
     "Manifest",
     "ManifestDisk",
+    "ManifestScan",
     "Repository",
     "init_repository",
     "open_repository",
@@ -78,6 +82,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class ManifestScan:
+    """Every manifest object under a prefix: the readable ones (oldest first) and the
+    damaged ones (unreadable, unauthentic, or disagreeing with their key)."""
+
+    manifests: list[Manifest]
+    damaged: list[DamagedManifest]
 
 
 class Repository:
@@ -197,11 +210,45 @@ class Repository:
                 out.append((parsed[0], parsed[1], info.key))
         return out
 
+    def scan_manifests(self, domain: str | None = None) -> ManifestScan:
+        """Read every manifest (of ``domain`` or all); damaged ones are set aside, not raised.
+
+        One damaged manifest must not hide the other backups of its domain: listing,
+        planning the next backup, prune and restores of the intact backups go on without
+        it. A manifest of a newer format version still stops everything (upgrade first),
+        and so does a backend failure.
+        """
+
+        def load(entry: tuple[str, str, str]) -> Manifest | DamagedManifest | None:
+            domain_name, backup_id, key = entry
+            try:
+                return self._load_manifest_key(key)
+            except ObjectNotFoundError:
+                return None  # deleted (pruned) between listing and reading
+            except CorruptObjectError as err:
+                return DamagedManifest(domain_name, backup_id, key, str(err))
+
+        manifests: list[Manifest] = []
+        damaged: list[DamagedManifest] = []
+        for result in self.pool.map(load, self.manifest_keys(domain)):
+            if isinstance(result, Manifest):
+                manifests.append(result)
+            elif result is not None:
+                damaged.append(result)
+        manifests.sort(key=lambda m: m.sort_key)
+        damaged.sort(key=lambda d: (d.domain, d.backup_id))
+        return ManifestScan(manifests, damaged)
+
     def list_manifests(self, domain: str | None = None) -> list[Manifest]:
-        """Committed backups (of ``domain`` or all), oldest first."""
-        keys = [k for _, _, k in self.manifest_keys(domain)]
-        manifests = list(self.pool.map(self._load_manifest_key, keys))
-        return sorted(manifests, key=lambda m: m.sort_key)
+        """Committed, readable backups (of ``domain`` or all), oldest first.
+
+        Damaged manifests are skipped with a WARNING naming each (``scan_manifests``
+        returns them).
+        """
+        scan = self.scan_manifests(domain)
+        for d in scan.damaged:
+            log.warning("skipping damaged manifest %s: %s (run 'vmvault verify')", d.key, d.error)
+        return scan.manifests
 
     def latest_manifest(self, domain: str) -> Manifest | None:
         manifests = self.list_manifests(domain)
@@ -248,6 +295,20 @@ class Repository:
         virtual_size, chunk_size, entries = decode_index(body, what)
         if virtual_size != disk.virtual_size or chunk_size != manifest.chunk_size:
             raise CorruptObjectError(f"index {what} disagrees with its manifest on sizes")
+        return entries
+
+    def load_index_object(self, key: str) -> list[IndexEntry]:
+        """An index read without its manifest (GC, for a backup whose manifest is damaged).
+
+        Only the object's own checks apply: decryption (which authenticates it in an
+        encrypted repository), magic, version, sizes and the repository's chunk size.
+        """
+        body = self.codec.unseal(key, self.backend.get(key))
+        _, chunk_size, entries = decode_index(body, key)
+        if chunk_size != self.chunk_size:
+            raise CorruptObjectError(
+                f"index {key} has chunk size {chunk_size}, not the repository's"
+            )
         return entries
 
     def index_digests(self, manifest: Manifest, disk_name: str) -> list[str | None]:
