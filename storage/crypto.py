@@ -19,13 +19,21 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from storage.errors import CorruptObjectError, PassphraseError, UnsupportedVersionError
+from storage.errors import (
+    ConfigMismatchError,
+    CorruptObjectError,
+    PassphraseError,
+    UnsupportedVersionError,
+)
 
 DIGEST_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 MASTER_KEY_SIZE = 64  # 32 bytes AES-256-GCM key || 32 bytes BLAKE3 hashing key
-KEY_FILE_VERSION = 1
+# Key object versions: 1 wraps the master key alone; 2 wraps master key || BLAKE3-256 of
+# the config object's bytes, which authenticates ``config`` under the passphrase.
+KEY_FILE_VERSION = 2
+_UNBOUND_KEY_VERSION = 1
 
 # First byte of every binary object body (after decryption): how the payload is stored.
 COMPRESSION_NONE = 0x00
@@ -203,17 +211,38 @@ def _aad(repo_id: str) -> bytes:
     return f"vmvault key {repo_id}".encode()
 
 
+def config_digest(config_bytes: bytes) -> bytes:
+    """BLAKE3-256 of the ``config`` object exactly as stored: any byte changed shows."""
+    out: bytes = blake3.blake3(config_bytes).digest()
+    return out
+
+
+@dataclass(frozen=True)
+class UnwrappedKey:
+    """An unlocked key object: the keys, the raw master key (for re-wrapping), and
+    whether the key object authenticates ``config`` (version 2) or predates that."""
+
+    keys: Keys
+    master: bytes
+    config_bound: bool
+
+
 def new_key_object(
-    passphrase: bytes, repo_id: str, master: bytes | None = None, n: int = SCRYPT_N
+    passphrase: bytes,
+    repo_id: str,
+    config_bytes: bytes,
+    master: bytes | None = None,
+    n: int = SCRYPT_N,
 ) -> tuple[bytes, Keys]:
-    """A fresh ``key`` object (JSON) wrapping ``master`` (random if None) under ``passphrase``."""
+    """A fresh ``key`` object (JSON) wrapping ``master`` (random if None) under ``passphrase``,
+    bound to the config object ``config_bytes``."""
     if not passphrase:
         raise PassphraseError("an empty passphrase is not allowed")
     master = master if master is not None else secrets.token_bytes(MASTER_KEY_SIZE)
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(NONCE_SIZE)
     kek = _kek(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
-    wrapped = AESGCM(kek).encrypt(nonce, master, _aad(repo_id))
+    wrapped = AESGCM(kek).encrypt(nonce, master + config_digest(config_bytes), _aad(repo_id))
     doc = {
         "version": KEY_FILE_VERSION,
         "kdf": "scrypt",
@@ -228,8 +257,14 @@ def new_key_object(
     return json.dumps(doc, indent=2).encode() + b"\n", Keys.from_master(master)
 
 
-def unwrap_key_object(data: bytes, passphrase: bytes, repo_id: str) -> tuple[Keys, bytes]:
-    """Unlock a ``key`` object; returns the keys and the raw master key (for re-wrapping)."""
+def unwrap_key_object(
+    data: bytes, passphrase: bytes, repo_id: str, config_bytes: bytes
+) -> UnwrappedKey:
+    """Unlock a ``key`` object and check that it binds ``config_bytes`` (version 2).
+
+    ``PassphraseError`` for a wrong passphrase; ``ConfigMismatchError`` when the
+    passphrase is right but the config object is not the one the key was made for.
+    """
     try:
         doc = json.loads(data)
         version = int(doc["version"])
@@ -255,11 +290,22 @@ def unwrap_key_object(data: bytes, passphrase: bytes, repo_id: str) -> tuple[Key
     wrapped = _unb64(doc.get("wrapped_key"), "wrapped_key")
     kek = _kek(passphrase, salt, n, r, p)
     try:
-        master = AESGCM(kek).decrypt(nonce, wrapped, _aad(repo_id))
+        plain = AESGCM(kek).decrypt(nonce, wrapped, _aad(repo_id))
     except InvalidTag:
         raise PassphraseError(
             "wrong passphrase for the repository (or its key object was altered)"
         ) from None
-    if len(master) != MASTER_KEY_SIZE:
-        raise CorruptObjectError(f"key object: master key has {len(master)} bytes, want 64")
-    return Keys.from_master(master), master
+    bound = version > _UNBOUND_KEY_VERSION
+    want = MASTER_KEY_SIZE + (DIGEST_SIZE if bound else 0)
+    if len(plain) != want:
+        raise CorruptObjectError(
+            f"key object version {version}: wrapped key has {len(plain)} bytes, want {want}"
+        )
+    master = plain[:MASTER_KEY_SIZE]
+    if bound and not secrets.compare_digest(plain[MASTER_KEY_SIZE:], config_digest(config_bytes)):
+        raise ConfigMismatchError(
+            "the repository's config object was altered after its key was made (it does "
+            "not match the digest bound into the key object): refusing to use it; put the "
+            "original config object back"
+        )
+    return UnwrappedKey(Keys.from_master(master), master, bound)

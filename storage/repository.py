@@ -30,6 +30,7 @@ from storage.backends import Backend, RetryPolicy, open_backend
 from storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
 from storage.errors import (
     BackupNotFoundError,
+    ConfigMismatchError,
     CorruptObjectError,
     ObjectNotFoundError,
     PassphraseError,
@@ -104,9 +105,12 @@ class Repository:
         concurrency: int = DEFAULT_CONCURRENCY,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         master_key: bytes | None = None,
+        config_bytes: bytes | None = None,
     ) -> None:
         self.backend = backend
         self.config = config
+        # The config object exactly as stored: the key object binds these bytes.
+        self._config_bytes = config_bytes if config_bytes is not None else config.to_bytes()
         self.codec = codec
         self.concurrency = concurrency
         self.lease_ttl = lease_ttl
@@ -153,10 +157,15 @@ class Repository:
         return self.codec.digest(data)
 
     def change_passphrase(self, new_passphrase: bytes) -> None:
-        """Re-wrap the master key under ``new_passphrase``; no other object changes."""
+        """Re-wrap the master key under ``new_passphrase``; no other object changes.
+
+        The new key object binds the config object as it was read at open (version 2),
+        so this is also how a repository made before the binding gets it (the same
+        passphrase may be given again).
+        """
         if self._master is None:
             raise PassphraseError(f"{self.url} is not encrypted: there is no passphrase")
-        data, _ = new_key_object(new_passphrase, self.config.id, self._master)
+        data, _ = new_key_object(new_passphrase, self.config.id, self._config_bytes, self._master)
         self.backend.put(KEY_KEY, data)
 
     # ------------------------------------------------------------------ chunks
@@ -742,18 +751,21 @@ def init_repository(
         encrypted=passphrase is not None,
         created=datetime.now(UTC),
     )
+    config_bytes = config.to_bytes()
     codec = Codec(None)
     master = None
     if passphrase is not None:
-        data, keys = new_key_object(passphrase, config.id, n=scrypt_n or SCRYPT_N)
+        data, keys = new_key_object(passphrase, config.id, config_bytes, n=scrypt_n or SCRYPT_N)
         master = keys.encryption + keys.hashing
         # Conditional create: a concurrent init cannot overwrite another's key.
         if not backend.put(KEY_KEY, data, if_absent=True):
             raise RepositoryExistsError(f"{url} already holds a repository key: nothing changed")
         codec = Codec(keys)
-    if not backend.put(CONFIG_KEY, config.to_bytes(), if_absent=True):
+    if not backend.put(CONFIG_KEY, config_bytes, if_absent=True):
         raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
-    return Repository(backend, config, codec, concurrency, master_key=master)
+    return Repository(
+        backend, config, codec, concurrency, master_key=master, config_bytes=config_bytes
+    )
 
 
 def open_repository(
@@ -765,37 +777,68 @@ def open_repository(
     retry: RetryPolicy | None = None,
     lease_ttl: float | None = None,
 ) -> Repository:
-    """Open an existing repository; encrypted ones need the passphrase."""
+    """Open an existing repository; encrypted ones need the passphrase.
+
+    With a passphrase, the repository must be encrypted; an encrypted one must have a
+    key object that binds its config (or predates the binding: then a WARNING says how
+    to add it). See docs/repository-format.md, sections 5 and 16.
+    """
     backend = open_backend(url, endpoint_url, region, concurrency, retry)
     try:
-        raw = backend.get(CONFIG_KEY)
-    except ObjectNotFoundError:
+        config, config_bytes, codec, master = _open_objects(backend, url, passphrase)
+    except BaseException:
         backend.close()
-        raise RepositoryNotFoundError(
-            f"no repository at {url} (no 'config' object): run 'vmvault init' first"
-        ) from None
-    config = RepoConfig.from_bytes(raw, url)
-    codec = Codec(None)
-    master = None
-    if config.encrypted:
-        if not passphrase:
-            backend.close()
-            raise PassphraseError(
-                f"{url} is encrypted: set repository.passphrase_file in the config"
-            )
-        try:
-            key_data = backend.get(KEY_KEY)
-        except ObjectNotFoundError:
-            raise CorruptObjectError(
-                f"{url} is encrypted but its 'key' object is missing"
-            ) from None
-        keys, master = unwrap_key_object(key_data, passphrase, config.id)
-        codec = Codec(keys)
-    elif passphrase:
-        log.warning("%s is not encrypted; the configured passphrase is not used", url)
+        raise
     ttl = (
         lease_ttl
         if lease_ttl is not None
         else float(os.environ.get("VMVAULT_LEASE_TTL", DEFAULT_LEASE_TTL))
     )
-    return Repository(backend, config, codec, concurrency, ttl, master)
+    return Repository(backend, config, codec, concurrency, ttl, master, config_bytes)
+
+
+def _open_objects(
+    backend: Backend, url: str, passphrase: bytes | None
+) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
+    """Read ``config`` (and ``key``): the config, its bytes, the codec, the master key."""
+    try:
+        raw = backend.get(CONFIG_KEY)
+    except ObjectNotFoundError:
+        raise RepositoryNotFoundError(
+            f"no repository at {url} (no 'config' object): run 'vmvault init' first"
+        ) from None
+    config = RepoConfig.from_bytes(raw, url)
+    if not config.encrypted:
+        # Whoever can write to the store can edit "encryption" to "none": new backups
+        # would then be written in plaintext and forged ones read. A configured
+        # passphrase, or a key object, says this repository was made encrypted.
+        if passphrase:
+            raise ConfigMismatchError(
+                f"{url} is not encrypted, but repository.passphrase_file is set: refusing to "
+                "use it. If the repository was made without encryption, remove "
+                "passphrase_file from the config; if not, its config object was altered"
+            )
+        if backend.exists(KEY_KEY):
+            raise ConfigMismatchError(
+                f"{url}: the config object says the repository is not encrypted, but it has "
+                "a 'key' object: the config was altered; refusing to use it"
+            )
+        return config, raw, Codec(None), None
+    if not passphrase:
+        raise PassphraseError(f"{url} is encrypted: set repository.passphrase_file in the config")
+    try:
+        key_data = backend.get(KEY_KEY)
+    except ObjectNotFoundError:
+        raise CorruptObjectError(f"{url} is encrypted but its 'key' object is missing") from None
+    try:
+        unwrapped = unwrap_key_object(key_data, passphrase, config.id, raw)
+    except ConfigMismatchError as err:
+        raise ConfigMismatchError(f"{url}: {err}") from err
+    if not unwrapped.config_bound:
+        log.warning(
+            "%s: the key object predates config authentication, so an edit of the config "
+            "object would go unnoticed; run 'vmvault passwd --new-passphrase-file FILE' "
+            "(the current passphrase file will do) to bind it",
+            url,
+        )
+    return config, raw, Codec(unwrapped.keys), unwrapped.master

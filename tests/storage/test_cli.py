@@ -122,3 +122,24 @@ def test_passwd_rewraps_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code, _, err = _run(capsys, "passwd", "--new-passphrase-file", str(tmp_path / "nope"),
                         "--config", str(cfg))  # fmt: skip
     assert code == 1 and "cannot read --new-passphrase-file" in err
+
+
+def test_passwd_with_the_same_passphrase_binds_an_old_key_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The documented way to add the config binding to a repository made before it."""
+    from storage.format import CONFIG_KEY, KEY_KEY
+    from tests.storage.test_config_binding import _legacy_key_object, _master
+
+    cfg, url = _config(tmp_path, b"pw")
+    assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
+    repo = open_repository(url, passphrase=b"pw")
+    repo.backend.put(KEY_KEY, _legacy_key_object(b"pw", repo.config.id, _master(repo)))
+    capsys.readouterr()
+    code, _, _ = _run(capsys, "passwd", "--new-passphrase-file", str(tmp_path / "pass"),
+                      "--config", str(cfg))  # fmt: skip
+    assert code == 0
+    assert json.loads(repo.backend.get(KEY_KEY))["version"] == 2
+    repo.backend.put(CONFIG_KEY, repo.backend.get(CONFIG_KEY) + b" ")
+    code, _, err = _run(capsys, "list", "--config", str(cfg))
+    assert code == 1 and "config object was altered" in err and len(err.splitlines()) == 1
