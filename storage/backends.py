@@ -4,7 +4,9 @@ A backend stores opaque objects under ``/``-separated keys relative to the
 repository root. It knows nothing about chunks or manifests; the repository
 layer decides what the bytes mean. Every backend offers exactly:
 
-    get(key) -> bytes                      ObjectNotFoundError if absent
+    get(key, max_size=None) -> bytes       ObjectNotFoundError if absent;
+                                           ObjectTooLargeError, without reading the
+                                           body, if it has more than max_size bytes
     put(key, data, if_absent=False, defer_sync=False) -> bool
                                            data: bytes-like, or a sequence of pieces
                                            stored as their concatenation
@@ -46,7 +48,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from storage.errors import BackendUnavailableError, ObjectNotFoundError, StorageError
+from storage.errors import (
+    BackendUnavailableError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ class Backend(Protocol):
 
     url: str
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, max_size: int | None = None) -> bytes: ...
 
     def put(
         self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False
@@ -147,9 +154,18 @@ class FileBackend:
             raise StorageError(f"refusing unsafe object key {key!r}")
         return self.root.joinpath(*parts)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as f:
+                if max_size is None:
+                    return f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size > max_size:
+                    raise _too_large(key, self.url, size, max_size)
+                data = f.read(max_size + 1)  # it may have grown since the fstat
+                if len(data) > max_size:
+                    raise _too_large(key, self.url, len(data), max_size)
+                return data
         except FileNotFoundError:
             raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
         except OSError as err:
@@ -345,6 +361,13 @@ class FileBackend:
         pass
 
 
+def _too_large(key: str, url: str, size: int, limit: int) -> ObjectTooLargeError:
+    return ObjectTooLargeError(
+        f"object {key!r} in {url} is {size} bytes, more than the {limit} it may have: "
+        "damaged or not written by vmvault; it was not read"
+    )
+
+
 def _write_all(fd: int, data: Data) -> None:
     for piece in (data,) if isinstance(data, bytes | bytearray | memoryview) else data:
         view = memoryview(piece)
@@ -474,12 +497,24 @@ class S3Backend:
     def _key(self, key: str) -> str:
         return self.prefix + key
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         def op() -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data: bytes = resp["Body"].read()
+            body = resp["Body"]
+            if max_size is None:
+                data: bytes = body.read()
+                return data
+            # The size is in the response headers: refuse before reading the body.
+            size = int(resp.get("ContentLength", 0))
+            if size > max_size:
+                body.close()
+                raise _too_large(key, self.url, size, max_size)
+            data = body.read(max_size + 1)
+            body.close()
+            if len(data) > max_size:
+                raise _too_large(key, self.url, len(data), max_size)
             return data
 
         try:

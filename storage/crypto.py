@@ -25,6 +25,7 @@ from storage.errors import (
     PassphraseError,
     UnsupportedVersionError,
 )
+from storage.format import MAX_KEY_BYTES, parse_json
 
 DIGEST_SIZE = 32
 NONCE_SIZE = 12
@@ -94,6 +95,37 @@ def _unzstd() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _inflate(key: str, frame: bytes, limit: int) -> bytes:
+    """One zstd frame, decompressed to at most ``limit`` bytes.
+
+    A frame header may declare its content size: one beyond ``limit`` is refused before
+    anything is allocated (python-zstandard would allocate whatever it declares, e.g.
+    1 TiB from 17 bytes). A frame without it is decompressed into at most ``limit``
+    bytes and refused when it needs more; one whose content differs from what it
+    declares fails inside zstd.
+    """
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as err:
+        raise CorruptObjectError(f"object {key!r}: bad zstd data ({err})") from err
+    if declared > limit:
+        raise CorruptObjectError(
+            f"object {key!r}: its zstd frame declares {declared} bytes, more than the "
+            f"{limit} expected"
+        )
+    try:
+        out: bytes
+        if declared >= 0:
+            out = _unzstd().decompress(frame)
+        else:
+            out = _unzstd().decompress(frame, max_output_size=limit)
+        return out
+    except zstandard.ZstdError as err:
+        raise CorruptObjectError(
+            f"object {key!r}: bad zstd data, or more than the {limit} bytes expected ({err})"
+        ) from err
+
+
 @dataclass(frozen=True)
 class Keys:
     """The unwrapped master key, split into its two uses."""
@@ -149,20 +181,22 @@ class Codec:
             return bytes([kind]), payload
         return (self.encrypt(key, bytes([kind]) + payload),)
 
-    def unseal(self, key: str, stored: bytes) -> bytes:
-        """Inverse of ``seal``; ``CorruptObjectError`` names ``key`` on any damage."""
+    def unseal(self, key: str, stored: bytes, limit: int) -> bytes:
+        """Inverse of ``seal``; the body may have at most ``limit`` bytes (a chunk: the chunk
+        size; an index: its size from the manifest). ``CorruptObjectError`` names ``key``
+        on any damage, and on a body that is or would inflate beyond ``limit``."""
         payload = self.decrypt(key, stored)
         if not payload:
             raise CorruptObjectError(f"object {key!r} is empty")
         kind, body = payload[0], payload[1:]
         if kind == COMPRESSION_NONE:
+            if len(body) > limit:
+                raise CorruptObjectError(
+                    f"object {key!r} holds {len(body)} bytes, more than the {limit} expected"
+                )
             return body
         if kind == COMPRESSION_ZSTD:
-            try:
-                out: bytes = _unzstd().decompress(body)
-                return out
-            except zstandard.ZstdError as err:
-                raise CorruptObjectError(f"object {key!r}: bad zstd data ({err})") from err
+            return _inflate(key, body, limit)
         raise CorruptObjectError(f"object {key!r}: unknown compression byte 0x{kind:02x}")
 
     def encrypt(self, key: str, plaintext: bytes) -> bytes:
@@ -196,11 +230,45 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(text: Any, what: str) -> bytes:
+def _unb64(text: Any, what: str, sizes: range) -> bytes:
+    if not isinstance(text, str):
+        raise CorruptObjectError(f"key object: {what} is not base64 text")
     try:
-        return base64.b64decode(str(text), validate=True)
+        raw = base64.b64decode(text, validate=True)
     except ValueError as err:
         raise CorruptObjectError(f"key object: {what} is not base64") from err
+    if len(raw) not in sizes:
+        raise CorruptObjectError(f"key object: {what} has {len(raw)} bytes")
+    return raw
+
+
+# Bounds on the scrypt cost a key object may ask for: it is attacker-controlled input,
+# and N, r, p set memory (128 * r * N bytes) and time (p times that work). The default
+# (N=2^15, r=8, p=1) needs 32 MiB.
+SCRYPT_MAX_MEMORY = 1024 * 1024 * 1024
+SCRYPT_MAX_P = 4
+
+
+def _scrypt_params(doc: dict[str, Any]) -> tuple[int, int, int]:
+    """``(n, r, p)`` of a key object, refused with a clear message when beyond bounds."""
+    values = [doc.get(name) for name in ("n", "r", "p")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        shown = ", ".join(f"{k}={v!r}" for k, v in zip("nrp", values, strict=True))
+        raise CorruptObjectError(f"key object: bad scrypt parameters ({shown}): integers expected")
+    n, r, p = (int(v) for v in values)  # type: ignore[arg-type]
+    if n < 2**10 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= SCRYPT_MAX_P:
+        raise CorruptObjectError(
+            f"key object: unreasonable scrypt parameters n={n} r={r} p={p} (want n a power "
+            f"of two from 1024, r 1 to 32, p 1 to {SCRYPT_MAX_P}); refusing to try them"
+        )
+    memory = 128 * r * n
+    if memory > SCRYPT_MAX_MEMORY:
+        raise CorruptObjectError(
+            f"key object: scrypt parameters n={n} r={r} p={p} would need "
+            f"{memory // 2**20} MiB of memory, more than the {SCRYPT_MAX_MEMORY // 2**20} MiB "
+            "allowed; refusing to try them (the key object may have been altered)"
+        )
+    return n, r, p
 
 
 def _kek(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -265,11 +333,10 @@ def unwrap_key_object(
     ``PassphraseError`` for a wrong passphrase; ``ConfigMismatchError`` when the
     passphrase is right but the config object is not the one the key was made for.
     """
-    try:
-        doc = json.loads(data)
-        version = int(doc["version"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptObjectError(f"key object is not valid JSON: {err}") from err
+    doc = parse_json(data, "key object", MAX_KEY_BYTES)
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorruptObjectError("key object is not a vmvault key (no integer version)")
     if version > KEY_FILE_VERSION:
         raise UnsupportedVersionError(
             f"key object version {version} is newer than this vmvault supports "
@@ -279,15 +346,10 @@ def unwrap_key_object(
         raise CorruptObjectError(
             f"key object: unknown kdf/cipher {doc.get('kdf')}/{doc.get('cipher')}"
         )
-    try:
-        n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CorruptObjectError(f"key object: bad scrypt parameters: {err}") from err
-    if n < 2**10 or n > 2**22 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise CorruptObjectError(f"key object: unreasonable scrypt parameters n={n} r={r} p={p}")
-    salt = _unb64(doc.get("salt"), "salt")
-    nonce = _unb64(doc.get("nonce"), "nonce")
-    wrapped = _unb64(doc.get("wrapped_key"), "wrapped_key")
+    n, r, p = _scrypt_params(doc)
+    salt = _unb64(doc.get("salt"), "salt", range(16, 65))
+    nonce = _unb64(doc.get("nonce"), "nonce", range(NONCE_SIZE, NONCE_SIZE + 1))
+    wrapped = _unb64(doc.get("wrapped_key"), "wrapped_key", range(TAG_SIZE, 1025))
     kek = _kek(passphrase, salt, n, r, p)
     try:
         plain = AESGCM(kek).decrypt(nonce, wrapped, _aad(repo_id))

@@ -58,3 +58,8 @@ class WriterError(StorageError):
 class ConfigMismatchError(StorageError):
     """The repository's ``config`` contradicts its key object or the fleet config (encryption
     switched off, config edited after its key was made). Not retryable: possible tampering."""
+
+
+class ObjectTooLargeError(CorruptObjectError):
+    """An object is larger than anything of its kind may be; it was not read. Not retryable:
+    data damage or tampering."""

@@ -49,7 +49,7 @@ from storage.errors import (
     RepositoryLockedError,
     StorageError,
 )
-from storage.format import LOCKS_PREFIX, iso
+from storage.format import LOCKS_PREFIX, MAX_LOCK_BYTES, iso, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _optional_str(value: object) -> str | None:
 
 def _parse(key: str, data: bytes, modified: datetime) -> LockInfo:
     try:
-        doc = json.loads(data)
+        doc = parse_json(data, f"lock {key}", MAX_LOCK_BYTES)
         start = doc.get("pid_start")
         return LockInfo(
             key=key,
@@ -135,7 +135,7 @@ def _parse(key: str, data: bytes, modified: datetime) -> LockInfo:
             pid_ns=_optional_str(doc.get("pid_ns")),
             pid_start=start if isinstance(start, int) and not isinstance(start, bool) else None,
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (StorageError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         # An unreadable lock is treated as live for a day from its write time: we
         # cannot tell whose it is, and guessing "stale" could let GC race a backup.
         return LockInfo(key, "unreadable", "?", "?", 0, modified, modified + timedelta(days=1))
@@ -192,7 +192,7 @@ def list_locks(backend: Backend) -> list[LockInfo]:
     locks = []
     for info in backend.list(LOCKS_PREFIX):
         try:
-            data = backend.get(info.key)
+            data = backend.get(info.key, max_size=MAX_LOCK_BYTES)
         except ObjectNotFoundError:
             continue  # released while we listed
         except StorageError as err:

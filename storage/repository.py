@@ -45,6 +45,10 @@ from storage.format import (
     DEFAULT_CHUNK_SIZE,
     KEY_KEY,
     MANIFEST_NAME,
+    MAX_CONFIG_BYTES,
+    MAX_INDEX_ENTRIES,
+    MAX_KEY_BYTES,
+    MAX_MANIFEST_BYTES,
     DamagedManifest,
     DiskStats,
     IndexEntry,
@@ -60,10 +64,13 @@ from storage.format import (
     chunk_key,
     decode_index,
     encode_index,
+    index_body_limit,
     index_key,
     manifest_key,
     new_backup_id,
     parse_backup_key,
+    parse_json,
+    stored_limit,
 )
 from storage.locks import DEFAULT_LEASE_TTL, Lease
 
@@ -177,7 +184,8 @@ class Repository:
         data itself later (restore reads every chunk back and compares it with the index).
         """
         key = chunk_key(digest)
-        data = self.codec.unseal(key, self.backend.get(key))
+        cs = self.chunk_size
+        data = self.codec.unseal(key, self.backend.get(key, max_size=stored_limit(cs)), limit=cs)
         if check and self.codec.digest(data) != digest:
             raise CorruptObjectError(f"chunk {digest} does not match its digest")
         return data
@@ -185,12 +193,9 @@ class Repository:
     # ------------------------------------------------------------------ manifests
 
     def _load_manifest_key(self, key: str) -> Manifest:
-        stored = self.backend.get(key)
+        stored = self.backend.get(key, max_size=stored_limit(MAX_MANIFEST_BYTES))
         raw = self.codec.decrypt(key, stored)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CorruptObjectError(f"manifest {key} is not valid JSON: {err}") from err
+        doc = parse_json(raw, f"manifest {key}", MAX_MANIFEST_BYTES)
         if not isinstance(doc, dict) or "checksum" not in doc:
             raise CorruptObjectError(f"manifest {key} has no checksum")
         checksum = doc.pop("checksum")
@@ -290,8 +295,11 @@ class Repository:
     def load_index(self, manifest: Manifest, disk_name: str) -> list[IndexEntry]:
         disk = manifest.disk(disk_name)
         what = f"{disk.index_key}"
+        # Exactly this many bytes, from the manifest: nothing larger is ever inflated.
+        limit = index_body_limit(disk.virtual_size, manifest.chunk_size)
         try:
-            body = self.codec.unseal(disk.index_key, self.backend.get(disk.index_key))
+            stored = self.backend.get(disk.index_key, max_size=stored_limit(limit))
+            body = self.codec.unseal(disk.index_key, stored, limit=limit)
         except ObjectNotFoundError:
             raise ObjectNotFoundError(
                 f"index of disk {disk_name} of backup {manifest.backup_id} "
@@ -312,7 +320,8 @@ class Repository:
         Only the object's own checks apply: decryption (which authenticates it in an
         encrypted repository), magic, version, sizes and the repository's chunk size.
         """
-        body = self.codec.unseal(key, self.backend.get(key))
+        limit = index_body_limit(MAX_INDEX_ENTRIES * self.chunk_size, self.chunk_size)
+        body = self.codec.unseal(key, self.backend.get(key, max_size=stored_limit(limit)), limit)
         _, chunk_size, entries = decode_index(body, key)
         if chunk_size != self.chunk_size:
             raise CorruptObjectError(
@@ -802,7 +811,7 @@ def _open_objects(
 ) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
     """Read ``config`` (and ``key``): the config, its bytes, the codec, the master key."""
     try:
-        raw = backend.get(CONFIG_KEY)
+        raw = backend.get(CONFIG_KEY, max_size=MAX_CONFIG_BYTES)
     except ObjectNotFoundError:
         raise RepositoryNotFoundError(
             f"no repository at {url} (no 'config' object): run 'vmvault init' first"
@@ -827,7 +836,7 @@ def _open_objects(
     if not passphrase:
         raise PassphraseError(f"{url} is encrypted: set repository.passphrase_file in the config")
     try:
-        key_data = backend.get(KEY_KEY)
+        key_data = backend.get(KEY_KEY, max_size=MAX_KEY_BYTES)
     except ObjectNotFoundError:
         raise CorruptObjectError(f"{url} is encrypted but its 'key' object is missing") from None
     try:

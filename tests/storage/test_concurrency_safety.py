@@ -48,10 +48,10 @@ class _LockReadsFail:
         self.inner = inner
         self.url = inner.url
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         if key.startswith("locks/"):
             raise BackendUnavailableError(f"GET {key} kept failing (injected)")
-        return self.inner.get(key)
+        return self.inner.get(key, max_size)
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         return self.inner.put(key, data, if_absent, defer_sync)
@@ -145,8 +145,8 @@ class _SlowDeletes:
         self.deletes = 0
         self._delay = delay
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+    def get(self, key: str, max_size: int | None = None) -> bytes:
+        return self.inner.get(key, max_size)
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         if key.startswith("locks/") and self.deletes:
