@@ -131,9 +131,15 @@ class FileBackend:
 
     ``put(..., if_absent=True)`` publishes with ``link(2)``, which fails with EEXIST
     instead of replacing: the file-system equivalent of S3's ``If-None-Match: *``.
+
+    Files are created 0600 and directories 0700 (whatever the umask allows of that):
+    backups hold whole disks, and even encrypted ones show names and sizes. Existing
+    files and directories (a root the operator made) keep their modes.
     """
 
     _TMP_PREFIX = ".tmp-"
+    _FILE_MODE = 0o600
+    _DIR_MODE = 0o700
 
     def __init__(self, url: str, root: Path) -> None:
         self.url = url
@@ -176,9 +182,9 @@ class FileBackend:
         try:
             tmp = path.parent / f"{self._TMP_PREFIX}{secrets.token_hex(8)}"
             for attempt in range(3):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self._makedirs(path.parent)
                 try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._FILE_MODE)
                     break
                 except FileNotFoundError:
                     # A concurrent delete() removed the (empty) directory after our
@@ -212,6 +218,22 @@ class FileBackend:
             return True
         except OSError as err:
             raise StorageError(f"cannot write {key!r} in {self.url}: {err.strerror}") from err
+
+    def _makedirs(self, path: Path) -> None:
+        """``mkdir -p`` with 0700 for every directory it makes (``Path.mkdir`` and
+        ``os.makedirs`` give missing parents the default mode)."""
+        missing: list[Path] = []
+        while not path.is_dir():
+            missing.append(path)
+            if path.parent == path:
+                break
+            path = path.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, self._DIR_MODE)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
 
     def flush(self) -> None:
         with self._flush_lock:
