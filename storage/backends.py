@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import secrets
 import threading
 import time
@@ -281,6 +282,8 @@ class FileBackend:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = self.root
         start = self.root / prefix.rstrip("/") if prefix else self.root
+        if prefix.endswith("/") and not start.is_dir():
+            return  # no such directory, so no key under it
         # The prefix may end mid-name ("chunks/a"): walk its directory and filter.
         walk_root = start if start.is_dir() else start.parent
         inside = walk_root == self.root or self.root in walk_root.parents
@@ -491,7 +494,14 @@ class S3Backend:
         )
 
     def _call(self, what: str, op: Callable[[], T]) -> T:
-        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            HTTPClientError,
+            IncompleteReadError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         last: Exception | None = None
@@ -501,12 +511,24 @@ class S3Backend:
             except ClientError as err:
                 status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                 code = str(err.response.get("Error", {}).get("Code", ""))
+                if code == "NoSuchBucket":
+                    raise _no_bucket(self.bucket, self.url) from err
                 if not (status >= 500 or status == 429 or code in _THROTTLING_CODES):
                     raise
                 last = err
             except (HTTPClientError, BotoConnectionError, IncompleteReadError) as err:
                 # Refused, reset, timed out, or a body cut short.
                 last = err
+            except (NoCredentialsError, PartialCredentialsError) as err:
+                raise StorageError(
+                    f"no AWS credentials for {self.url} ({err}): set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or an AWS profile (AWS_PROFILE, "
+                    "~/.aws/credentials), or give the host an instance role"
+                ) from err
+            except BotoCoreError as err:
+                # Anything else botocore refuses (bad parameters, a broken profile): not
+                # transient, and it must not escape as a traceback.
+                raise StorageError(f"{what} on {self.url} failed: {err}") from err
             if attempt == self.retry.attempts - 1:
                 break
             delay = self.retry.delay(attempt)
@@ -607,10 +629,6 @@ class S3Backend:
                     f"LIST {prefix}", partial(self._client.list_objects_v2, **kwargs)
                 )
             except ClientError as err:
-                if _code(err) == "NoSuchBucket":
-                    raise StorageError(
-                        f"bucket {self.bucket!r} does not exist at {self.url}: create it first"
-                    ) from err
                 raise _client_error(f"LIST {prefix!r}", self.url, err) from err
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) :]
@@ -632,11 +650,35 @@ def _client_error(what: str, url: str, err: Any) -> StorageError:
     status, code = _status(err), _code(err)
     if status == 403:
         hint = "access denied: check the AWS credentials and the bucket policy"
-    elif code == "NoSuchBucket":
-        hint = "the bucket does not exist: create it first"
     else:
         hint = str(err)
     return StorageError(f"{what} in {url} failed ({status} {code}): {hint}")
+
+
+def _no_bucket(bucket: str, url: str) -> StorageError:
+    return StorageError(
+        f"bucket {bucket!r} does not exist (repository {url}): create it (vmvault does not "
+        "create buckets) or fix repository.url and endpoint_url"
+    )
+
+
+# botocore's own rule for bucket names (AWS itself wants 3-63 lowercase characters;
+# S3-compatible stores are laxer). Checked up front for a clear message.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``s3://bucket/prefix``; ``StorageError`` says what is wrong."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
+    bucket = unquote(parsed.netloc)
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise StorageError(
+            f"bad bucket name {bucket!r} in {url!r}: use letters, digits, '.', '-' and '_' "
+            "(no spaces)"
+        )
+    return bucket, unquote(parsed.path)
 
 
 def _status(err: Any) -> int:
@@ -664,12 +706,8 @@ def _open_s3(
     concurrency: int = 8,
     retry: RetryPolicy | None = None,
 ) -> Backend:
-    parsed = urlparse(url)
-    if not parsed.netloc:
-        raise StorageError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
-    return S3Backend(
-        url, parsed.netloc, unquote(parsed.path), endpoint_url, region, concurrency, retry
-    )
+    bucket, prefix = parse_s3_url(url)
+    return S3Backend(url, bucket, prefix, endpoint_url, region, concurrency, retry)
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {"file": _open_file, "s3": _open_s3}

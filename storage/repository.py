@@ -44,6 +44,7 @@ from storage.format import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
     KEY_KEY,
+    LOCKS_PREFIX,
     MANIFEST_NAME,
     MAX_CONFIG_BYTES,
     MAX_INDEX_ENTRIES,
@@ -752,6 +753,25 @@ def init_repository(
     except CorruptObjectError as err:
         raise StorageError(str(err)) from None
     backend = open_backend(url, endpoint_url, region, concurrency, retry)
+    try:
+        config, config_bytes, codec, master = _create_objects(
+            backend, url, passphrase, chunk_size, scrypt_n or SCRYPT_N
+        )
+    except BaseException:
+        backend.close()
+        raise
+    return Repository(
+        backend, config, codec, concurrency, master_key=master, config_bytes=config_bytes
+    )
+
+
+def _create_objects(
+    backend: Backend, url: str, passphrase: bytes | None, chunk_size: int, scrypt_n: int
+) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
+    """Write ``key`` (if encrypted) and then ``config``, each only if absent."""
+    # A listing fails on a missing bucket, where a PUT may quietly create one (SeaweedFS
+    # does): probe first, so that init says "the bucket does not exist" on every store.
+    next(iter(backend.list(LOCKS_PREFIX)), None)
     if backend.exists(CONFIG_KEY) or backend.exists(KEY_KEY):
         raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
     config = RepoConfig(
@@ -764,7 +784,7 @@ def init_repository(
     codec = Codec(None)
     master = None
     if passphrase is not None:
-        data, keys = new_key_object(passphrase, config.id, config_bytes, n=scrypt_n or SCRYPT_N)
+        data, keys = new_key_object(passphrase, config.id, config_bytes, n=scrypt_n)
         master = keys.encryption + keys.hashing
         # Conditional create: a concurrent init cannot overwrite another's key.
         if not backend.put(KEY_KEY, data, if_absent=True):
@@ -772,9 +792,7 @@ def init_repository(
         codec = Codec(keys)
     if not backend.put(CONFIG_KEY, config_bytes, if_absent=True):
         raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
-    return Repository(
-        backend, config, codec, concurrency, master_key=master, config_bytes=config_bytes
-    )
+    return config, config_bytes, codec, master
 
 
 def open_repository(
