@@ -169,9 +169,13 @@ class FileBackend:
                 size = os.fstat(f.fileno()).st_size
                 if size > max_size:
                     raise _too_large(key, self.url, size, max_size)
-                data = f.read(max_size + 1)  # it may have grown since the fstat
-                if len(data) > max_size:
-                    raise _too_large(key, self.url, len(data), max_size)
+                data = f.read(size + 1)
+                if len(data) > size:
+                    # Grown since the fstat (never one of ours: objects are renamed into
+                    # place whole): read on, up to the cap.
+                    data += f.read(max_size + 1 - len(data))
+                    if len(data) > max_size:
+                        raise _too_large(key, self.url, len(data), max_size)
                 return data
         except FileNotFoundError:
             raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
@@ -550,13 +554,13 @@ class S3Backend:
             if max_size is None:
                 data: bytes = body.read()
                 return data
-            # The size is in the response headers: refuse before reading the body.
-            size = int(resp.get("ContentLength", 0))
-            if size > max_size:
+            # The size is in the response headers: refuse before reading the body. The
+            # HTTP layer then reads exactly Content-Length bytes (and fails on fewer).
+            size = resp.get("ContentLength")
+            if size is not None and int(size) > max_size:
                 body.close()
-                raise _too_large(key, self.url, size, max_size)
-            data = body.read(max_size + 1)
-            body.close()
+                raise _too_large(key, self.url, int(size), max_size)
+            data = body.read() if size is not None else body.read(max_size + 1)
             if len(data) > max_size:
                 raise _too_large(key, self.url, len(data), max_size)
             return data
