@@ -61,8 +61,14 @@ class RepositoryConfig(_Strict):
             if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
                 raise ValueError(f"bad file URL {url!r}: use file:///absolute/path")
         elif parsed.scheme == "s3":
-            if not parsed.netloc:
-                raise ValueError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
+            # storage.backends imports boto3 only when a backend is opened: cheap here.
+            from storage.backends import parse_s3_url
+            from storage.errors import StorageError
+
+            try:
+                parse_s3_url(url)
+            except StorageError as err:
+                raise ValueError(str(err)) from None
         else:
             raise ValueError(f"unsupported repository URL {url!r}: use file:// or s3://")
         return url
@@ -83,7 +89,11 @@ class RepositoryConfig(_Strict):
         return self
 
     def read_passphrase(self) -> bytes | None:
-        """The repository passphrase from ``passphrase_file`` (trailing newline dropped)."""
+        """The repository passphrase from ``passphrase_file`` (trailing newline dropped).
+
+        ``ConfigError`` when the file cannot be read or holds nothing: an empty
+        passphrase would otherwise read as "no passphrase configured".
+        """
         if self.passphrase_file is None:
             return None
         try:
@@ -92,7 +102,15 @@ class RepositoryConfig(_Strict):
             raise ConfigError(
                 [f"repository.passphrase_file: cannot read {self.passphrase_file}: {err.strerror}"]
             ) from err
-        return data.rstrip(b"\r\n")
+        passphrase = data.rstrip(b"\r\n")
+        if not passphrase:
+            raise ConfigError(
+                [
+                    f"repository.passphrase_file: passphrase file {self.passphrase_file} is "
+                    "empty: write the passphrase into it"
+                ]
+            )
+        return passphrase
 
     def open(self, concurrency: int | None = None) -> Repository:
         """Open the configured repository; ``concurrency`` sizes its thread and connection pool."""

@@ -4,7 +4,9 @@ A backend stores opaque objects under ``/``-separated keys relative to the
 repository root. It knows nothing about chunks or manifests; the repository
 layer decides what the bytes mean. Every backend offers exactly:
 
-    get(key) -> bytes                      ObjectNotFoundError if absent
+    get(key, max_size=None) -> bytes       ObjectNotFoundError if absent;
+                                           ObjectTooLargeError, without reading the
+                                           body, if it has more than max_size bytes
     put(key, data, if_absent=False, defer_sync=False) -> bool
                                            data: bytes-like, or a sequence of pieces
                                            stored as their concatenation
@@ -14,7 +16,18 @@ layer decides what the bytes mean. Every backend offers exactly:
     exists(key) -> bool
     delete(key)                            absent keys are fine
     list(prefix) -> Iterator[ObjectInfo]   every key under prefix, any depth
+    sweep_litter(older_than, dry_run) -> Litter
+                                           remove what killed writers left that is not an
+                                           object (see below)
     close()
+
+Why ``sweep_litter`` exists: a file:// put writes a temporary file and renames it into
+place, and creates directories on the way. A writer killed in between leaves a temp
+file (``.tmp-*``) or an empty directory. Neither is an object: a temp file has no key
+(listing it would show readers half-written bytes) and directories are not objects, so
+GC cannot name them through the six object operations. Only the backend knows its own
+litter. S3 leaves none (a PUT is atomic and vmvault never starts multipart uploads),
+so its ``sweep_litter`` does nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import secrets
 import threading
 import time
@@ -35,7 +49,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from storage.errors import BackendUnavailableError, ObjectNotFoundError, StorageError
+from storage.errors import (
+    BackendUnavailableError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    StorageError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +65,15 @@ Blob = bytes | bytearray | memoryview
 Data = Blob | Sequence[Blob]
 
 _FLUSH_THREADS = 8
+
+
+@dataclass
+class Litter:
+    """What ``sweep_litter`` found: temp files removed and kept (young), directories removed."""
+
+    temp_files_deleted: int = 0
+    temp_files_in_grace: int = 0
+    empty_dirs_removed: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,7 +90,7 @@ class Backend(Protocol):
 
     url: str
 
-    def get(self, key: str) -> bytes: ...
+    def get(self, key: str, max_size: int | None = None) -> bytes: ...
 
     def put(
         self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False
@@ -75,6 +103,8 @@ class Backend(Protocol):
     def delete(self, key: str) -> None: ...
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]: ...
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter: ...
 
     def close(self) -> None: ...
 
@@ -102,9 +132,15 @@ class FileBackend:
 
     ``put(..., if_absent=True)`` publishes with ``link(2)``, which fails with EEXIST
     instead of replacing: the file-system equivalent of S3's ``If-None-Match: *``.
+
+    Files are created 0600 and directories 0700 (whatever the umask allows of that):
+    backups hold whole disks, and even encrypted ones show names and sizes. Existing
+    files and directories (a root the operator made) keep their modes.
     """
 
     _TMP_PREFIX = ".tmp-"
+    _FILE_MODE = 0o600
+    _DIR_MODE = 0o700
 
     def __init__(self, url: str, root: Path) -> None:
         self.url = url
@@ -125,9 +161,22 @@ class FileBackend:
             raise StorageError(f"refusing unsafe object key {key!r}")
         return self.root.joinpath(*parts)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as f:
+                if max_size is None:
+                    return f.read()
+                size = os.fstat(f.fileno()).st_size
+                if size > max_size:
+                    raise _too_large(key, self.url, size, max_size)
+                data = f.read(size + 1)
+                if len(data) > size:
+                    # Grown since the fstat (never one of ours: objects are renamed into
+                    # place whole): read on, up to the cap.
+                    data += f.read(max_size + 1 - len(data))
+                    if len(data) > max_size:
+                        raise _too_large(key, self.url, len(data), max_size)
+                return data
         except FileNotFoundError:
             raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
         except OSError as err:
@@ -138,9 +187,9 @@ class FileBackend:
         try:
             tmp = path.parent / f"{self._TMP_PREFIX}{secrets.token_hex(8)}"
             for attempt in range(3):
-                path.parent.mkdir(parents=True, exist_ok=True)
+                self._makedirs(path.parent)
                 try:
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self._FILE_MODE)
                     break
                 except FileNotFoundError:
                     # A concurrent delete() removed the (empty) directory after our
@@ -174,6 +223,22 @@ class FileBackend:
             return True
         except OSError as err:
             raise StorageError(f"cannot write {key!r} in {self.url}: {err.strerror}") from err
+
+    def _makedirs(self, path: Path) -> None:
+        """``mkdir -p`` with 0700 for every directory it makes (``Path.mkdir`` and
+        ``os.makedirs`` give missing parents the default mode)."""
+        missing: list[Path] = []
+        while not path.is_dir():
+            missing.append(path)
+            if path.parent == path:
+                break
+            path = path.parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, self._DIR_MODE)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
 
     def flush(self) -> None:
         with self._flush_lock:
@@ -221,6 +286,8 @@ class FileBackend:
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = self.root
         start = self.root / prefix.rstrip("/") if prefix else self.root
+        if prefix.endswith("/") and not start.is_dir():
+            return  # no such directory, so no key under it
         # The prefix may end mid-name ("chunks/a"): walk its directory and filter.
         walk_root = start if start.is_dir() else start.parent
         inside = walk_root == self.root or self.root in walk_root.parents
@@ -241,8 +308,93 @@ class FileBackend:
                     continue
                 yield ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
 
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        """Remove temp files last written before ``older_than``, then empty directories.
+
+        A temp file younger than that may belong to a live writer: it stays. A directory
+        goes when it is empty and either older than ``older_than`` or emptied by this
+        sweep (removing its entries changed its mtime). Only the key spaces vmvault
+        writes (``_LITTER_DIRS``) are walked, and their top directories stay: anything
+        else under the root (``lost+found`` of a mount point) is not ours.
+        """
+        litter = Litter()
+        cutoff = older_than.timestamp()
+        for name in sorted(os.listdir(self.root)) if self.root.is_dir() else []:
+            if name.startswith(self._TMP_PREFIX):
+                self._sweep_temp(self.root / name, cutoff, dry_run, litter)
+        for top in self._LITTER_DIRS:
+            base = self.root / top
+            if base.is_dir():
+                self._sweep_tree(base, cutoff, dry_run, litter)
+        return litter
+
+    _LITTER_DIRS = ("chunks", "backups", "locks")
+
+    def _sweep_temp(self, path: Path, cutoff: float, dry_run: bool, litter: Litter) -> bool:
+        """Remove one temp file if old enough; True when it is gone (or would be)."""
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return True  # its writer finished (renamed or removed it) meanwhile
+        if st.st_mtime >= cutoff:
+            litter.temp_files_in_grace += 1
+            return False
+        if not dry_run:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                raise StorageError(f"cannot remove {path} in {self.url}: {err.strerror}") from err
+        litter.temp_files_deleted += 1
+        return True
+
+    def _sweep_tree(self, base: Path, cutoff: float, dry_run: bool, litter: Litter) -> None:
+        gone: set[str] = set()  # directories removed (or that a dry run would remove)
+        # Bottom-up, so a directory is looked at after everything below it.
+        for dirpath, dirnames, filenames in os.walk(base, topdown=False):
+            left = 0
+            emptied = False
+            for name in filenames:
+                if name.startswith(self._TMP_PREFIX) and self._sweep_temp(
+                    Path(dirpath) / name, cutoff, dry_run, litter
+                ):
+                    emptied = True
+                else:
+                    left += 1
+            for name in dirnames:
+                if os.path.join(dirpath, name) in gone:
+                    emptied = True
+                else:
+                    left += 1
+            if left or dirpath == str(base):
+                continue
+            try:
+                old = os.stat(dirpath).st_mtime < cutoff
+            except FileNotFoundError:
+                gone.add(dirpath)
+                continue
+            if not (old or emptied):
+                continue
+            if not dry_run:
+                try:
+                    os.rmdir(dirpath)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    continue  # a writer put something there meanwhile: it stays
+            gone.add(dirpath)
+            litter.empty_dirs_removed += 1
+
     def close(self) -> None:
         pass
+
+
+def _too_large(key: str, url: str, size: int, limit: int) -> ObjectTooLargeError:
+    return ObjectTooLargeError(
+        f"object {key!r} in {url} is {size} bytes, more than the {limit} it may have: "
+        "damaged or not written by vmvault; it was not read"
+    )
 
 
 def _write_all(fd: int, data: Data) -> None:
@@ -346,7 +498,14 @@ class S3Backend:
         )
 
     def _call(self, what: str, op: Callable[[], T]) -> T:
-        from botocore.exceptions import ClientError, HTTPClientError, IncompleteReadError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            HTTPClientError,
+            IncompleteReadError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         last: Exception | None = None
@@ -356,12 +515,24 @@ class S3Backend:
             except ClientError as err:
                 status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                 code = str(err.response.get("Error", {}).get("Code", ""))
+                if code == "NoSuchBucket":
+                    raise _no_bucket(self.bucket, self.url) from err
                 if not (status >= 500 or status == 429 or code in _THROTTLING_CODES):
                     raise
                 last = err
             except (HTTPClientError, BotoConnectionError, IncompleteReadError) as err:
                 # Refused, reset, timed out, or a body cut short.
                 last = err
+            except (NoCredentialsError, PartialCredentialsError) as err:
+                raise StorageError(
+                    f"no AWS credentials for {self.url} ({err}): set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY, or an AWS profile (AWS_PROFILE, "
+                    "~/.aws/credentials), or give the host an instance role"
+                ) from err
+            except BotoCoreError as err:
+                # Anything else botocore refuses (bad parameters, a broken profile): not
+                # transient, and it must not escape as a traceback.
+                raise StorageError(f"{what} on {self.url} failed: {err}") from err
             if attempt == self.retry.attempts - 1:
                 break
             delay = self.retry.delay(attempt)
@@ -374,12 +545,24 @@ class S3Backend:
     def _key(self, key: str) -> str:
         return self.prefix + key
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         def op() -> bytes:
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
-            data: bytes = resp["Body"].read()
+            body = resp["Body"]
+            if max_size is None:
+                data: bytes = body.read()
+                return data
+            # The size is in the response headers: refuse before reading the body. The
+            # HTTP layer then reads exactly Content-Length bytes (and fails on fewer).
+            size = resp.get("ContentLength")
+            if size is not None and int(size) > max_size:
+                body.close()
+                raise _too_large(key, self.url, int(size), max_size)
+            data = body.read() if size is not None else body.read(max_size + 1)
+            if len(data) > max_size:
+                raise _too_large(key, self.url, len(data), max_size)
             return data
 
         try:
@@ -450,10 +633,6 @@ class S3Backend:
                     f"LIST {prefix}", partial(self._client.list_objects_v2, **kwargs)
                 )
             except ClientError as err:
-                if _code(err) == "NoSuchBucket":
-                    raise StorageError(
-                        f"bucket {self.bucket!r} does not exist at {self.url}: create it first"
-                    ) from err
                 raise _client_error(f"LIST {prefix!r}", self.url, err) from err
             for obj in page.get("Contents", []):
                 key = obj["Key"][len(self.prefix) :]
@@ -461,6 +640,10 @@ class S3Backend:
             if not page.get("IsTruncated"):
                 return
             token = page.get("NextContinuationToken")
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        """Nothing to do: a PUT is atomic, and no multipart upload is ever started."""
+        return Litter()
 
     def close(self) -> None:
         self._client.close()
@@ -471,11 +654,35 @@ def _client_error(what: str, url: str, err: Any) -> StorageError:
     status, code = _status(err), _code(err)
     if status == 403:
         hint = "access denied: check the AWS credentials and the bucket policy"
-    elif code == "NoSuchBucket":
-        hint = "the bucket does not exist: create it first"
     else:
         hint = str(err)
     return StorageError(f"{what} in {url} failed ({status} {code}): {hint}")
+
+
+def _no_bucket(bucket: str, url: str) -> StorageError:
+    return StorageError(
+        f"bucket {bucket!r} does not exist (repository {url}): create it (vmvault does not "
+        "create buckets) or fix repository.url and endpoint_url"
+    )
+
+
+# botocore's own rule for bucket names (AWS itself wants 3-63 lowercase characters;
+# S3-compatible stores are laxer). Checked up front for a clear message.
+_BUCKET_RE = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``(bucket, prefix)`` of ``s3://bucket/prefix``; ``StorageError`` says what is wrong."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
+    bucket = unquote(parsed.netloc)
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise StorageError(
+            f"bad bucket name {bucket!r} in {url!r}: use letters, digits, '.', '-' and '_' "
+            "(no spaces)"
+        )
+    return bucket, unquote(parsed.path)
 
 
 def _status(err: Any) -> int:
@@ -503,12 +710,8 @@ def _open_s3(
     concurrency: int = 8,
     retry: RetryPolicy | None = None,
 ) -> Backend:
-    parsed = urlparse(url)
-    if not parsed.netloc:
-        raise StorageError(f"bad s3 URL {url!r}: use s3://bucket/prefix")
-    return S3Backend(
-        url, parsed.netloc, unquote(parsed.path), endpoint_url, region, concurrency, retry
-    )
+    bucket, prefix = parse_s3_url(url)
+    return S3Backend(url, bucket, prefix, endpoint_url, region, concurrency, retry)
 
 
 BACKENDS: dict[str, Callable[..., Backend]] = {"file": _open_file, "s3": _open_s3}

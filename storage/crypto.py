@@ -19,13 +19,22 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from storage.errors import CorruptObjectError, PassphraseError, UnsupportedVersionError
+from storage.errors import (
+    ConfigMismatchError,
+    CorruptObjectError,
+    PassphraseError,
+    UnsupportedVersionError,
+)
+from storage.format import MAX_KEY_BYTES, parse_json
 
 DIGEST_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 MASTER_KEY_SIZE = 64  # 32 bytes AES-256-GCM key || 32 bytes BLAKE3 hashing key
-KEY_FILE_VERSION = 1
+# Key object versions: 1 wraps the master key alone; 2 wraps master key || BLAKE3-256 of
+# the config object's bytes, which authenticates ``config`` under the passphrase.
+KEY_FILE_VERSION = 2
+_UNBOUND_KEY_VERSION = 1
 
 # First byte of every binary object body (after decryption): how the payload is stored.
 COMPRESSION_NONE = 0x00
@@ -86,6 +95,37 @@ def _unzstd() -> zstandard.ZstdDecompressor:
     return d
 
 
+def _inflate(key: str, frame: bytes, limit: int) -> bytes:
+    """One zstd frame, decompressed to at most ``limit`` bytes.
+
+    A frame header may declare its content size: one beyond ``limit`` is refused before
+    anything is allocated (python-zstandard would allocate whatever it declares, e.g.
+    1 TiB from 17 bytes). A frame without it is decompressed into at most ``limit``
+    bytes and refused when it needs more; one whose content differs from what it
+    declares fails inside zstd.
+    """
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as err:
+        raise CorruptObjectError(f"object {key!r}: bad zstd data ({err})") from err
+    if declared > limit:
+        raise CorruptObjectError(
+            f"object {key!r}: its zstd frame declares {declared} bytes, more than the "
+            f"{limit} expected"
+        )
+    try:
+        out: bytes
+        if declared >= 0:
+            out = _unzstd().decompress(frame)
+        else:
+            out = _unzstd().decompress(frame, max_output_size=limit)
+        return out
+    except zstandard.ZstdError as err:
+        raise CorruptObjectError(
+            f"object {key!r}: bad zstd data, or more than the {limit} bytes expected ({err})"
+        ) from err
+
+
 @dataclass(frozen=True)
 class Keys:
     """The unwrapped master key, split into its two uses."""
@@ -141,20 +181,22 @@ class Codec:
             return bytes([kind]), payload
         return (self.encrypt(key, bytes([kind]) + payload),)
 
-    def unseal(self, key: str, stored: bytes) -> bytes:
-        """Inverse of ``seal``; ``CorruptObjectError`` names ``key`` on any damage."""
+    def unseal(self, key: str, stored: bytes, limit: int) -> bytes:
+        """Inverse of ``seal``; the body may have at most ``limit`` bytes (a chunk: the chunk
+        size; an index: its size from the manifest). ``CorruptObjectError`` names ``key``
+        on any damage, and on a body that is or would inflate beyond ``limit``."""
         payload = self.decrypt(key, stored)
         if not payload:
             raise CorruptObjectError(f"object {key!r} is empty")
         kind, body = payload[0], payload[1:]
         if kind == COMPRESSION_NONE:
+            if len(body) > limit:
+                raise CorruptObjectError(
+                    f"object {key!r} holds {len(body)} bytes, more than the {limit} expected"
+                )
             return body
         if kind == COMPRESSION_ZSTD:
-            try:
-                out: bytes = _unzstd().decompress(body)
-                return out
-            except zstandard.ZstdError as err:
-                raise CorruptObjectError(f"object {key!r}: bad zstd data ({err})") from err
+            return _inflate(key, body, limit)
         raise CorruptObjectError(f"object {key!r}: unknown compression byte 0x{kind:02x}")
 
     def encrypt(self, key: str, plaintext: bytes) -> bytes:
@@ -188,11 +230,45 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _unb64(text: Any, what: str) -> bytes:
+def _unb64(text: Any, what: str, sizes: range) -> bytes:
+    if not isinstance(text, str):
+        raise CorruptObjectError(f"key object: {what} is not base64 text")
     try:
-        return base64.b64decode(str(text), validate=True)
+        raw = base64.b64decode(text, validate=True)
     except ValueError as err:
         raise CorruptObjectError(f"key object: {what} is not base64") from err
+    if len(raw) not in sizes:
+        raise CorruptObjectError(f"key object: {what} has {len(raw)} bytes")
+    return raw
+
+
+# Bounds on the scrypt cost a key object may ask for: it is attacker-controlled input,
+# and N, r, p set memory (128 * r * N bytes) and time (p times that work). The default
+# (N=2^15, r=8, p=1) needs 32 MiB.
+SCRYPT_MAX_MEMORY = 1024 * 1024 * 1024
+SCRYPT_MAX_P = 4
+
+
+def _scrypt_params(doc: dict[str, Any]) -> tuple[int, int, int]:
+    """``(n, r, p)`` of a key object, refused with a clear message when beyond bounds."""
+    values = [doc.get(name) for name in ("n", "r", "p")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        shown = ", ".join(f"{k}={v!r}" for k, v in zip("nrp", values, strict=True))
+        raise CorruptObjectError(f"key object: bad scrypt parameters ({shown}): integers expected")
+    n, r, p = (int(v) for v in values)  # type: ignore[arg-type]
+    if n < 2**10 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= SCRYPT_MAX_P:
+        raise CorruptObjectError(
+            f"key object: unreasonable scrypt parameters n={n} r={r} p={p} (want n a power "
+            f"of two from 1024, r 1 to 32, p 1 to {SCRYPT_MAX_P}); refusing to try them"
+        )
+    memory = 128 * r * n
+    if memory > SCRYPT_MAX_MEMORY:
+        raise CorruptObjectError(
+            f"key object: scrypt parameters n={n} r={r} p={p} would need "
+            f"{memory // 2**20} MiB of memory, more than the {SCRYPT_MAX_MEMORY // 2**20} MiB "
+            "allowed; refusing to try them (the key object may have been altered)"
+        )
+    return n, r, p
 
 
 def _kek(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -203,17 +279,38 @@ def _aad(repo_id: str) -> bytes:
     return f"vmvault key {repo_id}".encode()
 
 
+def config_digest(config_bytes: bytes) -> bytes:
+    """BLAKE3-256 of the ``config`` object exactly as stored: any byte changed shows."""
+    out: bytes = blake3.blake3(config_bytes).digest()
+    return out
+
+
+@dataclass(frozen=True)
+class UnwrappedKey:
+    """An unlocked key object: the keys, the raw master key (for re-wrapping), and
+    whether the key object authenticates ``config`` (version 2) or predates that."""
+
+    keys: Keys
+    master: bytes
+    config_bound: bool
+
+
 def new_key_object(
-    passphrase: bytes, repo_id: str, master: bytes | None = None, n: int = SCRYPT_N
+    passphrase: bytes,
+    repo_id: str,
+    config_bytes: bytes,
+    master: bytes | None = None,
+    n: int = SCRYPT_N,
 ) -> tuple[bytes, Keys]:
-    """A fresh ``key`` object (JSON) wrapping ``master`` (random if None) under ``passphrase``."""
+    """A fresh ``key`` object (JSON) wrapping ``master`` (random if None) under ``passphrase``,
+    bound to the config object ``config_bytes``."""
     if not passphrase:
         raise PassphraseError("an empty passphrase is not allowed")
     master = master if master is not None else secrets.token_bytes(MASTER_KEY_SIZE)
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(NONCE_SIZE)
     kek = _kek(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
-    wrapped = AESGCM(kek).encrypt(nonce, master, _aad(repo_id))
+    wrapped = AESGCM(kek).encrypt(nonce, master + config_digest(config_bytes), _aad(repo_id))
     doc = {
         "version": KEY_FILE_VERSION,
         "kdf": "scrypt",
@@ -228,13 +325,18 @@ def new_key_object(
     return json.dumps(doc, indent=2).encode() + b"\n", Keys.from_master(master)
 
 
-def unwrap_key_object(data: bytes, passphrase: bytes, repo_id: str) -> tuple[Keys, bytes]:
-    """Unlock a ``key`` object; returns the keys and the raw master key (for re-wrapping)."""
-    try:
-        doc = json.loads(data)
-        version = int(doc["version"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CorruptObjectError(f"key object is not valid JSON: {err}") from err
+def unwrap_key_object(
+    data: bytes, passphrase: bytes, repo_id: str, config_bytes: bytes
+) -> UnwrappedKey:
+    """Unlock a ``key`` object and check that it binds ``config_bytes`` (version 2).
+
+    ``PassphraseError`` for a wrong passphrase; ``ConfigMismatchError`` when the
+    passphrase is right but the config object is not the one the key was made for.
+    """
+    doc = parse_json(data, "key object", MAX_KEY_BYTES)
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CorruptObjectError("key object is not a vmvault key (no integer version)")
     if version > KEY_FILE_VERSION:
         raise UnsupportedVersionError(
             f"key object version {version} is newer than this vmvault supports "
@@ -244,22 +346,28 @@ def unwrap_key_object(data: bytes, passphrase: bytes, repo_id: str) -> tuple[Key
         raise CorruptObjectError(
             f"key object: unknown kdf/cipher {doc.get('kdf')}/{doc.get('cipher')}"
         )
-    try:
-        n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CorruptObjectError(f"key object: bad scrypt parameters: {err}") from err
-    if n < 2**10 or n > 2**22 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16:
-        raise CorruptObjectError(f"key object: unreasonable scrypt parameters n={n} r={r} p={p}")
-    salt = _unb64(doc.get("salt"), "salt")
-    nonce = _unb64(doc.get("nonce"), "nonce")
-    wrapped = _unb64(doc.get("wrapped_key"), "wrapped_key")
+    n, r, p = _scrypt_params(doc)
+    salt = _unb64(doc.get("salt"), "salt", range(16, 65))
+    nonce = _unb64(doc.get("nonce"), "nonce", range(NONCE_SIZE, NONCE_SIZE + 1))
+    wrapped = _unb64(doc.get("wrapped_key"), "wrapped_key", range(TAG_SIZE, 1025))
     kek = _kek(passphrase, salt, n, r, p)
     try:
-        master = AESGCM(kek).decrypt(nonce, wrapped, _aad(repo_id))
+        plain = AESGCM(kek).decrypt(nonce, wrapped, _aad(repo_id))
     except InvalidTag:
         raise PassphraseError(
             "wrong passphrase for the repository (or its key object was altered)"
         ) from None
-    if len(master) != MASTER_KEY_SIZE:
-        raise CorruptObjectError(f"key object: master key has {len(master)} bytes, want 64")
-    return Keys.from_master(master), master
+    bound = version > _UNBOUND_KEY_VERSION
+    want = MASTER_KEY_SIZE + (DIGEST_SIZE if bound else 0)
+    if len(plain) != want:
+        raise CorruptObjectError(
+            f"key object version {version}: wrapped key has {len(plain)} bytes, want {want}"
+        )
+    master = plain[:MASTER_KEY_SIZE]
+    if bound and not secrets.compare_digest(plain[MASTER_KEY_SIZE:], config_digest(config_bytes)):
+        raise ConfigMismatchError(
+            "the repository's config object was altered after its key was made (it does "
+            "not match the digest bound into the key object): refusing to use it; put the "
+            "original config object back"
+        )
+    return UnwrappedKey(Keys.from_master(master), master, bound)

@@ -53,3 +53,13 @@ class LeaseExpiredError(StorageError):
 
 class WriterError(StorageError):
     """The writer API was misused (misaligned chunk, chunk given twice, missing chunk). A bug."""
+
+
+class ConfigMismatchError(StorageError):
+    """The repository's ``config`` contradicts its key object or the fleet config (encryption
+    switched off, config edited after its key was made). Not retryable: possible tampering."""
+
+
+class ObjectTooLargeError(CorruptObjectError):
+    """An object is larger than anything of its kind may be; it was not read. Not retryable:
+    data damage or tampering."""

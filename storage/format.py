@@ -26,6 +26,28 @@ DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 
+# Caps on what a reader accepts from the repository (docs/repository-format.md, section
+# 17). A hostile or damaged store must get a clear refusal, never exhaust memory or the
+# stack. Metadata objects are tiny (a manifest is a few KiB); the caps are generous.
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_KEY_BYTES = 64 * 1024
+MAX_LOCK_BYTES = 64 * 1024
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+# Index bodies: exactly 28 + 33 * ceil(V / C) bytes, from the manifest. This absolute
+# cap (2^25 entries, 1.1 GB: 128 TiB disks at 4 MiB chunks) only bounds a manifest that
+# lies about its disk size, and indexes read without a manifest.
+MAX_INDEX_ENTRIES = 2**25
+# Sealing adds a kind byte and, encrypted, nonce and tag; a zstd frame can be slightly
+# larger than its input. A stored object beyond this is refused unread.
+SEAL_OVERHEAD = 1024
+
+
+def stored_limit(body_limit: int) -> int:
+    """The largest stored (sealed) object whose body may have ``body_limit`` bytes."""
+    return body_limit + body_limit // 128 + SEAL_OVERHEAD
+
+
 ChunkDigest = NewType("ChunkDigest", str)
 BackupId = NewType("BackupId", str)
 Kind = Literal["full", "incremental"]
@@ -116,6 +138,54 @@ def iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+# Outside strings, only brackets matter for depth; inside, a backslash escapes one byte.
+_JSON_TOKENS = re.compile(rb'["\\\[\]{}]')
+
+
+def _nests_deeper(data: bytes, limit: int) -> bool:
+    """True if ``data`` (JSON text) opens more than ``limit`` arrays/objects at once.
+
+    A loop, not recursion: the point is to refuse what would overflow ``json.loads``.
+    """
+    depth = 0
+    in_string = False
+    escaped = -1  # position of a byte escaped by a backslash inside a string
+    for match in _JSON_TOKENS.finditer(data):
+        pos = match.start()
+        char = data[pos]
+        if in_string:
+            if pos == escaped:
+                continue
+            if char == 0x5C:  # backslash
+                escaped = pos + 1
+            elif char == 0x22:  # quote
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def parse_json(data: bytes, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for an object read from the repository, with its size and depth capped.
+
+    ``CorruptObjectError`` names ``what`` for anything too large, too deep or not JSON.
+    """
+    if len(data) > max_bytes:
+        raise CorruptObjectError(f"{what} is {len(data)} bytes, more than the {max_bytes} allowed")
+    if _nests_deeper(data, max_depth):
+        raise CorruptObjectError(f"{what} nests arrays/objects deeper than {max_depth} levels")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise CorruptObjectError(f"{what} is not valid JSON: {err}") from err
+
+
 def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -150,8 +220,8 @@ class RepoConfig:
 
     @classmethod
     def from_bytes(cls, data: bytes, url: str) -> RepoConfig:
+        doc = parse_json(data, f"{url}: config object", MAX_CONFIG_BYTES)
         try:
-            doc = json.loads(data)
             if doc.get("format") != "vmvault-repository":
                 raise ValueError("not a vmvault repository config")
             version = int(doc["version"])
@@ -215,6 +285,12 @@ class IndexEntry:
 
 def chunk_count(virtual_size: int, chunk_size: int) -> int:
     return -(-virtual_size // chunk_size)
+
+
+def index_body_limit(virtual_size: int, chunk_size: int) -> int:
+    """The size of an index body for this disk, capped at ``MAX_INDEX_ENTRIES`` entries."""
+    count = min(chunk_count(max(virtual_size, 0), chunk_size), MAX_INDEX_ENTRIES)
+    return _INDEX_HEADER.size + ENTRY_SIZE * count
 
 
 def encode_index(virtual_size: int, chunk_size: int, entries: list[IndexEntry]) -> bytes:
@@ -397,7 +473,32 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CorruptObjectError(f"manifest {what} has a bad field: {err}") from err
+        try:
+            check_chunk_size(m.chunk_size)
+        except CorruptObjectError as err:
+            raise CorruptObjectError(f"manifest {what}: {err}") from None
         for d in m.disks:
             if d.index_key != index_key(m.domain, m.backup_id, d.name):
                 raise CorruptObjectError(f"manifest {what}: disk {d.name} points elsewhere")
+            if d.virtual_size <= 0:
+                raise CorruptObjectError(f"manifest {what}: disk {d.name} has no size")
         return m
+
+
+@dataclass(frozen=True)
+class DamagedManifest:
+    """A manifest object that exists but cannot be read: reported and skipped, never counted
+    as a backup (nor kept or removed by prune). ``vmvault verify`` names it as a problem."""
+
+    domain: str
+    backup_id: str
+    key: str
+    error: str
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "domain": self.domain,
+            "backup_id": self.backup_id,
+            "key": self.key,
+            "error": self.error,
+        }

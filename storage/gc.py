@@ -10,8 +10,11 @@ Safety against backups in flight has two layers (docs/repository-format.md, "GC 
    lease lapsed without its knowledge (clock jumps, a stopped process); such a
    writer also finds its lease lapsed at commit and fails instead of committing.
 
-If any manifest or index cannot be read, GC stops before deleting anything: a mark
-phase that missed references must never drive a sweep.
+If any index of a backup cannot be read, GC stops before deleting anything: a mark
+phase that missed references must never drive a sweep. A backup whose manifest is
+damaged (present but unreadable) may still be repaired and restored, so its chunks are
+marked through the index objects in its directory; if one of those cannot be read
+either, GC stops likewise and names it.
 """
 
 from __future__ import annotations
@@ -23,8 +26,15 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from storage.errors import StorageError
-from storage.format import BACKUPS_PREFIX, CHUNKS_PREFIX, MANIFEST_NAME, parse_backup_key
+from storage.backends import ObjectInfo
+from storage.errors import CorruptObjectError, StorageError
+from storage.format import (
+    BACKUPS_PREFIX,
+    CHUNKS_PREFIX,
+    INDEX_SUFFIX,
+    MANIFEST_NAME,
+    parse_backup_key,
+)
 from storage.locks import Lease, list_locks
 from storage.repository import Repository
 
@@ -45,6 +55,7 @@ class GcReport:
     """What one GC run found and did."""
 
     backups: int = 0
+    damaged_backups: int = 0
     chunks_total: int = 0
     chunks_referenced: int = 0
     chunks_deleted: int = 0
@@ -53,6 +64,9 @@ class GcReport:
     orphan_objects_deleted: int = 0
     orphan_objects_in_grace: int = 0
     locks_removed: int = 0
+    temp_files_deleted: int = 0
+    temp_files_in_grace: int = 0
+    empty_dirs_removed: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict[str, Any]:
@@ -73,6 +87,34 @@ def collect_garbage(
         lease.release()
 
 
+def _mark_damaged(
+    repo: Repository,
+    domain: str,
+    backup_id: str,
+    objects: list[ObjectInfo],
+    marked: set[str],
+    why: Exception,
+) -> None:
+    """Mark the chunks of a backup whose manifest is damaged, through its index objects.
+
+    Indexes live only at ``backups/<domain>/<id>/<disk>.index`` (the manifest cannot
+    point elsewhere), so those in the directory are every index the manifest could name.
+    """
+    for o in objects:
+        if not o.key.endswith(INDEX_SUFFIX):
+            continue
+        try:
+            entries = repo.load_index_object(o.key)
+        except StorageError as err:
+            raise GcAbortedError(
+                f"gc stopped, nothing deleted: the manifest of backup {backup_id} of {domain} "
+                f"is damaged ({why}) and its index {o.key} cannot be read either ({err}), so "
+                "the chunks it may still need are unknown. Run 'vmvault verify'; if the "
+                f"backup is beyond repair, delete backups/{domain}/{backup_id}/ by hand"
+            ) from err
+        marked.update(e.digest for e in entries if e.digest)
+
+
 def _run(
     repo: Repository, lease: Lease, grace: float, dry_run: bool, progress: Progress | None
 ) -> GcReport:
@@ -82,7 +124,7 @@ def _run(
     backend = repo.backend
 
     # --- mark ------------------------------------------------------------------
-    groups: dict[tuple[str, str], list[Any]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[ObjectInfo]] = defaultdict(list)
     for info in backend.list(BACKUPS_PREFIX):
         parsed = parse_backup_key(info.key)
         if parsed is None:
@@ -95,9 +137,23 @@ def _run(
     marked: set[str] = set()
     for n, (domain, backup_id) in enumerate(sorted(committed), 1):
         try:
-            manifest = repo.load_manifest(domain, backup_id)
-            for disk in manifest.disks:
-                marked.update(d for d in repo.index_digests(manifest, disk.name) if d)
+            try:
+                manifest = repo.load_manifest(domain, backup_id)
+            except CorruptObjectError as err:
+                log.warning(
+                    "gc: manifest of backup %s of %s is damaged (%s); keeping every chunk "
+                    "its index objects reference (run 'vmvault verify')",
+                    backup_id,
+                    domain,
+                    err,
+                )
+                report.damaged_backups += 1
+                _mark_damaged(repo, domain, backup_id, groups[(domain, backup_id)], marked, err)
+            else:
+                for disk in manifest.disks:
+                    marked.update(d for d in repo.index_digests(manifest, disk.name) if d)
+        except GcAbortedError:
+            raise
         except StorageError as err:
             raise GcAbortedError(
                 f"gc stopped, nothing deleted: cannot read backup {backup_id} of {domain}: "
@@ -152,4 +208,11 @@ def _run(
             if other.key != lease.key and not other.live(now):
                 backend.delete(other.key)
                 report.locks_removed += 1
+    # Last, what killed writers left that is not an object (file:// temp files and the
+    # directories emptied above or by them), under the same grace rule.
+    lease.check()
+    litter = backend.sweep_litter(cutoff, dry_run=dry_run)
+    report.temp_files_deleted = litter.temp_files_deleted
+    report.temp_files_in_grace = litter.temp_files_in_grace
+    report.empty_dirs_removed = litter.empty_dirs_removed
     return report

@@ -15,6 +15,16 @@ conflicts with any live lock. When two processes race, each sees the other's
 object after writing its own (S3 and POSIX file systems give read-after-write
 consistency for new keys), so at least one of them backs off — possibly both,
 which is safe: ``RepositoryLockedError`` is retryable.
+
+A holder killed with SIGKILL (or by the OOM killer, or a power cut of its container)
+would block GC or every backup for up to ``ttl``. So a lock records, besides host and
+pid, the kernel boot id, the pid namespace and the process start time
+(``/proc/<pid>/stat`` field 22). A conflicting lock is *broken* (deleted, with a
+WARNING naming it) only when all of these say its holder is provably dead: same host
+name, same boot, same pid namespace, and that pid is gone, a zombie, or now a process
+that started at another time (pid reused). A lock of another host, another boot or
+namespace, a live process, or one that lacks these fields (an older vmvault) is never
+broken: it waits for its ``expires``.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
 from typing import Literal
 
 from storage.backends import Backend
@@ -37,7 +49,7 @@ from storage.errors import (
     RepositoryLockedError,
     StorageError,
 )
-from storage.format import LOCKS_PREFIX, iso
+from storage.format import LOCKS_PREFIX, MAX_LOCK_BYTES, iso, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +76,37 @@ class LockInfo:
     pid: int
     created: datetime
     expires: datetime
+    # Who exactly the holder is, on its host (None in locks of older vmvaults).
+    boot_id: str | None = None
+    pid_ns: str | None = None
+    pid_start: int | None = None
 
     def live(self, now: datetime) -> bool:
         return self.expires > now
+
+    def dead_holder(self) -> str | None:
+        """Why this lock's holder is provably dead (a local process that is gone), else None.
+
+        None means "cannot tell": another host, boot or pid namespace, a live process,
+        or a lock without the fields to decide. Such a lock must be respected.
+        """
+        if self.kind == "unreadable" or self.pid <= 0:
+            return None
+        if self.boot_id is None or self.pid_ns is None or self.pid_start is None:
+            return None
+        if (self.host, self.boot_id, self.pid_ns) != _process_space():
+            return None
+        state = _proc_state(self.pid)
+        if state is None:
+            return f"pid {self.pid} is gone"
+        status, start = state
+        if start is None:
+            return None  # unreadable: it may well be alive
+        if start != self.pid_start:
+            return f"pid {self.pid} was reused by a process started later"
+        if status in ("Z", "X"):
+            return f"pid {self.pid} has exited"
+        return None
 
     def describe(self) -> str:
         return (
@@ -75,9 +115,14 @@ class LockInfo:
         )
 
 
+def _optional_str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def _parse(key: str, data: bytes, modified: datetime) -> LockInfo:
     try:
-        doc = json.loads(data)
+        doc = parse_json(data, f"lock {key}", MAX_LOCK_BYTES)
+        start = doc.get("pid_start")
         return LockInfo(
             key=key,
             kind=doc["kind"] if doc["kind"] in ("shared", "exclusive") else "unreadable",
@@ -86,11 +131,60 @@ def _parse(key: str, data: bytes, modified: datetime) -> LockInfo:
             pid=int(doc["pid"]),
             created=datetime.fromisoformat(doc["created"].replace("Z", "+00:00")),
             expires=datetime.fromisoformat(doc["expires"].replace("Z", "+00:00")),
+            boot_id=_optional_str(doc.get("boot_id")),
+            pid_ns=_optional_str(doc.get("pid_ns")),
+            pid_start=start if isinstance(start, int) and not isinstance(start, bool) else None,
         )
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (StorageError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         # An unreadable lock is treated as live for a day from its write time: we
         # cannot tell whose it is, and guessing "stale" could let GC race a backup.
         return LockInfo(key, "unreadable", "?", "?", 0, modified, modified + timedelta(days=1))
+
+
+@cache
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+@cache
+def _pid_ns() -> str | None:
+    """``pid:[4026531836]``: pids are only comparable within one pid namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_space() -> tuple[str, str | None, str | None]:
+    """Where this process's pids mean something: host name, kernel boot, pid namespace."""
+    return socket.gethostname(), _boot_id(), _pid_ns()
+
+
+def _proc_state(pid: int) -> tuple[str, int | None] | None:
+    """``(state letter, start time in clock ticks after boot)`` of ``pid``; None if gone.
+
+    A start time of None means "could not read it": the caller must then assume alive.
+    """
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return "?", None
+    # "pid (comm) state ppid ..." where comm may hold spaces and ')': split after the last.
+    try:
+        fields = text[text.rindex(")") + 2 :].split()
+        return fields[0], int(fields[19])  # field 3 (state) and field 22 (starttime)
+    except (ValueError, IndexError):
+        return "?", None
+
+
+def _own_start() -> int | None:
+    state = _proc_state(os.getpid())
+    return None if state is None else state[1]
 
 
 def list_locks(backend: Backend) -> list[LockInfo]:
@@ -98,7 +192,7 @@ def list_locks(backend: Backend) -> list[LockInfo]:
     locks = []
     for info in backend.list(LOCKS_PREFIX):
         try:
-            data = backend.get(info.key)
+            data = backend.get(info.key, max_size=MAX_LOCK_BYTES)
         except ObjectNotFoundError:
             continue  # released while we listed
         except StorageError as err:
@@ -127,6 +221,7 @@ class Lease:
         self.lapsed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pid_start = _own_start()
 
     def _body(self) -> bytes:
         now = datetime.now(UTC)
@@ -135,6 +230,9 @@ class Lease:
             "purpose": self.purpose,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "boot_id": _boot_id(),
+            "pid_ns": _pid_ns(),
+            "pid_start": self._pid_start,
             "created": iso(self.created),
             "expires": iso(now + timedelta(seconds=self.ttl)),
         }
@@ -157,6 +255,8 @@ class Lease:
                 if other.key == self.key or not other.live(now):
                     continue
                 if self.kind == "exclusive" or other.kind != "shared":
+                    if self._break(other):
+                        continue
                     raise RepositoryLockedError(
                         f"repository {self.backend.url} is locked: {other.describe()}; retry later"
                     )
@@ -168,6 +268,25 @@ class Lease:
         )
         self._thread.start()
         return self
+
+    def _break(self, other: LockInfo) -> bool:
+        """Delete ``other`` if its holder is provably dead (see the module docstring)."""
+        why = other.dead_holder()
+        if why is None:
+            return False
+        log.warning(
+            "breaking %s lock %s (%s): its holder on this host, %s pid %d, is dead: %s",
+            other.kind,
+            other.key,
+            other.purpose,
+            other.host,
+            other.pid,
+            why,
+        )
+        # Deleting twice (two processes breaking it at once) is harmless, and a dead
+        # holder cannot write its lock again.
+        self.backend.delete(other.key)
+        return True
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 4):

@@ -5,18 +5,22 @@ per domain, backups are walked newest first; each rule ``keep_<period> = n`` kee
 newest backup of each of the ``n`` most recent periods that have a backup (``keep_last``:
 the ``n`` newest backups). The rules apply together: a backup kept by any rule stays, and
 each survivor lists every rule that keeps it. Periods are computed in UTC.
+
+A damaged manifest (``DamagedManifest``: present, unreadable) is neither kept nor
+removed: the plan lists it apart and leaves it in place for the operator. It never
+takes a "keep" slot, which would let prune remove an intact backup in its stead.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from storage.errors import StorageError
-from storage.format import Manifest, iso
+from storage.format import DamagedManifest, Manifest, iso
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class PrunePlan:
 
     policy: KeepPolicy
     decisions: list[PruneDecision]
+    damaged: list[DamagedManifest] = field(default_factory=list)  # left alone
 
     @property
     def keep(self) -> list[PruneDecision]:
@@ -100,6 +105,7 @@ class PrunePlan:
             "keep": len(self.keep),
             "remove": len(self.remove),
             "backups": [d.to_json() for d in self.decisions],
+            "damaged": [d.to_json() for d in self.damaged],
         }
 
     def execute(
@@ -130,8 +136,16 @@ class PrunePlan:
         return removed
 
 
-def plan_prune(policy: KeepPolicy, manifests: list[Manifest]) -> PrunePlan:
-    """Decide which backups to keep; pure (no I/O), deterministic, per domain."""
+def plan_prune(
+    policy: KeepPolicy,
+    manifests: list[Manifest],
+    damaged: Sequence[DamagedManifest] = (),
+) -> PrunePlan:
+    """Decide which backups to keep; pure (no I/O), deterministic, per domain.
+
+    ``damaged`` manifests are only carried into the plan, to be shown: never kept,
+    never removed.
+    """
     by_domain: dict[str, list[Manifest]] = defaultdict(list)
     for m in manifests:
         by_domain[m.domain].append(m)
@@ -159,4 +173,4 @@ def plan_prune(policy: KeepPolicy, manifests: list[Manifest]) -> PrunePlan:
         for m in reversed(newest_first):  # report oldest first, like `list`
             why = tuple(reasons.get(m.backup_id, ()))
             decisions.append(PruneDecision(m, bool(why), why))
-    return PrunePlan(policy, decisions)
+    return PrunePlan(policy, decisions, list(damaged))

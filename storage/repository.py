@@ -21,6 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -29,6 +30,7 @@ from storage.backends import Backend, RetryPolicy, open_backend
 from storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
 from storage.errors import (
     BackupNotFoundError,
+    ConfigMismatchError,
     CorruptObjectError,
     ObjectNotFoundError,
     PassphraseError,
@@ -42,7 +44,13 @@ from storage.format import (
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
     KEY_KEY,
+    LOCKS_PREFIX,
     MANIFEST_NAME,
+    MAX_CONFIG_BYTES,
+    MAX_INDEX_ENTRIES,
+    MAX_KEY_BYTES,
+    MAX_MANIFEST_BYTES,
+    DamagedManifest,
     DiskStats,
     IndexEntry,
     Kind,
@@ -57,19 +65,24 @@ from storage.format import (
     chunk_key,
     decode_index,
     encode_index,
+    index_body_limit,
     index_key,
     manifest_key,
     new_backup_id,
     parse_backup_key,
+    parse_json,
+    stored_limit,
 )
 from storage.locks import DEFAULT_LEASE_TTL, Lease
 
 __all__ = [
     "BackupWriter",
+    "DamagedManifest",
     "DiskStats",
     "DiskWriter",
     "Manifest",
     "ManifestDisk",
+    "ManifestScan",
     "Repository",
     "init_repository",
     "open_repository",
@@ -78,6 +91,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class ManifestScan:
+    """Every manifest object under a prefix: the readable ones (oldest first) and the
+    damaged ones (unreadable, unauthentic, or disagreeing with their key)."""
+
+    manifests: list[Manifest]
+    damaged: list[DamagedManifest]
 
 
 class Repository:
@@ -91,9 +113,12 @@ class Repository:
         concurrency: int = DEFAULT_CONCURRENCY,
         lease_ttl: float = DEFAULT_LEASE_TTL,
         master_key: bytes | None = None,
+        config_bytes: bytes | None = None,
     ) -> None:
         self.backend = backend
         self.config = config
+        # The config object exactly as stored: the key object binds these bytes.
+        self._config_bytes = config_bytes if config_bytes is not None else config.to_bytes()
         self.codec = codec
         self.concurrency = concurrency
         self.lease_ttl = lease_ttl
@@ -140,10 +165,15 @@ class Repository:
         return self.codec.digest(data)
 
     def change_passphrase(self, new_passphrase: bytes) -> None:
-        """Re-wrap the master key under ``new_passphrase``; no other object changes."""
+        """Re-wrap the master key under ``new_passphrase``; no other object changes.
+
+        The new key object binds the config object as it was read at open (version 2),
+        so this is also how a repository made before the binding gets it (the same
+        passphrase may be given again).
+        """
         if self._master is None:
             raise PassphraseError(f"{self.url} is not encrypted: there is no passphrase")
-        data, _ = new_key_object(new_passphrase, self.config.id, self._master)
+        data, _ = new_key_object(new_passphrase, self.config.id, self._config_bytes, self._master)
         self.backend.put(KEY_KEY, data)
 
     # ------------------------------------------------------------------ chunks
@@ -155,7 +185,8 @@ class Repository:
         data itself later (restore reads every chunk back and compares it with the index).
         """
         key = chunk_key(digest)
-        data = self.codec.unseal(key, self.backend.get(key))
+        cs = self.chunk_size
+        data = self.codec.unseal(key, self.backend.get(key, max_size=stored_limit(cs)), limit=cs)
         if check and self.codec.digest(data) != digest:
             raise CorruptObjectError(f"chunk {digest} does not match its digest")
         return data
@@ -163,12 +194,9 @@ class Repository:
     # ------------------------------------------------------------------ manifests
 
     def _load_manifest_key(self, key: str) -> Manifest:
-        stored = self.backend.get(key)
+        stored = self.backend.get(key, max_size=stored_limit(MAX_MANIFEST_BYTES))
         raw = self.codec.decrypt(key, stored)
-        try:
-            doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CorruptObjectError(f"manifest {key} is not valid JSON: {err}") from err
+        doc = parse_json(raw, f"manifest {key}", MAX_MANIFEST_BYTES)
         if not isinstance(doc, dict) or "checksum" not in doc:
             raise CorruptObjectError(f"manifest {key} has no checksum")
         checksum = doc.pop("checksum")
@@ -197,11 +225,45 @@ class Repository:
                 out.append((parsed[0], parsed[1], info.key))
         return out
 
+    def scan_manifests(self, domain: str | None = None) -> ManifestScan:
+        """Read every manifest (of ``domain`` or all); damaged ones are set aside, not raised.
+
+        One damaged manifest must not hide the other backups of its domain: listing,
+        planning the next backup, prune and restores of the intact backups go on without
+        it. A manifest of a newer format version still stops everything (upgrade first),
+        and so does a backend failure.
+        """
+
+        def load(entry: tuple[str, str, str]) -> Manifest | DamagedManifest | None:
+            domain_name, backup_id, key = entry
+            try:
+                return self._load_manifest_key(key)
+            except ObjectNotFoundError:
+                return None  # deleted (pruned) between listing and reading
+            except CorruptObjectError as err:
+                return DamagedManifest(domain_name, backup_id, key, str(err))
+
+        manifests: list[Manifest] = []
+        damaged: list[DamagedManifest] = []
+        for result in self.pool.map(load, self.manifest_keys(domain)):
+            if isinstance(result, Manifest):
+                manifests.append(result)
+            elif result is not None:
+                damaged.append(result)
+        manifests.sort(key=lambda m: m.sort_key)
+        damaged.sort(key=lambda d: (d.domain, d.backup_id))
+        return ManifestScan(manifests, damaged)
+
     def list_manifests(self, domain: str | None = None) -> list[Manifest]:
-        """Committed backups (of ``domain`` or all), oldest first."""
-        keys = [k for _, _, k in self.manifest_keys(domain)]
-        manifests = list(self.pool.map(self._load_manifest_key, keys))
-        return sorted(manifests, key=lambda m: m.sort_key)
+        """Committed, readable backups (of ``domain`` or all), oldest first.
+
+        Damaged manifests are skipped with a WARNING naming each (``scan_manifests``
+        returns them).
+        """
+        scan = self.scan_manifests(domain)
+        for d in scan.damaged:
+            log.warning("skipping damaged manifest %s: %s (run 'vmvault verify')", d.key, d.error)
+        return scan.manifests
 
     def latest_manifest(self, domain: str) -> Manifest | None:
         manifests = self.list_manifests(domain)
@@ -234,8 +296,11 @@ class Repository:
     def load_index(self, manifest: Manifest, disk_name: str) -> list[IndexEntry]:
         disk = manifest.disk(disk_name)
         what = f"{disk.index_key}"
+        # Exactly this many bytes, from the manifest: nothing larger is ever inflated.
+        limit = index_body_limit(disk.virtual_size, manifest.chunk_size)
         try:
-            body = self.codec.unseal(disk.index_key, self.backend.get(disk.index_key))
+            stored = self.backend.get(disk.index_key, max_size=stored_limit(limit))
+            body = self.codec.unseal(disk.index_key, stored, limit=limit)
         except ObjectNotFoundError:
             raise ObjectNotFoundError(
                 f"index of disk {disk_name} of backup {manifest.backup_id} "
@@ -248,6 +313,21 @@ class Repository:
         virtual_size, chunk_size, entries = decode_index(body, what)
         if virtual_size != disk.virtual_size or chunk_size != manifest.chunk_size:
             raise CorruptObjectError(f"index {what} disagrees with its manifest on sizes")
+        return entries
+
+    def load_index_object(self, key: str) -> list[IndexEntry]:
+        """An index read without its manifest (GC, for a backup whose manifest is damaged).
+
+        Only the object's own checks apply: decryption (which authenticates it in an
+        encrypted repository), magic, version, sizes and the repository's chunk size.
+        """
+        limit = index_body_limit(MAX_INDEX_ENTRIES * self.chunk_size, self.chunk_size)
+        body = self.codec.unseal(key, self.backend.get(key, max_size=stored_limit(limit)), limit)
+        _, chunk_size, entries = decode_index(body, key)
+        if chunk_size != self.chunk_size:
+            raise CorruptObjectError(
+                f"index {key} has chunk size {chunk_size}, not the repository's"
+            )
         return entries
 
     def index_digests(self, manifest: Manifest, disk_name: str) -> list[str | None]:
@@ -673,6 +753,25 @@ def init_repository(
     except CorruptObjectError as err:
         raise StorageError(str(err)) from None
     backend = open_backend(url, endpoint_url, region, concurrency, retry)
+    try:
+        config, config_bytes, codec, master = _create_objects(
+            backend, url, passphrase, chunk_size, scrypt_n or SCRYPT_N
+        )
+    except BaseException:
+        backend.close()
+        raise
+    return Repository(
+        backend, config, codec, concurrency, master_key=master, config_bytes=config_bytes
+    )
+
+
+def _create_objects(
+    backend: Backend, url: str, passphrase: bytes | None, chunk_size: int, scrypt_n: int
+) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
+    """Write ``key`` (if encrypted) and then ``config``, each only if absent."""
+    # A listing fails on a missing bucket, where a PUT may quietly create one (SeaweedFS
+    # does): probe first, so that init says "the bucket does not exist" on every store.
+    next(iter(backend.list(LOCKS_PREFIX)), None)
     if backend.exists(CONFIG_KEY) or backend.exists(KEY_KEY):
         raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
     config = RepoConfig(
@@ -681,18 +780,19 @@ def init_repository(
         encrypted=passphrase is not None,
         created=datetime.now(UTC),
     )
+    config_bytes = config.to_bytes()
     codec = Codec(None)
     master = None
     if passphrase is not None:
-        data, keys = new_key_object(passphrase, config.id, n=scrypt_n or SCRYPT_N)
+        data, keys = new_key_object(passphrase, config.id, config_bytes, n=scrypt_n)
         master = keys.encryption + keys.hashing
         # Conditional create: a concurrent init cannot overwrite another's key.
         if not backend.put(KEY_KEY, data, if_absent=True):
             raise RepositoryExistsError(f"{url} already holds a repository key: nothing changed")
         codec = Codec(keys)
-    if not backend.put(CONFIG_KEY, config.to_bytes(), if_absent=True):
+    if not backend.put(CONFIG_KEY, config_bytes, if_absent=True):
         raise RepositoryExistsError(f"{url} already holds a repository: nothing was changed")
-    return Repository(backend, config, codec, concurrency, master_key=master)
+    return config, config_bytes, codec, master
 
 
 def open_repository(
@@ -704,37 +804,68 @@ def open_repository(
     retry: RetryPolicy | None = None,
     lease_ttl: float | None = None,
 ) -> Repository:
-    """Open an existing repository; encrypted ones need the passphrase."""
+    """Open an existing repository; encrypted ones need the passphrase.
+
+    With a passphrase, the repository must be encrypted; an encrypted one must have a
+    key object that binds its config (or predates the binding: then a WARNING says how
+    to add it). See docs/repository-format.md, sections 5 and 16.
+    """
     backend = open_backend(url, endpoint_url, region, concurrency, retry)
     try:
-        raw = backend.get(CONFIG_KEY)
-    except ObjectNotFoundError:
+        config, config_bytes, codec, master = _open_objects(backend, url, passphrase)
+    except BaseException:
         backend.close()
-        raise RepositoryNotFoundError(
-            f"no repository at {url} (no 'config' object): run 'vmvault init' first"
-        ) from None
-    config = RepoConfig.from_bytes(raw, url)
-    codec = Codec(None)
-    master = None
-    if config.encrypted:
-        if not passphrase:
-            backend.close()
-            raise PassphraseError(
-                f"{url} is encrypted: set repository.passphrase_file in the config"
-            )
-        try:
-            key_data = backend.get(KEY_KEY)
-        except ObjectNotFoundError:
-            raise CorruptObjectError(
-                f"{url} is encrypted but its 'key' object is missing"
-            ) from None
-        keys, master = unwrap_key_object(key_data, passphrase, config.id)
-        codec = Codec(keys)
-    elif passphrase:
-        log.warning("%s is not encrypted; the configured passphrase is not used", url)
+        raise
     ttl = (
         lease_ttl
         if lease_ttl is not None
         else float(os.environ.get("VMVAULT_LEASE_TTL", DEFAULT_LEASE_TTL))
     )
-    return Repository(backend, config, codec, concurrency, ttl, master)
+    return Repository(backend, config, codec, concurrency, ttl, master, config_bytes)
+
+
+def _open_objects(
+    backend: Backend, url: str, passphrase: bytes | None
+) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
+    """Read ``config`` (and ``key``): the config, its bytes, the codec, the master key."""
+    try:
+        raw = backend.get(CONFIG_KEY, max_size=MAX_CONFIG_BYTES)
+    except ObjectNotFoundError:
+        raise RepositoryNotFoundError(
+            f"no repository at {url} (no 'config' object): run 'vmvault init' first"
+        ) from None
+    config = RepoConfig.from_bytes(raw, url)
+    if not config.encrypted:
+        # Whoever can write to the store can edit "encryption" to "none": new backups
+        # would then be written in plaintext and forged ones read. A configured
+        # passphrase, or a key object, says this repository was made encrypted.
+        if passphrase:
+            raise ConfigMismatchError(
+                f"{url} is not encrypted, but repository.passphrase_file is set: refusing to "
+                "use it. If the repository was made without encryption, remove "
+                "passphrase_file from the config; if not, its config object was altered"
+            )
+        if backend.exists(KEY_KEY):
+            raise ConfigMismatchError(
+                f"{url}: the config object says the repository is not encrypted, but it has "
+                "a 'key' object: the config was altered; refusing to use it"
+            )
+        return config, raw, Codec(None), None
+    if not passphrase:
+        raise PassphraseError(f"{url} is encrypted: set repository.passphrase_file in the config")
+    try:
+        key_data = backend.get(KEY_KEY, max_size=MAX_KEY_BYTES)
+    except ObjectNotFoundError:
+        raise CorruptObjectError(f"{url} is encrypted but its 'key' object is missing") from None
+    try:
+        unwrapped = unwrap_key_object(key_data, passphrase, config.id, raw)
+    except ConfigMismatchError as err:
+        raise ConfigMismatchError(f"{url}: {err}") from err
+    if not unwrapped.config_bound:
+        log.warning(
+            "%s: the key object predates config authentication, so an edit of the config "
+            "object would go unnoticed; run 'vmvault passwd --new-passphrase-file FILE' "
+            "(the current passphrase file will do) to bind it",
+            url,
+        )
+    return config, raw, Codec(unwrapped.keys), unwrapped.master

@@ -1,5 +1,6 @@
 """Repository verification: structure (manifests, indexes, chunk presence) and, with
-``read_data``, every referenced chunk downloaded, decrypted, decompressed and re-hashed.
+``read_data``, every referenced chunk downloaded, decrypted, decompressed, re-hashed and
+measured (a chunk of the wrong length restores nowhere, whatever its digest).
 
 Every problem names the domain, backup id, disk and byte offset it affects.
 """
@@ -17,8 +18,8 @@ from storage.repository import Repository
 
 Progress = Callable[[str, int, int], None]
 
-# Per chunk, where it is used: (domain, backup_id, disk, offset).
-Ref = tuple[str, str, str, int]
+# Per chunk, where it is used: (domain, backup_id, disk, offset, expected length).
+Ref = tuple[str, str, str, int, int]
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,11 @@ def verify(
                 report.problems.append(Problem(m.domain, m.backup_id, disk.name, None, str(err)))
                 continue
             indexes[(m.backup_id, disk.name)] = entries
+            cs = m.chunk_size
             for i, e in enumerate(entries):
                 if e.digest:
-                    refs[e.digest].append((m.domain, m.backup_id, disk.name, i * m.chunk_size))
+                    size = min(cs, disk.virtual_size - i * cs)
+                    refs[e.digest].append((m.domain, m.backup_id, disk.name, i * cs, size))
     _check_parents(repo, manifests, indexes, report)
     report.chunks_referenced = len(refs)
 
@@ -126,7 +129,7 @@ def verify(
         exists = list(repo.pool.map(lambda d: repo.backend.exists(chunk_key(d)), digests))
         missing = [d for d, ok in zip(digests, exists, strict=True) if not ok]
     for d in missing:
-        for domain, bid, disk_name, offset in refs[d]:
+        for domain, bid, disk_name, offset, _ in refs[d]:
             report.problems.append(Problem(domain, bid, disk_name, offset, f"chunk {d} is missing"))
 
     if read_data:
@@ -142,8 +145,11 @@ def verify(
         for n, (digest, size, error) in enumerate(repo.pool.map(check, todo), 1):
             report.chunks_read += 1
             report.bytes_read += size
-            if error is not None:
-                for domain, bid, disk_name, offset in refs[digest]:
+            for domain, bid, disk_name, offset, expected in refs[digest]:
+                if error is None and size != expected:
+                    problem = f"chunk {digest} has {size} bytes, expected {expected}"
+                    report.problems.append(Problem(domain, bid, disk_name, offset, problem))
+                elif error is not None:
                     report.problems.append(Problem(domain, bid, disk_name, offset, error))
             if progress and (n % 16 == 0 or n == len(todo)):
                 progress("read-data", n, len(todo))

@@ -19,6 +19,9 @@ def register(commands: Any) -> None:
 
 def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
     config = ctx.config
+    # The file names a passphrase file: it must be there, readable and not empty, or
+    # every repository command would fail later (ConfigError: exit 2).
+    config.repository.read_passphrase()
     if ctx.json:
         ctx.emit(config.model_dump(mode="json"))
         return 0

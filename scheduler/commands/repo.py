@@ -19,7 +19,7 @@ from scheduler.cli import add_command
 from scheduler.cli_context import CliContext
 from scheduler.dispatch import add_wait_flag, run_job
 from scheduler.errors import SchedulerError
-from storage.format import DEFAULT_CHUNK_SIZE, Manifest, iso
+from storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
 from storage.gc import DEFAULT_GRACE, GcReport, collect_garbage
 from storage.prune import KeepPolicy, plan_prune
 from storage.repository import Repository, init_repository
@@ -147,6 +147,20 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+_SUMMARY_KEYS = (
+    "backup_id",
+    "domain",
+    "kind",
+    "reason",
+    "parent",
+    "checkpoint",
+    "created",
+    "disks",
+    "virtual_size",
+    "bytes_uploaded",
+)
+
+
 def _summary(m: Manifest) -> dict[str, Any]:
     return {
         "backup_id": m.backup_id,
@@ -214,14 +228,25 @@ def _passwd(args: argparse.Namespace, ctx: CliContext) -> int:
     return 0
 
 
+def _damaged_summary(d: DamagedManifest) -> dict[str, Any]:
+    """A ``list --json`` entry for a manifest that cannot be read: what its key tells."""
+    doc: dict[str, Any] = dict.fromkeys(_SUMMARY_KEYS)
+    doc.update(backup_id=d.backup_id, domain=d.domain, damaged=True, key=d.key, error=d.error)
+    return doc
+
+
 def _list(args: argparse.Namespace, ctx: CliContext) -> int:
     with _open(ctx) as repo:
-        manifests = repo.list_manifests(args.domain)
+        scan = repo.scan_manifests(args.domain)
+    manifests = scan.manifests
     if ctx.json:
-        ctx.emit([_summary(m) for m in manifests])
+        # Readable backups oldest first, then the damaged ones ("damaged": true).
+        docs = [{**_summary(m), "damaged": False} for m in manifests]
+        ctx.emit(docs + [_damaged_summary(d) for d in scan.damaged])
         return 0
     if not manifests:
         _say(ctx, "no backups" + (f" of {args.domain}" if args.domain else ""))
+        _say_damaged(ctx, scan.damaged)
         return 0
     # Plain aligned lines (not a rich table): ids are never truncated and the
     # output stays greppable when stderr is not a terminal.
@@ -238,7 +263,13 @@ def _list(args: argparse.Namespace, ctx: CliContext) -> int:
             f"{m.created:%Y-%m-%d %H:%M:%S}  {_human(s['virtual_size']):>10} "
             f"{_human(s['bytes_uploaded']):>10}  {','.join(s['disks'])}",
         )
+    _say_damaged(ctx, scan.damaged)
     return 0
+
+
+def _say_damaged(ctx: CliContext, damaged: list[DamagedManifest]) -> None:
+    for d in damaged:
+        _say(ctx, f"damaged manifest {d.key}: {d.error} (run 'vmvault verify')")
 
 
 def _show(args: argparse.Namespace, ctx: CliContext) -> int:
@@ -293,7 +324,8 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
         return 2
     policy = KeepPolicy(**rules)
     with _open(ctx) as repo:
-        plan = plan_prune(policy, repo.list_manifests(args.domain))
+        scan = repo.scan_manifests(args.domain)
+        plan = plan_prune(policy, scan.manifests, scan.damaged)
         with _progress(ctx) as progress:
             job = {"policy": policy.to_json(), "domains": args.domain and [args.domain]}
             removed = run_job(
@@ -314,6 +346,8 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
         why = ", ".join(d.reasons) if d.keep else ""
         action = "keep  " if d.keep else ("would remove" if args.dry_run else "remove")
         _say(ctx, f"{action} {m.domain:<16} {m.backup_id}  {why}")
+    for dm in plan.damaged:
+        _say(ctx, f"damaged {dm.key}: left in place, neither kept nor removed ({dm.error})")
     verb = "would remove" if args.dry_run else "removed"
     _say(ctx, f"prune: keep {len(plan.keep)}, {verb} {len(plan.remove)} (run 'vmvault gc' next)")
     return 0
@@ -335,8 +369,15 @@ def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
         ctx,
         f"gc: {report.backups} backups reference {report.chunks_referenced} of "
         f"{report.chunks_total} chunks; {verb} {report.chunks_deleted} chunks "
-        f"({_human(report.bytes_deleted)}) and {report.orphan_objects_deleted} objects of "
-        f"unfinished backups; {report.chunks_in_grace + report.orphan_objects_in_grace} "
-        f"objects younger than the grace window kept",
+        f"({_human(report.bytes_deleted)}), {report.orphan_objects_deleted} objects of "
+        f"unfinished backups and {report.temp_files_deleted} temp files of killed writers; "
+        f"{report.chunks_in_grace + report.orphan_objects_in_grace + report.temp_files_in_grace}"
+        f" objects younger than the grace window kept",
     )
+    if report.damaged_backups:
+        _say(
+            ctx,
+            f"gc: {report.damaged_backups} backup(s) with a damaged manifest: their chunks were "
+            "kept (run 'vmvault verify')",
+        )
     return 0

@@ -156,7 +156,9 @@ def test_cli_bad_config_exit_2_with_every_problem(
 
 
 def test_cli_flags_after_command_and_json(tmp_path: Path) -> None:
-    path = _write(tmp_path, GOOD)
+    # `vmvault config` checks that the passphrase file is there (tests/storage/test_cli.py).
+    (tmp_path / "pass").write_text("secret\n")
+    path = _write(tmp_path, GOOD.replace("/etc/vmvault/pass", str(tmp_path / "pass")))
     proc = subprocess.run(
         [sys.executable, "-m", "scheduler", "config", "--config", str(path), "--json"],
         capture_output=True,

@@ -11,6 +11,7 @@ import pytest
 
 from scheduler.cli import main
 from storage.repository import open_repository
+from tests.fixtures.s3 import S3Bucket
 from tests.storage.conftest import CHUNK
 from tests.storage.helpers import write_full
 
@@ -122,3 +123,165 @@ def test_passwd_rewraps_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[st
     code, _, err = _run(capsys, "passwd", "--new-passphrase-file", str(tmp_path / "nope"),
                         "--config", str(cfg))  # fmt: skip
     assert code == 1 and "cannot read --new-passphrase-file" in err
+
+
+def test_passwd_with_the_same_passphrase_binds_an_old_key_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The documented way to add the config binding to a repository made before it."""
+    from storage.format import CONFIG_KEY, KEY_KEY
+    from tests.storage.test_config_binding import _legacy_key_object, _master
+
+    cfg, url = _config(tmp_path, b"pw")
+    assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
+    repo = open_repository(url, passphrase=b"pw")
+    repo.backend.put(KEY_KEY, _legacy_key_object(b"pw", repo.config.id, _master(repo)))
+    capsys.readouterr()
+    code, _, _ = _run(capsys, "passwd", "--new-passphrase-file", str(tmp_path / "pass"),
+                      "--config", str(cfg))  # fmt: skip
+    assert code == 0
+    assert json.loads(repo.backend.get(KEY_KEY))["version"] == 2
+    repo.backend.put(CONFIG_KEY, repo.backend.get(CONFIG_KEY) + b" ")
+    code, _, err = _run(capsys, "list", "--config", str(cfg))
+    assert code == 1 and "config object was altered" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- clear errors
+# Each expected failure: one line on stderr naming the thing and what to do, exit 1 or 2,
+# no traceback.
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _s3_config(tmp_path: Path, url: str, endpoint: str) -> Path:
+    path = tmp_path / "vmvault.yaml"
+    path.write_text(f"repository:\n  url: {url}\n  endpoint_url: {endpoint}\n")
+    return path
+
+
+def test_s3_bucket_name_with_a_space(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _s3_config(tmp_path, "s3://my bucket/vm", "http://127.0.0.1:9")
+    code, _, err = _run(capsys, "list", "--config", str(cfg))
+    assert code == 2
+    assert "bucket name 'my bucket'" in _one_line(err)
+    from storage.backends import open_backend
+    from storage.errors import StorageError
+
+    with pytest.raises(StorageError, match="bucket name 'my bucket'"):
+        open_backend("s3://my bucket/vm", endpoint_url="http://127.0.0.1:9")
+
+
+def test_no_aws_credentials_at_all(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    s3_server: S3Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role here
+    cfg = _s3_config(tmp_path, s3_server.repo_url(), s3_server.endpoint_url)
+    for command in ("init", "list"):
+        code, _, err = _run(capsys, command, "--config", str(cfg))
+        line = _one_line(err)
+        assert code == 1 and "no AWS credentials" in line and "AWS_ACCESS_KEY_ID" in line
+
+
+def test_missing_bucket_is_not_answered_with_run_init(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], s3_server: S3Bucket
+) -> None:
+    cfg = _s3_config(tmp_path, "s3://no-such-bucket-vmv/repo", s3_server.endpoint_url)
+    for command in ("list", "init"):
+        code, _, err = _run(capsys, command, "--config", str(cfg))
+        line = _one_line(err)
+        assert code == 1, err
+        assert "bucket 'no-such-bucket-vmv' does not exist" in line and "create it" in line
+        assert "vmvault init" not in line
+
+
+def test_bad_scrypt_parameters_in_the_key_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from storage.format import KEY_KEY
+
+    cfg, _ = _config(tmp_path, b"pw")
+    assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
+    capsys.readouterr()
+    key = tmp_path / "repo" / KEY_KEY
+    doc = json.loads(key.read_bytes())
+    for n, r, p in [(2**30, 8, 1), (2**14, 8, 1000), ("lots", 8, 1)]:
+        key.write_text(json.dumps({**doc, "n": n, "r": r, "p": p}))
+        code, _, err = _run(capsys, "list", "--config", str(cfg))
+        assert code == 1 and "key object" in _one_line(err) and "scrypt parameters" in err
+
+
+def _forge_short_chunk(url: str, passphrase: bytes | None) -> tuple[str, int]:
+    """A backup whose index names, at offset 0, a chunk of 100 bytes (its digest is right):
+    what a buggy writer or, unencrypted, anyone with write access could leave."""
+    from storage.format import IndexEntry, chunk_key, encode_index
+
+    repo = open_repository(url, passphrase=passphrase)
+    m = write_full(repo, "vm", {"vda": os.urandom(2 * CHUNK)})
+    short = os.urandom(100)
+    digest = repo.chunk_digest(short)
+    repo.backend.put(chunk_key(digest), repo.codec.seal(chunk_key(digest), short))
+    entries = [IndexEntry(digest), IndexEntry(repo.index_digests(m, "vda")[1])]
+    body = encode_index(2 * CHUNK, CHUNK, entries)
+    disk = m.disk("vda")
+    repo.backend.put(disk.index_key, repo.codec.seal(disk.index_key, body))
+    from dataclasses import replace
+
+    forged = replace(m, disks=[replace(disk, index_digest=repo.chunk_digest(body))])
+    repo.backend.put(m.key, repo._manifest_bytes(forged))
+    return m.backup_id, len(short)
+
+
+@pytest.mark.parametrize("passphrase", [None, b"pw"])
+def test_verify_read_data_catches_a_chunk_of_the_wrong_length(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], passphrase: bytes | None
+) -> None:
+    cfg, url = _config(tmp_path, passphrase)
+    assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
+    backup_id, size = _forge_short_chunk(url, passphrase)
+    capsys.readouterr()
+    code, _, _ = _run(capsys, "verify", "--config", str(cfg))
+    assert code == 0  # structure is fine: the chunk exists
+    code, text, _ = _run(capsys, "verify", "--read-data", "--config", str(cfg))
+    assert code == 1
+    assert f"problem: vm {backup_id} disk vda offset 0: chunk" in text
+    assert f"has {size} bytes, expected {CHUNK}" in text
+
+
+def test_empty_passphrase_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg, _ = _config(tmp_path, b"pw")
+    assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
+    (tmp_path / "pass").write_bytes(b"\n")
+    capsys.readouterr()
+    for command in ("list", "init"):
+        code, _, err = _run(capsys, command, "--config", str(cfg))
+        assert code == 2
+        assert f"passphrase file {tmp_path / 'pass'} is empty" in _one_line(err)
+
+
+def test_config_command_reports_a_missing_passphrase_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg, _ = _config(tmp_path, b"pw")
+    code, text, _ = _run(capsys, "config", "--config", str(cfg))
+    assert code == 0 and "config OK" in text
+    (tmp_path / "pass").unlink()
+    for json_flag in ((), ("--json",)):
+        code, out, err = _run(capsys, "config", "--config", str(cfg), *json_flag)
+        assert code == 2 and "OK" not in (out if isinstance(out, str) else "")
+        line = _one_line(err)
+        assert "repository.passphrase_file" in line and str(tmp_path / "pass") in line
+    (tmp_path / "pass").write_bytes(b"")
+    code, _, err = _run(capsys, "config", "--config", str(cfg))
+    assert code == 2 and "is empty" in _one_line(err)

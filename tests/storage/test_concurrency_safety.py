@@ -7,12 +7,13 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 import storage.backends as backends
-from storage.backends import Backend, Data, ObjectInfo
+from storage.backends import Backend, Data, Litter, ObjectInfo
 from storage.errors import (
     BackendUnavailableError,
     InvalidNameError,
@@ -47,10 +48,10 @@ class _LockReadsFail:
         self.inner = inner
         self.url = inner.url
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_size: int | None = None) -> bytes:
         if key.startswith("locks/"):
             raise BackendUnavailableError(f"GET {key} kept failing (injected)")
-        return self.inner.get(key)
+        return self.inner.get(key, max_size)
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         return self.inner.put(key, data, if_absent, defer_sync)
@@ -66,6 +67,9 @@ class _LockReadsFail:
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         return self.inner.list(prefix)
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        return self.inner.sweep_litter(older_than, dry_run)
 
     def close(self) -> None:
         self.inner.close()
@@ -141,8 +145,8 @@ class _SlowDeletes:
         self.deletes = 0
         self._delay = delay
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+    def get(self, key: str, max_size: int | None = None) -> bytes:
+        return self.inner.get(key, max_size)
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         if key.startswith("locks/") and self.deletes:
@@ -163,6 +167,9 @@ class _SlowDeletes:
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         return self.inner.list(prefix)
+
+    def sweep_litter(self, older_than: datetime, dry_run: bool = False) -> Litter:
+        return self.inner.sweep_litter(older_than, dry_run)
 
     def close(self) -> None:
         self.inner.close()

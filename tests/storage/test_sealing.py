@@ -18,7 +18,7 @@ def test_pieces_join_to_an_object_that_unseals(encrypted: bool) -> None:
     text = bytes(os.urandom(4 * MiB)).translate(bytes(b"abcd"[i % 4] for i in range(256)))
     for body in (os.urandom(4 * MiB), text, bytearray(text), memoryview(text), b"small"):
         stored = b"".join(codec.seal_parts("chunks/aa/k", body))
-        assert codec.unseal("chunks/aa/k", stored) == bytes(body)
+        assert codec.unseal("chunks/aa/k", stored, limit=len(body)) == bytes(body)
         if not encrypted:
             assert stored == codec.seal("chunks/aa/k", body)
 
