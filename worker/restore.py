@@ -182,11 +182,19 @@ def select_backup(
     """The manifest to restore: by id, the newest at or before ``at``, else the newest."""
     if backup_id is not None and at is not None:
         raise RestoreError("give either a backup id or a time (--backup or --at), not both")
-    manifests = repo.list_manifests(domain)
+    scan = repo.scan_manifests(domain)
+    manifests = scan.manifests
     if backup_id is not None:
         for manifest in manifests:
             if manifest.backup_id == backup_id:
                 return manifest
+        for damaged in scan.damaged:
+            if damaged.backup_id == backup_id:
+                raise RestoreError(
+                    f"domain {domain!r}: backup {backup_id} cannot be restored, its manifest"
+                    f" is damaged ({damaged.error}); restore another one ('vmvault list"
+                    f" {domain}') and run 'vmvault verify'"
+                )
         known = ", ".join(m.backup_id for m in manifests[-3:]) or "none"
         raise BackupNotFoundError(
             f"domain {domain!r}: no backup {backup_id!r} in the repository"

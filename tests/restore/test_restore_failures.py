@@ -19,7 +19,7 @@ from tests.restore.conftest import (
     write_backup,
 )
 from worker.launch import LaunchError
-from worker.restore import run_restore
+from worker.restore import RestoreError, run_restore
 
 
 def test_incoming_force_into_running_domain_keeps_existing_images(
@@ -129,3 +129,20 @@ def test_failed_incoming_force_restore_puts_the_old_images_back(
         if result is not None and result.qemu is not None:
             result.qemu.kill()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_restoring_a_damaged_backup_names_the_damage(
+    tmp_path: Path, file_repo: Repository, fleet_config: ConfigFactory
+) -> None:
+    """A damaged manifest is skipped by the listing; asked for by id, it is named as such."""
+    ref = make_image(tmp_path / "vda.raw", 1 * MiB, 7, [])
+    good = write_backup(file_repo, "web1", {"vda": ref})
+    bad = write_backup(file_repo, "web1", {"vda": ref}, parent=good)
+    manifest_file = Path(file_repo.url.removeprefix("file://")) / bad.key
+    manifest_file.write_text("{ truncated")
+    config = fleet_config(file_repo.url)
+    with pytest.raises(RestoreError, match=rf"backup {bad.backup_id} cannot be restored.*damaged"):
+        run_restore(config, "web1", backup_id=bad.backup_id, to_dir=tmp_path / "out")
+    # The intact backup still restores, and is the newest readable one.
+    result = run_restore(config, "web1", to_dir=tmp_path / "out")
+    assert result.backup_id == good.backup_id
