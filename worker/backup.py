@@ -508,34 +508,41 @@ def _setup_scratch(job: _Job) -> None:
 def _checkpoint_and_fleece(
     job: _Job, chains: dict[str, cp.DiskChain], new_id: str, plan: Plan
 ) -> str | None:
-    """One instant for all disks: checkpoint bitmaps, the export bitmap, filters inserted.
+    """One instant for all disks: filters inserted between two halves of the checkpoint.
 
-    Returns the export bitmap's name (incremental) or None. The guest is paused for this
-    step only (``worker/fleece.py`` says why); the export bitmap is merged from the chain
-    as it was before the transaction disabled its newest bitmap: B_since .. B_old.
+        begin   transaction: every disk's new checkpoint bitmap added (the old still records)
+        freeze  qom-set: each guest device now writes through its fleecing filter
+        seal    transaction: the old bitmaps stop recording; export bitmap = B_since..B_old
+
+    With this order every write is exported now or by the next backup whenever it comes
+    (``cp.begin_checkpoint_actions`` says why); the guest is paused from begin to seal
+    so that the freeze is one instant for all disks (``worker/fleece.py``). Returns the
+    export bitmap's name (incremental) or None.
     """
     qmp = job.qmp
     temp = f"{cp.TEMP_PREFIX}{os.getpid()}" if plan.since is not None else None
-    actions: list[dict[str, Any]] = []
+    begin: list[dict[str, Any]] = []
+    seal: list[dict[str, Any]] = []
     for disk in job.disks:
-        actions += cp.checkpoint_actions(chains[disk.name], new_id)
-    if temp is not None and plan.since is not None:
-        for disk in job.disks:
-            actions += cp.export_bitmap_actions(chains[disk.name], plan.since, temp)
+        begin += cp.begin_checkpoint_actions(chains[disk.name], new_id)
+        seal += cp.seal_checkpoint_actions(chains[disk.name])
+        if temp is not None and plan.since is not None:
+            seal += cp.export_bitmap_actions(chains[disk.name], plan.since, temp)
     with paused_guest(qmp, job.config.state_dir) as paused_at:
-        qmp.transaction(actions)
-        if temp is not None:
-            for disk in job.disks:
-                job.on_undo(
-                    f"remove bitmap {temp} on {disk.node}",
-                    partial(qmp.bitmap_remove, disk.node, temp),
-                )
+        qmp.transaction(begin)
         for disk in job.disks:
             nodes = FleeceNodes.of(disk.name)
             qmp.set_drive(disk.qdev, nodes.filter)
             job.on_undo(
                 f"give {disk.qdev} back its disk", partial(qmp.set_drive, disk.qdev, disk.node)
             )
+        qmp.transaction(seal)
+        if temp is not None:
+            for disk in job.disks:
+                job.on_undo(
+                    f"remove bitmap {temp} on {disk.node}",
+                    partial(qmp.bitmap_remove, disk.node, temp),
+                )
         job.paused_ms = (time.monotonic() - paused_at) * 1000
     for disk in job.disks:
         nodes = FleeceNodes.of(disk.name)

@@ -271,11 +271,24 @@ def remove_action(node: str, name: str) -> Action:
 def checkpoint_actions(
     chain: DiskChain, new_id: str, granularity: int | None = None
 ) -> list[Action]:
-    """Take checkpoint ``new_id`` on this disk: disable the newest, add the new recording one.
+    """Take checkpoint ``new_id`` on this disk at once: ``begin`` then ``seal`` actions."""
+    return begin_checkpoint_actions(chain, new_id, granularity) + seal_checkpoint_actions(chain)
 
-    When the chain cannot be extended (no sound recording tail), every vmvault checkpoint
-    bitmap of the disk is removed in the same transaction and ``new_id`` starts a new chain.
-    Meant to share one ``transaction`` with the fleecing ``blockdev-backup`` of every disk.
+
+def begin_checkpoint_actions(
+    chain: DiskChain, new_id: str, granularity: int | None = None
+) -> list[Action]:
+    """First half of taking checkpoint ``new_id``: add its bitmap, recording, as the child
+    of the newest. The newest keeps recording until :func:`seal_checkpoint_actions`.
+
+    Taken in two halves around the instant the backup freezes (worker/backup.py), every
+    write lands in the right bitmap whenever it comes: before the freeze in the old one
+    (this backup exports it), after the seal only in the new one, in between in both
+    (exported now and again by the next backup: harmless). A job killed in between
+    leaves two recording bitmaps, parent and child: ``interrupted_checkpoint_actions``
+    seals it. When the chain cannot be extended (no sound recording tail), every vmvault
+    checkpoint bitmap of the disk is removed in the same transaction and ``new_id``
+    starts a new chain.
     """
     actions: list[Action] = []
     parent: str | None = None
@@ -283,7 +296,6 @@ def checkpoint_actions(
         tail = chain.tail
         assert tail is not None
         parent = tail.id
-        actions.append(_act("block-dirty-bitmap-disable", node=chain.node, name=tail.name))
     else:
         for cp in (*chain.order, *chain.stale):
             actions.append(remove_action(chain.node, cp.name))
@@ -297,6 +309,28 @@ def checkpoint_actions(
         )
     )
     return actions
+
+
+def seal_checkpoint_actions(chain: DiskChain) -> list[Action]:
+    """Second half: the previous newest (``chain`` as it was before ``begin``) stops recording."""
+    tail = chain.tail
+    if not chain.appendable or tail is None:
+        return []
+    return [_act("block-dirty-bitmap-disable", node=chain.node, name=tail.name)]
+
+
+def interrupted_checkpoint_actions(chain: DiskChain) -> list[Action]:
+    """Seal a checkpoint whose job died between ``begin`` and ``seal``: the newest and its
+    parent both record. Disabling the parent only stops it from recording more than it
+    must (its extra bits are writes the newest holds too), so the chain is whole again."""
+    if len(chain.order) < 2:
+        return []
+    newest, parent = chain.order[-1], chain.order[-2]
+    if not (newest.recording and parent.recording and newest.parent == parent.id):
+        return []
+    if newest.inconsistent or parent.inconsistent or newest.busy or parent.busy:
+        return []
+    return [_act("block-dirty-bitmap-disable", node=chain.node, name=parent.name)]
 
 
 def export_bitmap_actions(chain: DiskChain, since_id: str, temp_name: str) -> list[Action]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.checkpoints import is_temp_bitmap
+from worker.checkpoints import interrupted_checkpoint_actions, is_temp_bitmap, parse_chain
 from worker.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,12 @@ def remove_leftovers(session: QmpSession, state_dir: Path) -> Leftovers:
             if is_temp_bitmap(bitmap.name):
                 session.bitmap_remove(node.node_name, bitmap.name)
                 found.bitmaps.append(bitmap.name)
+        # A job killed between the two halves of its checkpoint left two recording
+        # bitmaps: sealing it keeps the chain whole, and the next backup incremental.
+        sealing = interrupted_checkpoint_actions(parse_chain(node.node_name, node.bitmaps))
+        if sealing:
+            session.transaction(sealing)
+            found.bitmaps += [str(a["data"]["name"]) + " (sealed)" for a in sealing]
     scratch = scratch_dir(state_dir, session.domain)
     if scratch.exists():
         found.files = sorted(p.name for p in scratch.iterdir())

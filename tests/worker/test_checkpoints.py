@@ -14,15 +14,18 @@ from hypothesis import strategies as st
 from tests.fixtures.qemu import KiB, MiB, QemuVm
 from worker.checkpoints import (
     DiskChain,
+    begin_checkpoint_actions,
     bitmap_name,
     checkpoint_actions,
     checkpoint_owner,
     delete_actions,
     export_bitmap_actions,
+    interrupted_checkpoint_actions,
     new_checkpoint_id,
     parse_bitmap_name,
     parse_chain,
     remove_actions,
+    seal_checkpoint_actions,
     trim_actions,
 )
 
@@ -190,6 +193,40 @@ def test_trim_keeps_another_repositorys_recent_checkpoints() -> None:
     probe = copy.deepcopy(node)
     probe.transaction(export_bitmap_actions(node.chain(), sequence[2], "vmvault.tmp-x"))
     assert probe.bitmaps["vmvault.tmp-x"].bits == {2, 3, 4}
+
+
+def test_checkpoint_in_two_halves_loses_no_write_and_a_cut_one_is_sealed() -> None:
+    """Writes before, between and after the halves of a checkpoint all reach the right
+    bitmaps; a job killed between the halves leaves a chain the reaper seals whole."""
+    node = FakeNode()
+    node.transaction(checkpoint_actions(node.chain(), "a"))
+    node.write(1)
+    before = node.chain()
+    node.transaction(begin_checkpoint_actions(before, "b"))
+    node.write(2)  # between begin and the freeze: before the snapshot
+    node.write(3)  # between the freeze and the seal: after the snapshot
+    probe = copy.deepcopy(node)
+    probe.transaction(
+        seal_checkpoint_actions(before) + export_bitmap_actions(before, "a", "vmvault.tmp-x")
+    )
+    probe.write(4)
+    chain = probe.chain()
+    assert chain.ids == ["a", "b"] and not chain.problems
+    # This backup exports every write since a (it reads 3's block frozen, as it was).
+    assert probe.bitmaps["vmvault.tmp-x"].bits == {1, 2, 3}
+    # The next one diffs from b: every write since begin, 2 and 3 again (harmless).
+    assert probe.bitmaps[chain.order[-1].name].bits == {2, 3, 4}
+
+    # Killed before the seal: two recording bitmaps, the chain unusable until sealed.
+    cut = node.chain()
+    assert cut.problems and cut.usable_ids() == ["b"]
+    node.transaction(interrupted_checkpoint_actions(cut))
+    node.write(5)
+    sealed = node.chain()
+    assert sealed.usable_ids() == ["a", "b"] and not sealed.problems
+    node.transaction(export_bitmap_actions(sealed, "a", "vmvault.tmp-y"))
+    assert node.bitmaps["vmvault.tmp-y"].bits == {1, 2, 3, 5}
+    assert interrupted_checkpoint_actions(sealed) == []
 
 
 def _bm(name: str, recording: bool = False, inconsistent: bool = False) -> FakeBitmap:

@@ -285,6 +285,8 @@ def test_after_sigkill_at_any_step_the_reaper_restores_the_guest(
     vm = qemu_vm_factory(disk_sizes=[16 * MiB, 8 * MiB], name="vm")
     repo_url = _repo(tmp_path)
     config = _config(vm, repo_url, state_dir)
+    vm.write("vdb", 0, 1 * MiB, pattern=0x54)
+    full = run_backup(config, "vm")
     proc = _stopped_backup(config, step, tmp_path)
     proc.kill()
     proc.communicate(timeout=30)
@@ -295,8 +297,19 @@ def test_after_sigkill_at_any_step_the_reaper_restores_the_guest(
     _assert_untouched(vm, state_dir)
     # The guest's writes go straight to its disks again, and they land.
     vm.write("vda", 1 * MiB, 1 * MiB, pattern=0x55)
-    assert vm.capture("vda", tmp_path / "after.raw").read_bytes()[MiB : 2 * MiB] == (b"\x55" * MiB)
-    assert run_backup(config, "vm").kind in ("full", "incremental")
+    reference = vm.capture("vda", tmp_path / "after.raw").read_bytes()
+    assert reference[MiB : 2 * MiB] == b"\x55" * MiB
+    # The chain survived (a checkpoint cut in half is sealed by the reaper): the next
+    # backup is incremental from the last committed one, and right.
+    result = run_backup(config, "vm")
+    assert result.kind == "incremental" and result.parent == full.backup_id, result.reason
+    with open_repository(repo_url) as repo:
+        manifest = repo.load_manifest("vm", result.backup_id)
+        restored = bytearray(16 * MiB)
+        for offset, data in repo.read_disk(manifest, "vda"):
+            if data is not None:
+                restored[offset : offset + len(data)] = data
+    assert bytes(restored) == reference
 
 
 # -- a frozen QEMU ends the job instead of stalling it -------------------------------------
