@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +51,7 @@ from worker.fleece import (
     access_options,
     filter_options,
     paused_guest,
+    probe_export,
     scratch_bytes,
     scratch_options,
 )
@@ -246,6 +248,8 @@ class _Job:
     disks: list[DiskInfo] = field(default_factory=list)
     results: dict[str, DiskResult] = field(default_factory=dict)
     paused_ms: float = 0.0
+    # Bytes each empty scratch image took (qcow2 metadata): not copied guest data.
+    scratch_base: dict[str, int] = field(default_factory=dict)
 
     @property
     def qmp(self) -> QmpSession:
@@ -368,7 +372,10 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         _export(job, temp)
         job.step = Step.PULL
         _pull(job, writer, repo.chunk_size, plan, temp)
-        fleece_bytes = sum(scratch_bytes(_scratch_path(job, d.name)) for d in job.disks)
+        fleece_bytes = sum(
+            max(0, scratch_bytes(_scratch_path(job, d.name)) - job.scratch_base[d.name])
+            for d in job.disks
+        )
         job.step = Step.COMMIT
         # A last progress report before the manifest: the fleet's progress callback is
         # where a job that lost its domain lock stops, and the final uploads may have
@@ -478,26 +485,33 @@ def _check_fleece_space(job: _Job) -> None:
 
 
 def _scratch_path(job: _Job, disk: str) -> Path:
-    return scratch_dir(job.config.state_dir, job.domain) / f"{disk}.raw"
+    return scratch_dir(job.config.state_dir, job.domain) / f"{disk}.qcow2"
 
 
 def _setup_scratch(job: _Job) -> None:
-    """Per disk: an empty sparse scratch file, its node, and the (not yet inserted) filter."""
+    """Per disk: an empty scratch image backed by the disk, and the (not yet inserted) filter."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise BackupError("qemu-img not found: install qemu-utils")
     directory = scratch_dir(job.config.state_dir, job.domain)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
     job.on_undo("remove scratch directory", lambda: shutil.rmtree(directory, ignore_errors=True))
     for disk in job.disks:
         path = _scratch_path(job, disk.name)
-        try:
-            with open(path, "wb") as scratch:
-                scratch.truncate(disk.virtual_size)
-        except OSError as err:
+        proc = subprocess.run(
+            [qemu_img, "create", "-q", "-f", "qcow2", str(path), str(disk.virtual_size)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
             raise StateDirError(
-                f"disk {disk.name}: cannot create scratch file {path}: {err.strerror}"
-            ) from err
+                f"disk {disk.name}: cannot create scratch image {path}: {proc.stderr.strip()}"
+            )
+        job.scratch_base[disk.name] = scratch_bytes(path)
         nodes = FleeceNodes.of(disk.name)
-        job.qmp.blockdev_add(scratch_options(nodes.scratch, path))
+        job.qmp.blockdev_add(scratch_options(nodes.scratch, path, disk.node))
         job.on_undo(f"blockdev-del {nodes.scratch}", partial(job.qmp.blockdev_del, nodes.scratch))
         job.qmp.blockdev_add(
             filter_options(nodes, disk.node, job.config.backup.fleece_timeout_seconds, None)
@@ -552,7 +566,8 @@ def _checkpoint_and_fleece(
 
 
 def _export(job: _Job, temp: str | None) -> None:
-    """Export each disk's snapshot view over NBD (read-only), with the export bitmap."""
+    """Export each disk's frozen view over NBD (read-only, with the export bitmap), and its
+    snapshot-access view as the probe (``worker/fleece.py``)."""
     qmp, state_dir = job.qmp, job.config.state_dir
     sock = nbd_socket_path(state_dir, job.domain)
     sock.unlink(missing_ok=True)
@@ -561,13 +576,16 @@ def _export(job: _Job, temp: str | None) -> None:
     job.on_undo("nbd-server-stop", partial(qmp.nbd_server_stop))
     os.chmod(sock, 0o600)
     for disk in job.disks:
+        nodes = FleeceNodes.of(disk.name)
         export_id = qemu_id("e", disk.name)
-        # The bitmap lives on the disk's node, below the filter: named with its node
-        # (BlockDirtyBitmapOrStr, QEMU 7.1+), as a plain name is looked up only through
-        # backing and filtered children, which snapshot-access's child is not.
+        # The bitmap lives on the disk's node, named with its node (BlockDirtyBitmapOrStr,
+        # QEMU 7.1+): nothing has to find it through the scratch image's backing chain.
         bitmaps = [{"node": disk.node, "name": temp}] if temp else []
-        qmp.block_export_add(export_id, FleeceNodes.of(disk.name).access, disk.name, bitmaps)
+        qmp.block_export_add(export_id, nodes.scratch, disk.name, bitmaps)
         job.on_undo(f"block-export-del {export_id}", partial(qmp.block_export_del, export_id))
+        probe_id = qemu_id("p", disk.name)
+        qmp.block_export_add(probe_id, nodes.access, probe_export(disk.name), [])
+        job.on_undo(f"block-export-del {probe_id}", partial(qmp.block_export_del, probe_id))
 
 
 def _runs(flags: Sequence[bool], want: bool) -> Iterator[tuple[int, int]]:
@@ -611,6 +629,9 @@ def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | N
         dw = writer.open_disk(disk.name, disk.virtual_size, disk.format)
         try:
             _pull_disk(job, disk, dw, chunk, temp, result, meter)
+            # Every read of this disk came after its freeze, as long as the snapshot still
+            # stands now: a copy that failed meanwhile would have let new data through.
+            _probe_snapshot(job, disk)
         except NbdError as err:
             raise _read_failure(job, disk, err) from err
         stats = dw.finish()
@@ -667,6 +688,13 @@ def _pull_disk(
             dw.put_chunk(offset, payload)  # the reader's own buffer: no copy
             result.bytes_read += len(payload)
             meter.add(disk.name, len(payload))
+
+
+def _probe_snapshot(job: _Job, disk: DiskInfo) -> None:
+    """Read one sector of the disk's snapshot-access view: it fails once a copy failed."""
+    sock = nbd_socket_path(job.config.state_dir, job.domain)
+    with NbdReader(sock, probe_export(disk.name), (), job.config.backup.io_timeout_seconds) as r:
+        r.read_one(0, min(512, disk.virtual_size))
 
 
 def _read_failure(job: _Job, disk: DiskInfo, err: NbdError) -> BackupError:

@@ -3,13 +3,27 @@
 For every disk of the domain, for the length of one backup::
 
     guest device ──root──▶ copy-before-write  vmv-c-<disk> ──file──▶ disk format node
-                                 │ target                                  ▲
-                                 ▼                                         │ unchanged data
-                           scratch  vmv-s-<disk>  ◀── snapshot-access  vmv-a-<disk> ──▶ NBD
+                             ▲       │ target                        ▲
+                             │       ▼                               │ backing
+          snapshot-access vmv-a-<disk>   scratch qcow2 vmv-s-<disk> ─┘
+                  │                          │
+                  ▼                          ▼
+          NBD "probe-<disk>"           NBD "<disk>" (what the backup reads)
 
-Before a guest write lands, the copy-before-write filter copies the old data to the
-scratch file under ``state_dir``; ``snapshot-access`` reads the old data from there and
-everything else from the disk, so the export shows the disk as it was at one instant.
+Before a guest write lands, the copy-before-write filter copies the old data into the
+scratch image under ``state_dir``; the scratch image reads everything it does not hold
+from the disk (its backing), so it shows the disk as it was at one instant. Copies into
+an image whose backing chain holds the source are serialised against reads of that
+image (QEMU's block-copy treats it as fleecing), so a read never sees a half-copied
+cluster.
+
+Why the backup does not read through ``snapshot-access``: on QEMU 7.2 its reads and block
+status are wrong when a request starts in a copied cluster and goes on past it (they
+return zeroes; a zero-write after the freeze made the chaos test's backups torn). QEMU
+10.0 is right; the scratch image is right on both. ``snapshot-access`` is still needed:
+it is the one place that tells whether the snapshot broke, since the scratch image
+would then silently show new data. Every read of it fails once a copy failed (sticky),
+so one read of ``probe-<disk>`` after the pull proves the whole pull frozen.
 
 Why not ``blockdev-backup sync=none`` (the first route in shared/DESIGN.md): the filter it
 inserts uses ``on-cbw-error=break-guest-write``, and neither QEMU 7.2 nor 10.0 lets
@@ -58,9 +72,19 @@ class FleeceNodes:
         return cls(qemu_id("s", disk), qemu_id("c", disk), qemu_id("a", disk))
 
 
-def scratch_options(node: str, path: Path) -> dict[str, object]:
-    """``blockdev-add`` of a raw scratch file: sparse, so it only grows with copied data."""
-    return {"driver": "file", "node-name": node, "filename": str(path)}
+def scratch_options(node: str, path: Path, disk_node: str) -> dict[str, object]:
+    """``blockdev-add`` of the scratch image: an empty qcow2 whose backing is the disk."""
+    return {
+        "driver": "qcow2",
+        "node-name": node,
+        "file": {"driver": "file", "filename": str(path)},
+        "backing": disk_node,
+    }
+
+
+def probe_export(disk: str) -> str:
+    """The NBD export name of a disk's snapshot-access view (see the module docstring)."""
+    return f"probe-{disk}"
 
 
 def filter_options(
@@ -86,7 +110,7 @@ def filter_options(
 
 
 def access_options(nodes: FleeceNodes) -> dict[str, object]:
-    """``blockdev-add`` of the read-only snapshot view the NBD export serves."""
+    """``blockdev-add`` of the snapshot view that tells whether the snapshot broke."""
     return {"driver": "snapshot-access", "node-name": nodes.access, "file": nodes.filter}
 
 

@@ -270,6 +270,14 @@ class NbdReader:
                 )
         return result
 
+    def read_one(self, offset: int, length: int) -> bytes:
+        """One blocking read, bounded by the I/O timeout."""
+        try:
+            data = bytes(self._pread(self._h, offset, length))
+        except nbd.Error as err:
+            raise NbdError(f"NBD export {self.export!r}: read at {offset} failed: {err}") from err
+        return data
+
     def read_ranges(
         self, ranges: Iterable[tuple[int, int]], depth: int = 4
     ) -> Iterator[tuple[int, bytearray]]:
