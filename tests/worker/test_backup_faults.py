@@ -334,3 +334,25 @@ def test_shrink_then_grow_back_between_backups(backup_env: BackupEnv) -> None:
     inc = run_backup(env.config, "vm")
     assert inc.kind == "incremental" and inc.parent == full.backup_id
     env.assert_matches(env.manifest(inc.backup_id), refs)
+
+
+def test_a_stale_qmp_socket_is_one_line_without_qemu_qmp_noise(
+    backup_env: BackupEnv, tmp_path: Path
+) -> None:
+    """qemu.qmp logs its own ERROR lines for a failed connection; the CLI prints only
+    vmvault's message, which names the domain and the socket."""
+    env = backup_env
+    env.vm.kill()  # the socket file stays behind, nothing listens
+    cfg = tmp_path / "vmvault.yaml"
+    cfg.write_text(json.dumps(env.config.model_dump(mode="json")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "scheduler", "backup", "vm", "--config", str(cfg)],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("vmvault: error: domain 'vm': nothing listens on QMP socket")
