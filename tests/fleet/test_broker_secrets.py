@@ -286,3 +286,14 @@ def test_acl_user_without_dangerous_commands_runs_the_fleet(fleet: Fleet) -> Non
     assert 'vmvault_jobs_total{outcome="succeeded",type="gc"} 2.0' in metrics, metrics
     log = fleet.log("worker-hv1.log")
     assert "NOPERM" not in log and password not in log
+
+
+def test_missing_password_file_is_a_config_error_for_every_command(fleet: Fleet) -> None:
+    fleet.write(broker_password_file=str(fleet.tmp / "no-such-secret"))
+    for args in (["config"], ["jobs"]):
+        out = _vmvault(fleet.config_file, *args)
+        assert out.returncode == 2, (args, out)
+        assert out.stderr == (
+            f"vmvault: config: broker_password_file: cannot read {fleet.tmp}/no-such-secret: "
+            "No such file or directory\n"
+        )
