@@ -154,12 +154,14 @@ def test_queued_prune_gc_verify_outside_policy_are_refused(fleet: Fleet, repo: R
     with open_repository(fleet.data["repository"]["url"]) as check:
         assert len(check.list_manifests("web1")) == 3
         assert len(check.list_manifests("db1")) == 3
-    # The schedule's own retention, and a gc with the default grace, still run.
-    allowed = [
-        _send(fleet, "prune", {"policy": {"keep_last": 2}, "domains": ["web1"]}),
-        _send(fleet, "gc", {}),
-    ]
-    for record in fleet.wait_jobs(allowed, timeout=120).values():
+    # The schedule's own retention, and a gc with the default grace, still run (one after
+    # the other: together, the gc would wait 30 s for the prune's repository lock).
+    for job_type, kwargs in (
+        ("prune", {"policy": {"keep_last": 2}, "domains": ["web1"]}),
+        ("gc", {}),
+    ):
+        job_id = _send(fleet, job_type, kwargs)
+        record = fleet.wait_jobs([job_id], timeout=120)[job_id]
         assert record.state == "succeeded", record
     with open_repository(fleet.data["repository"]["url"]) as check:
         assert len(check.list_manifests("web1")) == 2
