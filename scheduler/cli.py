@@ -17,6 +17,7 @@ from scheduler.cli_context import CliContext
 from scheduler.config import ConfigError, UnknownDomainError
 from scheduler.errors import SchedulerError
 from scheduler.logs import setup_logging
+from scheduler.redact import redact
 from storage.errors import StorageError
 from worker.errors import WorkerError
 
@@ -109,15 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with signals_as_exceptions():
             code: int = args.func(args, ctx)
         return code
+    # Messages may quote a URL with the broker's password (redis-py, kombu): masked.
     except ConfigError as err:
         for problem in err.problems:
-            print(f"vmvault: config: {problem}", file=sys.stderr)
+            print(f"vmvault: config: {redact(problem)}", file=sys.stderr)
         return EXIT_USAGE
     except UnknownDomainError as err:
-        print(f"vmvault: error: {err}", file=sys.stderr)
+        print(f"vmvault: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_USAGE
     except (StorageError, WorkerError, SchedulerError) as err:
-        print(f"vmvault: error: {err}", file=sys.stderr)
+        print(f"vmvault: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("vmvault: interrupted", file=sys.stderr)

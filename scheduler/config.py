@@ -3,7 +3,8 @@
 The file is found from ``--config``, else ``$VMVAULT_CONFIG``, else ``./vmvault.yaml``.
 Every problem is reported at once, one line each, naming the file, the key path
 (``domains.web1.qmp``) and what is wrong; nothing runs on a bad config.
-Credentials never live here: S3 uses the standard AWS credential chain.
+Credentials do not belong here: S3 uses the standard AWS credential chain, the
+repository passphrase and the broker password are read from the files the config names.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from storage.repository import Repository
@@ -31,6 +40,15 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def _absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path, got {str(path)!r}")
+    return path
+
+
+AbsolutePath = Annotated[Path, AfterValidator(_absolute)]
 
 
 class ConfigError(Exception):
@@ -292,23 +310,65 @@ class SchedulerSettings(_Strict):
         return self
 
 
+# The GC's own default grace (storage.gc.DEFAULT_GRACE, not imported: validating a config
+# must not load the storage stack); a test keeps the two equal.
+DEFAULT_GC_GRACE_SECONDS = 3600.0
+
+
+# The spellings Celery's Redis result backend accepts (celery.backends.redis).
+_SSL_CERT_REQS = ("required", "optional", "none", "CERT_REQUIRED", "CERT_OPTIONAL", "CERT_NONE")
+
+
+class WorkerPolicy(_Strict):
+    """What a worker accepts from the job queue: the broker is a channel, not an authority.
+
+    Anyone who can write to Redis can enqueue a job; these limits hold whatever the message
+    says (docs/fleet.md, "Trust boundary"). The in-process CLI is not limited by them.
+    """
+
+    # Directories queued restores may write under; None = <state_dir>/images and every
+    # domain's launch.image_dir. An empty list refuses every queued restore.
+    restore_roots: list[AbsolutePath] | None = None
+    allow_force_from_queue: bool = False
+    # Retention a queued prune may apply to any domain, besides each schedule's own.
+    prune_policies: list[RetentionPolicy] = Field(default_factory=list)
+    # The shortest GC grace window a queued gc may ask for (and what it gets by default).
+    gc_grace_seconds: float = Field(default=DEFAULT_GC_GRACE_SECONDS, ge=0, le=365 * 86400)
+
+
 class FleetConfig(_Strict):
     """The whole fleet: repository, broker, state directory, domains and schedules."""
 
     repository: RepositoryConfig
     broker: str | None = None
+    broker_password_file: AbsolutePath | None = None
     state_dir: Path = Path("/var/lib/vmvault")
     domains: dict[Name, DomainConfig] = Field(default_factory=dict)
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
     hosts: dict[Name, HostConfig] = Field(default_factory=dict)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
+    worker: WorkerPolicy = Field(default_factory=WorkerPolicy)
 
     @field_validator("broker")
     @classmethod
     def _check_broker(cls, url: str | None) -> str | None:
-        if url is not None and urlparse(url).scheme not in ("redis", "rediss"):
-            raise ValueError(f"bad broker URL {url!r}: use redis://host:port/db")
+        if url is None:
+            return url
+        # Masked: a mistyped URL does not make the password any less secret.
+        from scheduler.redact import mask_url
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"bad broker URL {mask_url(url)!r}: use redis://host:port/db")
+        if parts.scheme == "rediss":
+            # Celery's result backend refuses a TLS URL without it (at the first job).
+            reqs = parse_qs(parts.query).get("ssl_cert_reqs", [""])[-1]
+            if reqs not in _SSL_CERT_REQS:
+                raise ValueError(
+                    f"TLS broker URL {mask_url(url)!r} needs ?ssl_cert_reqs=required (and "
+                    "&ssl_ca_certs=/path/ca.crt when a private CA signed Redis's certificate)"
+                )
         return url
 
     @field_validator("state_dir")
@@ -317,6 +377,19 @@ class FleetConfig(_Strict):
         if not path.is_absolute():
             raise ValueError(f"state_dir must be an absolute path, got {str(path)!r}")
         return path
+
+    @model_validator(mode="after")
+    def _one_place_for_the_password(self) -> FleetConfig:
+        if self.broker_password_file is None:
+            return self
+        if self.broker is None:
+            raise ValueError("broker_password_file: needs a broker URL (broker: redis://...)")
+        if urlsplit(self.broker).password is not None:
+            raise ValueError(
+                "broker: the URL carries a password and broker_password_file is set too: "
+                "keep the password in the file only"
+            )
+        return self
 
     @model_validator(mode="after")
     def _schedules_match_domains(self) -> FleetConfig:
@@ -335,6 +408,44 @@ class FleetConfig(_Strict):
             if host not in used:
                 raise ValueError(f"hosts.{host}: no domain runs on this host (check the name)")
         return self
+
+    def broker_url(self) -> str | None:
+        """The URL to connect to the broker with: ``broker`` plus the password from
+        ``broker_password_file`` (read now; ``ConfigError`` if unreadable or empty).
+
+        It carries the password: hand it to Redis/Celery only, print ``mask_url`` of it.
+        """
+        if self.broker is None or self.broker_password_file is None:
+            return self.broker
+        path = self.broker_password_file
+        try:
+            password = path.read_text().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+            raise ConfigError([f"broker_password_file: cannot read {path}: {reason}"]) from err
+        if not password:
+            raise ConfigError([f"broker_password_file: {path} is empty (put the password in it)"])
+        parts = urlsplit(self.broker)
+        user = parts.netloc.rpartition("@")[0]  # an ACL user name, as written
+        hostport = parts.netloc.rpartition("@")[2]
+        # Quoted: redis-py and kombu unquote it, and '@', '/' or ':' would split the URL.
+        netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def restore_roots(self) -> list[Path]:
+        """Directories queued restores may write under, symlinks resolved (see WorkerPolicy)."""
+        roots = self.worker.restore_roots
+        if roots is None:
+            roots = [self.state_dir / "images"]
+            for domain in self.domains.values():
+                if domain.launch is not None and domain.launch.image_dir is not None:
+                    roots.append(domain.launch.image_dir)
+        resolved: list[Path] = []
+        for root in roots:
+            path = Path(os.path.realpath(root))
+            if path not in resolved:
+                resolved.append(path)
+        return resolved
 
     def host(self, name: str) -> HostConfig:
         """Settings of host ``name`` (defaults when the config does not list it)."""
@@ -461,4 +572,5 @@ def load_config(path: str | Path | None = None) -> FleetConfig:
 
 def is_valid_name(name: str) -> bool:
     """True when ``name`` is safe as a domain/disk/host name (see ``NAME_PATTERN``)."""
-    return bool(_NAME_RE.match(name))
+    # fullmatch: "$" alone also matches before a trailing newline ("vm\n").
+    return bool(_NAME_RE.fullmatch(name))

@@ -28,6 +28,7 @@ from scheduler.cli_context import CliContext
 from scheduler.enqueue import JobRequest, enqueue
 from scheduler.errors import SchedulerError
 from scheduler.jobs import FINAL_STATES, JobRecord, JobStore
+from scheduler.redact import mask_url, redact
 
 T = TypeVar("T")
 
@@ -40,6 +41,16 @@ class RemoteJobError(SchedulerError):
 
 class JobLostError(SchedulerError):
     """The job's record vanished (Redis restarted without persistence). Check ``vmvault jobs``."""
+
+
+def broker_hint(err: BaseException) -> str:
+    """What to check when Redis did not take a command: the password, or that it runs."""
+    if isinstance(err, redis.AuthenticationError) or "NOAUTH" in str(err):
+        return (
+            "check the broker's password (broker_password_file, or the URL) against Redis's"
+            " requirepass"
+        )
+    return "is Redis running and the broker URL right?"
 
 
 def add_wait_flag(parser: argparse.ArgumentParser) -> None:
@@ -148,8 +159,10 @@ def run_job(
         return local()
     from worker.celery_app import configure
 
+    url = config.broker_url()
+    assert url is not None
     app = configure(config)
-    client = redis.Redis.from_url(config.broker, socket_timeout=10, socket_connect_timeout=5)
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     store = JobStore(client)
     host = config.domain(domain).host if domain is not None else None
     request = JobRequest(type=job_type, kwargs=kwargs, domain=domain, host=host)
@@ -157,7 +170,8 @@ def run_job(
         job_id = enqueue(app, store, [request])[0]
     except (redis.RedisError, OSError, OperationalError) as err:
         raise SchedulerError(
-            f"cannot enqueue the {job_type} job on {config.broker}: {err}; is Redis running?"
+            f"cannot enqueue the {job_type} job on {mask_url(url)}: {redact(str(err))}; "
+            f"{broker_hint(err)}"
         ) from err
     if getattr(args, "no_wait", False):
         if ctx.json:

@@ -24,6 +24,8 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
+from scheduler.redact import redact
+
 RECORD_TTL = 14 * 86400
 MAX_JOBS_LISTED = 100_000
 
@@ -166,6 +168,7 @@ class JobStore:
 
 
 def _enc(value: Any) -> str | int | float:
-    if isinstance(value, (int, float, str)):
+    if isinstance(value, (int, float)):
         return value
-    return json.dumps(value, default=str)
+    # Errors may quote the broker URL (redis-py, kombu): records keep no password.
+    return redact(value if isinstance(value, str) else json.dumps(value, default=str))

@@ -1,4 +1,8 @@
-"""Logging setup: human lines on stderr by default, JSON lines on request."""
+"""Logging setup: human lines on stderr by default, JSON lines on request.
+
+Every line goes through ``redact``: Celery, kombu and redis-py messages may quote the
+broker URL, password included.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import logging
 import os
 import sys
 import time
+
+from scheduler.redact import redact
 
 LOG_FORMAT_ENV = "VMVAULT_LOG_FORMAT"
 
@@ -29,7 +35,14 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return redact(json.dumps(entry, default=str))
+
+
+class _RedactingFormatter(logging.Formatter):
+    """The plain text format, URL passwords masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
 
 def setup_logging(verbose: int = 0, json_logs: bool | None = None) -> None:
@@ -41,7 +54,7 @@ def setup_logging(verbose: int = 0, json_logs: bool | None = None) -> None:
     if json_logs:
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -27,12 +27,13 @@ _config: FleetConfig | None = None
 
 def celery_settings(config: FleetConfig) -> dict[str, Any]:
     """Celery settings derived from the fleet config (pure; tested on its own)."""
-    if config.broker is None:
+    url = config.broker_url()  # with the password from broker_password_file
+    if url is None:
         raise ValueError("celery_settings needs a config with a broker")
     sched = config.scheduler
     return {
-        "broker_url": config.broker,
-        "result_backend": config.broker,
+        "broker_url": url,
+        "result_backend": url,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -1,5 +1,7 @@
 """Celery tasks: thin adapters over the in-process backup/restore/verify/prune/gc functions.
 
+Restore, prune, gc and verify first check their arguments against the worker's queue
+policy (``worker.job_policy``): a refused job ends failed, having touched nothing.
 Each task (1) marks its job running in the registry, (2) for backup/restore takes the
 fleet-wide domain lease (a busy domain is retried later: taking a lock is idempotent),
 (3) calls exactly the function the in-process CLI calls, passing a progress reporter that
@@ -17,24 +19,31 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Task, states
 from celery.signals import worker_process_init
 
-from scheduler.config import FleetConfig
+from scheduler.config import FleetConfig, UnknownDomainError
 from scheduler.jobs import JobRecord, JobStore
 from scheduler.planner import queue_for
 from worker.celery_app import app, fleet_config
 from worker.errors import WorkerError
+from worker.job_policy import (
+    JobRefusedError,
+    check_gc,
+    check_prune,
+    check_restore,
+    check_verify,
+)
 from worker.metrics import record_job
 from worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
 from worker.signals import Terminated, signals_as_exceptions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 WORKER_HOST_ENV = "VMVAULT_WORKER_HOST"
 
@@ -68,7 +77,7 @@ def redis_client() -> redis.Redis:
     """This process's Redis client for registry, leases and metrics (not shared across fork)."""
     global _client
     if _client is None:
-        broker = fleet_config().broker
+        broker = fleet_config().broker_url()
         assert broker is not None
         _client = redis.Redis.from_url(
             broker, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
@@ -150,6 +159,38 @@ def _record_refusal(store: JobStore, job_id: str, worker_name: str, err: Excepti
         worker=worker_name,
         finished=time.time(),
     )
+
+
+def _admit(task: Task, job_type: str, domain: Any, check: Callable[[], T]) -> T:
+    """Run the queue policy's ``check`` of a job's arguments (worker.job_policy).
+
+    A refused job ends ``failed`` with the rule in its error, listed by ``vmvault jobs``
+    even when nobody registered it, before anything (lease, files, repository) is touched.
+    """
+    try:
+        return check()
+    except (JobRefusedError, UnknownDomainError) as err:
+        store = JobStore(redis_client())
+        job_id: str = task.request.id
+        config = fleet_config()
+        name = domain if isinstance(domain, str) and domain in config.domains else ""
+        host = config.domains[name].host if name else ""
+        if store.get(job_id) is None:
+            queue = (task.request.delivery_info or {}).get("routing_key")
+            store.create(
+                [
+                    JobRecord(
+                        id=job_id,
+                        type=job_type,
+                        queue=queue or queue_for(job_type, host or None),
+                        domain=name,
+                        host=host,
+                    )
+                ]
+            )
+        _record_refusal(store, job_id, task.request.hostname or socket.gethostname(), err)
+        log.warning("job %s: %s refused: %s", job_id, job_type, err)
+        raise
 
 
 def _run_job(
@@ -331,8 +372,15 @@ def backup(self: Task, domain: str, mode: str = "auto") -> dict[str, Any]:
 
 
 # A restore that died half-way is not blindly re-run on another delivery: the operator
-# decides (the job shows failed). Hence reject_on_worker_lost=False.
-@app.task(bind=True, name="vmvault.restore", acks_late=True, reject_on_worker_lost=False)  # type: ignore[untyped-decorator]
+# decides (the job shows failed). Hence reject_on_worker_lost=False. A refusal by the
+# queue policy is an expected outcome: ``throws`` logs it without a traceback.
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.restore",
+    acks_late=True,
+    reject_on_worker_lost=False,
+    throws=(JobRefusedError,),
+)
 def restore(
     self: Task,
     domain: str,
@@ -344,24 +392,30 @@ def restore(
     force: bool = False,
     disks: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Restore one domain (runs on the domain's host)."""
+    """Restore one domain (runs on the domain's host), within the worker's queue policy."""
     from worker.restore import run_restore
 
     config = fleet_config()
-    return _run_job(
+    args = _admit(
         self,
         "restore",
         domain,
+        lambda: check_restore(config, domain, backup_id, at, to_dir, incoming, boot, force, disks),
+    )
+    return _run_job(
+        self,
+        "restore",
+        args.domain,
         lambda progress: run_restore(
             config,
-            domain,
-            backup_id=backup_id,
-            at=datetime.fromisoformat(at) if at else None,
-            to_dir=Path(to_dir) if to_dir else None,
-            incoming=incoming,
-            boot=boot,
-            force=force,
-            disks=disks,
+            args.domain,
+            backup_id=args.backup_id,
+            at=args.at,
+            to_dir=args.to_dir,
+            incoming=args.incoming,
+            boot=args.boot,
+            force=args.force,
+            disks=args.disks,
             progress=progress,
         ),
     )
@@ -388,10 +442,18 @@ def _retry_if_locked(task: Task, err: Exception) -> None:
         raise task.retry(exc=err, countdown=30, max_retries=_LOCKED_RETRIES) from err
 
 
-@app.task(bind=True, name="vmvault.verify", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.verify",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(JobRefusedError,),
+)
 def verify(self: Task, backup_id: str | None = None, read_data: bool = False) -> dict[str, Any]:
     """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
     from storage.verify import verify as verify_repository
+
+    _admit(self, "verify", None, lambda: check_verify(backup_id, read_data))
 
     def work(progress: JobProgress) -> Any:
         with _repository() as repo:
@@ -407,7 +469,13 @@ def keep_policy(policy: dict[str, int]) -> Any:
     return KeepPolicy(**{key.removeprefix("keep_"): value for key, value in policy.items()})
 
 
-@app.task(bind=True, name="vmvault.prune", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.prune",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(JobRefusedError,),
+)
 def prune(
     self: Task,
     policy: dict[str, int],
@@ -417,9 +485,14 @@ def prune(
 ) -> dict[str, Any]:
     """Apply a retention policy to ``domains`` (all when None); chunks are left to GC.
 
+    Only a retention the config defines for those domains (worker.job_policy).
     Idempotent: planning again after a partial run removes what is left to remove.
     """
     from storage.prune import plan_prune
+
+    rules = _admit(
+        self, "prune", None, lambda: check_prune(fleet_config(), policy, domains, dry_run)
+    )
 
     def work(progress: JobProgress) -> Any:
         with _repository() as repo:
@@ -427,7 +500,7 @@ def prune(
                 manifests = repo.list_manifests()
             else:
                 manifests = [m for d in domains for m in repo.list_manifests(d)]
-            plan = plan_prune(keep_policy(policy), manifests)
+            plan = plan_prune(keep_policy(rules), manifests)
             removed = [] if dry_run else plan.execute(repo, progress)
             doc: dict[str, Any] = plan.to_json()
             doc.update(dry_run=dry_run, removed=removed, schedule=schedule or None)
@@ -440,19 +513,23 @@ def prune(
         raise
 
 
-@app.task(bind=True, name="vmvault.gc", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.gc",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(JobRefusedError,),
+)
 def gc(self: Task, dry_run: bool = False, grace: float | None = None) -> dict[str, Any]:
-    """Mark-and-sweep GC under the repository's exclusive lock (storage queue)."""
-    from storage.gc import DEFAULT_GRACE, collect_garbage
+    """Mark-and-sweep GC under the repository's exclusive lock (storage queue); the grace
+    window is never shorter than worker.gc_grace_seconds (its default too)."""
+    from storage.gc import collect_garbage
+
+    window = _admit(self, "gc", None, lambda: check_gc(fleet_config(), grace, dry_run))
 
     def work(progress: JobProgress) -> Any:
         with _repository() as repo:
-            return collect_garbage(
-                repo,
-                grace=DEFAULT_GRACE if grace is None else grace,
-                dry_run=dry_run,
-                progress=progress,
-            )
+            return collect_garbage(repo, grace=window, dry_run=dry_run, progress=progress)
 
     try:
         return _run_job(self, "gc", None, work)

@@ -7,6 +7,8 @@ from typing import Any
 
 from scheduler.cli import add_command
 from scheduler.cli_context import CliContext
+from scheduler.config import FleetConfig
+from scheduler.redact import mask_url
 
 
 def register(commands: Any) -> None:
@@ -22,13 +24,19 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
     # The file names a passphrase file: it must be there, readable and not empty, or
     # every repository command would fail later (ConfigError: exit 2).
     config.repository.read_passphrase()
+    config.broker_url()  # an unreadable or empty broker_password_file is a config error
     if ctx.json:
-        ctx.emit(config.model_dump(mode="json"))
+        doc = config.model_dump(mode="json")
+        if config.broker is not None:
+            doc["broker"] = mask_url(config.broker)
+        ctx.emit(doc)
         return 0
     repo = config.repository
     ctx.say(f"config OK: {ctx.config_file or 'default location'}")
     ctx.say(f"  repository  {repo.url}" + (" (encrypted)" if repo.passphrase_file else ""))
-    ctx.say(f"  broker      {config.broker or 'none: jobs run in-process'}")
+    ctx.say(f"  broker      {_broker_line(config)}")
+    if config.broker is not None:
+        ctx.say(f"  queue policy {_policy_line(config)}")
     ctx.say(f"  state_dir   {config.state_dir}")
     ctx.say(f"  domains     {len(config.domains)}")
     for name, domain in sorted(config.domains.items()):
@@ -39,3 +47,27 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
         matched = config.domains_matching(sched.domains)
         ctx.say(f"    {name:<20} '{sched.cron}' -> {len(matched)} domain(s)")
     return 0
+
+
+def _broker_line(config: FleetConfig) -> str:
+    if config.broker is None:
+        return "none: jobs run in-process"
+    shown = mask_url(config.broker)
+    if config.broker_password_file is not None:
+        return f"{shown} (password from {config.broker_password_file})"
+    if shown == config.broker:
+        # Whoever reaches an open Redis runs jobs as root on every host: say so.
+        return f"{shown} (no password: see 'Trust boundary' in docs/fleet.md)"
+    return shown
+
+
+def _policy_line(config: FleetConfig) -> str:
+    """What workers accept from the queue (docs/fleet.md, "Trust boundary")."""
+    policy = config.worker
+    roots = ", ".join(map(str, config.restore_roots())) or "none (queued restores refused)"
+    force = "taken" if policy.allow_force_from_queue else "refused"
+    return (
+        f"restores under {roots}; force {force}; prune: schedules' retention"
+        f"{' + ' + str(len(policy.prune_policies)) + ' listed' if policy.prune_policies else ''};"
+        f" gc grace >= {policy.gc_grace_seconds:g} s"
+    )

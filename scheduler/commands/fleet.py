@@ -18,9 +18,11 @@ import redis
 from scheduler.cli import add_command
 from scheduler.cli_context import CliContext
 from scheduler.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
+from scheduler.dispatch import broker_hint
 from scheduler.errors import SchedulerError
 from scheduler.jobs import JobRecord, JobStore
 from scheduler.planner import STORAGE_QUEUE, host_queue, overdue
+from scheduler.redact import mask_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +65,16 @@ def register(commands: Any) -> None:
 
 
 def _broker(config: FleetConfig, ctx: CliContext, command: str) -> str:
-    if config.broker is None:
+    """The broker URL to connect with (password included: never print it, see _redis)."""
+    url = config.broker_url()
+    if url is None:
         raise ConfigError(
             [
                 f"{config_path(ctx.config_file)}: broker: required for 'vmvault {command}' "
                 "(add e.g. broker: redis://redis:6379/0)"
             ]
         )
-    return config.broker
+    return url
 
 
 def _redis(url: str) -> redis.Redis:
@@ -79,7 +83,7 @@ def _redis(url: str) -> redis.Redis:
         client.ping()
     except redis.RedisError as err:
         raise BrokerUnavailableError(
-            f"cannot reach the broker {url}: {err}; check that Redis runs and the URL is right"
+            f"cannot reach the broker {mask_url(url)}: {redact(str(err))}; {broker_hint(err)}"
         ) from err
     return client
 
@@ -269,7 +273,7 @@ def _status(args: argparse.Namespace, ctx: CliContext) -> int:
     if config.broker is not None:
         from scheduler.leader import LEADER_KEY
 
-        raw = _redis(config.broker).get(LEADER_KEY)
+        raw = _redis(_broker(config, ctx, "status")).get(LEADER_KEY)
         leader = raw.decode().rsplit(":", 1)[0] if isinstance(raw, bytes) else None
     rows: list[dict[str, Any]] = []
     for name in sorted(config.domains):

@@ -36,6 +36,12 @@ def test_cli_commands_enqueue_and_follow(fleet: Fleet, qemu_vm_factory: VmFactor
             "web1": {"host": "hv1", "qmp": str(vm.qmp_path)},
             "ghost": {"host": "hv1", "qmp": str(fleet.tmp / "no-such.sock")},
         },
+        # What the queued jobs below need from the worker's queue policy (worker.job_policy).
+        worker={
+            "restore_roots": [str(fleet.tmp)],
+            "prune_policies": [{"keep_last": 1}],
+            "gc_grace_seconds": 0,
+        },
     )
     fleet.start_worker("hv1", "--storage")
 

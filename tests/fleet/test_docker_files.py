@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 import yaml
 
 from scheduler.cli import build_parser
-from scheduler.config import load_config
+from scheduler.config import load_config, parse_config
+from tests.fixtures.common import (
+    free_port,
+    port_open,
+    require_binary,
+    stop_process,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -24,12 +36,16 @@ _COMPOSE_TOP = {"name", "services", "volumes", "networks", "configs", "secrets"}
 _SERVICE_KEYS = {
     "image", "build", "command", "entrypoint", "environment", "volumes", "ports",
     "depends_on", "healthcheck", "restart", "stop_grace_period", "env_file", "networks",
+    "secrets",
 }  # fmt: skip
+SECRET = "/run/secrets/redis_password"
 
 
 def _interpolate(text: str) -> str:
-    """Compose variable syntax: ``${VAR:-default}`` -> default (no environment in tests)."""
-    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", text)
+    """Compose variable syntax: ``${VAR:-default}`` -> default (no environment in tests),
+    ``$$`` -> ``$`` (a dollar sign the container's shell sees)."""
+    text = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", text)
+    return text.replace("$$", "$")
 
 
 def _compose() -> dict[str, Any]:
@@ -145,3 +161,98 @@ def test_compose_config_points_at_compose_services() -> None:
         assert mounts.get(qmp_dir) == qmp_dir, f"QMP dir {qmp_dir} not mounted at the same path"
     host = worker["command"][worker["command"].index("--host") + 1]
     assert host in {d.host for d in config.domains.values()}
+
+
+def test_compose_redis_needs_a_password_kept_in_a_secret() -> None:
+    compose = _compose()
+    services = compose["services"]
+    # One secret file, created by the operator, never committed.
+    assert compose["secrets"]["redis_password"] == {"file": "./secrets/redis_password"}
+    assert "secrets/" in (DOCKER / ".gitignore").read_text().split()
+    # Not sent to the image build either (the build context is the repository root).
+    assert "docker/secrets" in (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    assert not (DOCKER / "secrets" / "redis_password").exists()
+    redis_svc = services["redis"]
+    assert redis_svc["secrets"] == ["redis_password"]
+    script = " ".join(redis_svc["command"])
+    assert "requirepass" in script and SECRET in script
+    # Never on a command line: `ps` on the host shows container command lines to everyone.
+    assert "--requirepass" not in script and "-a " not in script
+    assert SECRET in " ".join(redis_svc["healthcheck"]["test"])
+    # Not published: reachable from the compose network only.
+    assert "ports" not in redis_svc
+    for name in ("scheduler", "worker"):
+        assert services[name]["secrets"] == ["redis_password"], name
+    config = load_config(DOCKER / "vmvault.yaml")
+    assert config.broker is not None and urlsplit(config.broker).password is None
+    assert config.broker_password_file == Path(SECRET)
+    # No password-looking value anywhere in the committed files.
+    for name in ("compose.yaml", "vmvault.yaml"):
+        text = re.sub(r"(?m)^\s*#.*$", "", (DOCKER / name).read_text())  # comments aside
+        assert not re.search(r"rediss?://[^/\s]*:[^/\s@]+@", text), name
+        assert not re.search(r"requirepass\s+[^\s\"$]", text), name
+
+
+def test_compose_redis_command_and_healthcheck_run_with_the_secret(tmp_path: Path) -> None:
+    """Run the compose file's own redis command and healthcheck against a real redis-server.
+
+    The image's ``docker-entrypoint.sh`` (drops to the redis user, then execs its
+    arguments) is replaced by one that adds a private port and directory.
+    """
+    binary = require_binary("redis-server")
+    redis_svc = _compose()["services"]["redis"]
+    password = f"pw-{uuid.uuid4().hex}"
+    secret = tmp_path / "redis_password"
+    secret.write_text(password + "\n")
+    port = free_port()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    entrypoint = bindir / "docker-entrypoint.sh"
+    entrypoint.write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = redis-server ] && shift && exec {binary} --port {port} --bind 127.0.0.1 '
+        f'--dir {tmp_path} "$@"\n'
+        'exec "$@"\n'
+    )
+    entrypoint.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    argv = [arg.replace(SECRET, str(secret)) for arg in redis_svc["command"]]
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: port_open(port), 20, "redis from the compose command", proc)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+        assert redis.Redis(port=port, password=password).ping()
+        # The password is not on the server's command line.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert password.encode() not in cmdline
+
+        test = redis_svc["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL"
+
+        def healthcheck(secret_file: Path) -> int:
+            script = test[1].replace(SECRET, str(secret_file))
+            script = script.replace("redis-cli", f"redis-cli -p {port}")
+            return subprocess.run(["sh", "-c", script], env=env, timeout=30).returncode
+
+        assert healthcheck(secret) == 0
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-password\n")
+        assert healthcheck(wrong) != 0
+
+        # vmvault's side of the compose config reaches it with the same secret.
+        data = yaml.safe_load((DOCKER / "vmvault.yaml").read_text())
+        data["broker"] = data["broker"].replace("redis:6379", f"127.0.0.1:{port}")
+        data["broker_password_file"] = str(secret)
+        url = parse_config(data, "vmvault.yaml").broker_url()
+        assert url is not None
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        stop_process(proc)

@@ -43,6 +43,8 @@ def test_fleet_schedule_restore_retention_and_redis_restart(
             "nightly": {"cron": "0 2 * * *", "domains": ["*"], "retention": {"keep_last": 2}}
         },
         scheduler={"gc_interval_seconds": None, "lock_ttl_seconds": 5},
+        # Queued restores land only under a restore root (worker.job_policy).
+        worker={"restore_roots": [str(fleet.tmp)]},
     )
     client = fleet.redis.client()
     store = JobStore(client)

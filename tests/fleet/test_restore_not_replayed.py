@@ -15,6 +15,8 @@ from tests.fleet.conftest import Fleet
 
 
 def test_redelivered_restore_is_failed_not_replayed(fleet: Fleet) -> None:
+    # Within the queue policy (worker.restore_roots): only the replay check refuses it.
+    fleet.write(worker={"restore_roots": [str(fleet.tmp)]})
     fleet.start_worker("hv1")
     store = JobStore(fleet.redis.client())
     job_id = f"restore-{uuid.uuid4().hex}"

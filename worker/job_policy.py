@@ -1,0 +1,302 @@
+"""What a worker accepts from the job queue: each queued job checked against the config.
+
+Anyone who can write to the broker can enqueue any job with any arguments, and the worker
+runs as root next to the VMs. So a job from the queue gets only what this worker's config
+allows (the ``worker:`` block; docs/fleet.md, "Trust boundary"); the in-process CLI keeps
+the operator's full powers. Each check is pure: it reads the config and the job's
+arguments and returns them parsed, or raises ``JobRefusedError`` naming the rule. The
+task calls it before anything else, so a refused job touches nothing.
+
+    job      rule
+    restore  its target (to_dir, or the incoming image dir) lies under worker.restore_roots
+             force (replace existing images) only with worker.allow_force_from_queue
+    prune    per domain, keeps at least what one of its schedules' retention keeps, or
+             what a worker.prune_policies entry keeps (these alone cover "all domains")
+    gc       grace no shorter than worker.gc_grace_seconds
+    all      arguments of the expected types and shapes (names, backup ids, times, paths)
+
+A dry-run prune or gc deletes nothing and is not limited by its policy rule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from scheduler.config import FleetConfig, RetentionPolicy
+from storage.errors import StorageError
+from storage.format import check_backup_id, check_name
+from worker.errors import WorkerError
+
+# Retention rules as the CLI spells them; the scheduler sends them as keep_<rule>.
+KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+class JobRefusedError(WorkerError):
+    """A queued job is outside this worker's policy; nothing was done. Not retryable:
+    change the job, or the worker's config (``worker:``) if it should be allowed."""
+
+
+@dataclass(frozen=True)
+class RestoreArgs:
+    """A queued restore's arguments, checked and parsed."""
+
+    domain: str
+    backup_id: str | None
+    at: datetime | None
+    to_dir: Path | None
+    incoming: bool
+    boot: bool
+    force: bool
+    disks: list[str] | None
+
+
+def _show(value: Any) -> str:
+    """A hostile value for a one-line message: repr (no newlines), cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(job: str, name: str, value: Any, want: str) -> JobRefusedError:
+    return JobRefusedError(f"{job} refused (job arguments): bad {name} {_show(value)}: {want}")
+
+
+def _refuse(job: str, rule: str, why: str) -> JobRefusedError:
+    return JobRefusedError(f"{job} refused by {rule}: {why}")
+
+
+def _is_name(value: Any) -> bool:
+    try:
+        check_name(value, "domain")
+    except StorageError:
+        return False
+    return True
+
+
+def _flag(job: str, name: str, value: Any) -> bool:
+    # Exactly a bool: a queued "false" is a non-empty string, and truthy.
+    if not isinstance(value, bool):
+        raise _bad(job, name, value, "want true or false")
+    return value
+
+
+def _names(job: str, name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(_is_name(v) for v in value):
+        raise _bad(job, name, value, "want a list of names ([A-Za-z0-9._-], up to 63)")
+    return list(value)
+
+
+# -- restore ------------------------------------------------------------------------
+
+
+def check_restore(
+    config: FleetConfig,
+    domain: Any,
+    backup_id: Any = None,
+    at: Any = None,
+    to_dir: Any = None,
+    incoming: Any = False,
+    boot: Any = False,
+    force: Any = False,
+    disks: Any = None,
+) -> RestoreArgs:
+    """A queued restore's arguments, parsed, if this worker's policy admits them."""
+    if not _is_name(domain):
+        raise _bad("restore", "domain", domain, "want a domain name from the config")
+    domain_cfg = config.domain(domain)  # UnknownDomainError names the known ones
+    if backup_id is not None:
+        try:
+            check_backup_id(backup_id)
+        except StorageError:
+            raise _bad(
+                "restore", "backup_id", backup_id, "want e.g. 20260101T020000.000000Z-1a2b3c4d"
+            ) from None
+    when = _parse_at(at)
+    if backup_id is not None and when is not None:
+        raise JobRefusedError("restore refused (job arguments): give backup_id or at, not both")
+    args = RestoreArgs(
+        domain=domain,
+        backup_id=backup_id,
+        at=when,
+        to_dir=_absolute_dir(to_dir),
+        incoming=_flag("restore", "incoming", incoming),
+        boot=_flag("restore", "boot", boot),
+        force=_flag("restore", "force", force),
+        disks=_names("restore", "disks", disks),
+    )
+    target = args.to_dir
+    if target is None and args.incoming:
+        # Where run_restore puts an incoming restore's images when no to_dir is given.
+        launch_dir = domain_cfg.launch.image_dir if domain_cfg.launch is not None else None
+        target = launch_dir or config.state_dir / "images" / domain
+    if target is not None:
+        _check_under_roots(config, target)
+    if args.force and not config.worker.allow_force_from_queue:
+        raise _refuse(
+            "restore",
+            "worker.allow_force_from_queue",
+            "force (replace existing images) is not taken from the queue; set "
+            "worker.allow_force_from_queue: true on this worker, or restore with the CLI "
+            "without a broker",
+        )
+    return args
+
+
+def _parse_at(at: Any) -> datetime | None:
+    if at is None:
+        return None
+    try:
+        if not isinstance(at, str):
+            raise ValueError(at)
+        when = datetime.fromisoformat(at)
+    except ValueError:
+        raise _bad(
+            "restore", "at", at, "want an ISO 8601 time, e.g. 2026-01-02T03:04:05+00:00"
+        ) from None
+    # As the CLI reads --at: a time without an offset is UTC.
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _absolute_dir(to_dir: Any) -> Path | None:
+    if to_dir is None:
+        return None
+    if not isinstance(to_dir, str) or "\0" in to_dir or not os.path.isabs(to_dir):
+        raise _bad("restore", "to_dir", to_dir, "want an absolute path on the worker's host")
+    return Path(to_dir)
+
+
+def _check_under_roots(config: FleetConfig, target: Path) -> None:
+    roots = config.restore_roots()
+    if not roots:
+        raise _refuse(
+            "restore",
+            "worker.restore_roots",
+            "this worker has no restore roots (worker.restore_roots: []), so it takes no "
+            "restore from the queue; restore with the CLI without a broker",
+        )
+    # Symlinks and '..' resolved: the directory the files would really land in. Whoever
+    # could plant a symlink in a root after this check is on the host already.
+    real = Path(os.path.realpath(target))
+    if any(real == root or root in real.parents for root in roots):
+        return
+    shown = str(target) if real == target else f"{target} (really {real})"
+    raise _refuse(
+        "restore",
+        "worker.restore_roots",
+        f"target {shown} is not under a restore root of this worker "
+        f"({', '.join(map(str, roots))}); restore under one, add a root to "
+        "worker.restore_roots, or restore with the CLI without a broker",
+    )
+
+
+# -- prune --------------------------------------------------------------------------
+
+
+def keeps_at_least(policy: dict[str, int], allowed: dict[str, int]) -> bool:
+    """True when ``policy`` keeps every backup ``allowed`` keeps (rule by rule).
+
+    Each rule keeps the newest N (per period), and a backup is kept when any rule keeps
+    it (storage.prune): so a rule with a larger N keeps a superset, and extra rules only
+    keep more.
+    """
+    return all(policy.get(rule, 0) >= count for rule, count in allowed.items())
+
+
+def _rules(policy: RetentionPolicy) -> dict[str, int]:
+    return {k.removeprefix("keep_"): v for k, v in policy.model_dump(exclude_none=True).items()}
+
+
+def _spell(rules: dict[str, int]) -> str:
+    return ", ".join(f"keep_{rule}: {count}" for rule, count in rules.items())
+
+
+def _policy_rules(policy: Any) -> dict[str, int]:
+    """The queued policy as {rule: count}; either spelling (``keep_last`` or ``last``)."""
+    want = "want {keep_<rule>: N, ...} with rules last/hourly/daily/weekly/monthly/yearly, N >= 1"
+    if not isinstance(policy, dict) or not policy:
+        raise _bad("prune", "policy", policy, want)
+    rules: dict[str, int] = {}
+    for key, count in policy.items():
+        rule = key.removeprefix("keep_") if isinstance(key, str) else key
+        valid_count = isinstance(count, int) and not isinstance(count, bool) and count >= 1
+        if rule not in KEEP_RULES or rule in rules or not valid_count:
+            raise _bad("prune", "policy", policy, want)
+        rules[rule] = count
+    return {rule: rules[rule] for rule in KEEP_RULES if rule in rules}
+
+
+def check_prune(config: FleetConfig, policy: Any, domains: Any, dry_run: Any) -> dict[str, int]:
+    """A queued prune's rules ({rule: count}) if this worker's policy admits the prune."""
+    rules = _policy_rules(policy)
+    names = _names("prune", "domains", domains)
+    if _flag("prune", "dry_run", dry_run):
+        return rules  # deletes nothing
+    listed = [_rules(p) for p in config.worker.prune_policies]
+    if names is None:
+        if not any(keeps_at_least(rules, allowed) for allowed in listed):
+            raise _refuse(
+                "prune",
+                "worker.prune_policies",
+                f"{_spell(rules)} for all domains: a queued prune of every domain needs a "
+                "retention that keeps at least what a worker.prune_policies entry keeps; "
+                "name the domains, or add the policy there",
+            )
+        return rules
+    for name in dict.fromkeys(names):
+        scheduled = [
+            (f"schedule {sched_name}", _rules(sched.retention))
+            for sched_name, sched in sorted(config.schedules.items())
+            if sched.retention is not None and name in config.domains_matching(sched.domains)
+        ]
+        options = scheduled + [("worker.prune_policies", allowed) for allowed in listed]
+        if not any(keeps_at_least(rules, allowed) for _, allowed in options):
+            known = "; ".join(f"{where}: {_spell(allowed)}" for where, allowed in options)
+            raise _refuse(
+                "prune",
+                "worker.prune_policies",
+                f"{_spell(rules)} for {name} keeps less than every retention configured for "
+                f"it ({known or 'none'}); use one of those, or add the policy to "
+                "worker.prune_policies",
+            )
+    return rules
+
+
+# -- gc and verify ------------------------------------------------------------------
+
+
+def check_gc(config: FleetConfig, grace: Any, dry_run: Any) -> float:
+    """The grace window a queued gc runs with, if this worker's policy admits it."""
+    dry = _flag("gc", "dry_run", dry_run)
+    minimum = config.worker.gc_grace_seconds
+    if grace is None:
+        return minimum
+    number = isinstance(grace, (int, float)) and not isinstance(grace, bool)
+    if not number or not math.isfinite(grace) or grace < 0:
+        raise _bad("gc", "grace", grace, "want a number of seconds >= 0")
+    if grace < minimum and not dry:
+        raise _refuse(
+            "gc",
+            "worker.gc_grace_seconds",
+            f"grace {grace:g} s is shorter than this worker's minimum of {minimum:g} s "
+            "(objects that young may belong to a backup still being written); ask for "
+            "more, or lower worker.gc_grace_seconds",
+        )
+    return float(grace)
+
+
+def check_verify(backup_id: Any, read_data: Any) -> None:
+    """Refuses a queued verify whose arguments are not a backup id and a flag."""
+    if backup_id is not None:
+        try:
+            check_backup_id(backup_id)
+        except StorageError:
+            raise _bad(
+                "verify", "backup_id", backup_id, "want e.g. 20260101T020000.000000Z-1a2b3c4d"
+            ) from None
+    _flag("verify", "read_data", read_data)
