@@ -461,6 +461,14 @@ class FleetConfig(_Strict):
                 f"unknown domain {name!r}: not in the config's domains (known: {known})"
             ) from None
 
+    def incoming_image_dir(self, name: str) -> Path:
+        """Where ``restore --incoming`` writes domain ``name``'s images when not told:
+        ``launch.image_dir``, else ``<state_dir>/images/<name>``."""
+        launch = self.domain(name).launch
+        if launch is not None and launch.image_dir is not None:
+            return launch.image_dir
+        return self.state_dir / "images" / name
+
     def domains_matching(self, patterns: list[str]) -> list[str]:
         """Configured domain names matching any of ``patterns`` (names or globs), sorted."""
         return sorted(d for d in self.domains if any(fnmatch.fnmatch(d, p) for p in patterns))

@@ -109,7 +109,7 @@ def check_restore(
     """A queued restore's arguments, parsed, if this worker's policy admits them."""
     if not _is_name(domain):
         raise _bad("restore", "domain", domain, "want a domain name from the config")
-    domain_cfg = config.domain(domain)  # UnknownDomainError names the known ones
+    config.domain(domain)  # UnknownDomainError names the known ones
     if backup_id is not None:
         try:
             check_backup_id(backup_id)
@@ -132,9 +132,7 @@ def check_restore(
     )
     target = args.to_dir
     if target is None and args.incoming:
-        # Where run_restore puts an incoming restore's images when no to_dir is given.
-        launch_dir = domain_cfg.launch.image_dir if domain_cfg.launch is not None else None
-        target = launch_dir or config.state_dir / "images" / domain
+        target = config.incoming_image_dir(domain)
     if target is not None:
         _check_under_roots(config, target)
     if args.force and not config.worker.allow_force_from_queue:

@@ -700,9 +700,7 @@ def _run(
     manifest = select_backup(repo, domain, backup_id, at)
     chosen = _select_disks(manifest, disks)
     if incoming:
-        assert domain_cfg.launch is not None
-        default_dir = domain_cfg.launch.image_dir or config.state_dir / "images" / domain
-        target_dir = to_dir or default_dir
+        target_dir = to_dir or config.incoming_image_dir(domain)
     else:
         assert to_dir is not None
         target_dir = to_dir

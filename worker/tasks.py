@@ -161,6 +161,22 @@ def _record_refusal(store: JobStore, job_id: str, worker_name: str, err: Excepti
     )
 
 
+def _register(store: JobStore, task: Task, job_type: str, domain: str, host: str) -> None:
+    """Put a job nobody registered (e.g. sent with ``celery call``) into the registry."""
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    store.create(
+        [
+            JobRecord(
+                id=task.request.id,
+                type=job_type,
+                queue=queue or queue_for(job_type, host or None),
+                domain=domain,
+                host=host,
+            )
+        ]
+    )
+
+
 def _admit(task: Task, job_type: str, domain: Any, check: Callable[[], T]) -> T:
     """Run the queue policy's ``check`` of a job's arguments (worker.job_policy).
 
@@ -176,18 +192,7 @@ def _admit(task: Task, job_type: str, domain: Any, check: Callable[[], T]) -> T:
         name = domain if isinstance(domain, str) and domain in config.domains else ""
         host = config.domains[name].host if name else ""
         if store.get(job_id) is None:
-            queue = (task.request.delivery_info or {}).get("routing_key")
-            store.create(
-                [
-                    JobRecord(
-                        id=job_id,
-                        type=job_type,
-                        queue=queue or queue_for(job_type, host or None),
-                        domain=name,
-                        host=host,
-                    )
-                ]
-            )
+            _register(store, task, job_type, name, host)
         _record_refusal(store, job_id, task.request.hostname or socket.gethostname(), err)
         log.warning("job %s: %s refused: %s", job_id, job_type, err)
         raise
@@ -223,17 +228,7 @@ def _run_job(
         raise replay
     if existing is None:
         # Sent by something that did not register it (e.g. celery call): register now.
-        store.create(
-            [
-                JobRecord(
-                    id=job_id,
-                    type=job_type,
-                    queue=queue_for(job_type, host or None),
-                    domain=domain or "",
-                    host=host,
-                )
-            ]
-        )
+        _register(store, task, job_type, domain or "", host)
     lease: RedisLease | None = None
     if domain is not None:
         lease = RedisLease(
@@ -496,11 +491,12 @@ def prune(
 
     def work(progress: JobProgress) -> Any:
         with _repository() as repo:
-            if domains is None:
-                manifests = repo.list_manifests()
-            else:
-                manifests = [m for d in domains for m in repo.list_manifests(d)]
-            plan = plan_prune(keep_policy(rules), manifests)
+            # Damaged manifests are planned too: neither kept nor removed, but named in
+            # the result, as `vmvault prune` names them.
+            scans = [repo.scan_manifests(d) for d in (domains if domains is not None else [None])]
+            manifests = [m for scan in scans for m in scan.manifests]
+            damaged = [d for scan in scans for d in scan.damaged]
+            plan = plan_prune(keep_policy(rules), manifests, damaged)
             removed = [] if dry_run else plan.execute(repo, progress)
             doc: dict[str, Any] = plan.to_json()
             doc.update(dry_run=dry_run, removed=removed, schedule=schedule or None)
