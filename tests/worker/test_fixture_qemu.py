@@ -52,3 +52,11 @@ def test_kill_and_restart_keep_the_disks(qemu_vm: QemuVm, tmp_path: Path) -> Non
     assert ref[2 * MiB : 2 * MiB + 64 * KiB] == b"\x77" * (64 * KiB)
     vm.quit()
     assert not vm.running
+
+
+def test_a_failed_guest_write_raises(qemu_vm_factory: VmFactory) -> None:
+    """qemu-io reports through QEMU's stdout as well as the monitor: a failure is seen."""
+    vm = qemu_vm_factory(disk_sizes=[1 * MiB], name="vm")
+    vm.write("vda", 0, 4096)
+    with pytest.raises(RuntimeError, match="qemu-io"):
+        vm.write("vda", 2 * MiB, 4096)
