@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbd
+import pytest
 
-from tests.fixtures.qemu import KiB, MiB, QemuVm
+from tests.fixtures.qemu import KiB, MiB, QemuVm, VmFactory
 
 
 def test_write_is_visible_in_nbd_read_and_capture(qemu_vm: QemuVm, tmp_path: Path) -> None:
