@@ -12,7 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,56 +148,55 @@ def test_read_only_target_is_refused_in_one_line(
     assert list(read_only_dir.iterdir()) == []
 
 
-def test_target_the_user_cannot_enter_is_refused_in_one_line() -> None:
-    """Run as ``nobody``: a --to directory it may not enter, or not write, is refused."""
+def test_target_the_user_cannot_enter_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A --to directory the restoring user may not enter, or not write, is refused.
+
+    The restoring user is root without the capabilities that override file permissions
+    (``setpriv --bounding-set``), and the target directories belong to ``nobody``: that
+    user sees the checkout, the venv and the repository wherever they live, and still
+    meets the permission checks of an ordinary user at the target.
+    """
     setpriv = shutil.which("setpriv")
     if setpriv is None or os.geteuid() != 0:
         pytest.skip("needs root and setpriv")
-    base = Path(tempfile.mkdtemp(prefix="vmv-nobody-"))
-    try:
-        base.chmod(0o755)
-        repo = init_repository(f"file://{base}/repo", chunk_size=CHUNK)
-        ref = make_image(base / "vda.raw", 1 * MiB, 6, [])
-        write_backup(repo, "web1", {"vda": ref})
-        repo.close()
-        subprocess.run(["chmod", "-R", "a+rX", str(base)], check=True)
-        state = base / "state"
-        state.mkdir()
-        os.chown(state, 65534, 65534)
-        config = base / "vmvault.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "repository": {"url": f"file://{base}/repo"},
-                    "state_dir": str(state),
-                    "domains": {"web1": {"host": "hv1", "qmp": str(base / "q")}},
-                }
-            )
+    repo = init_repository(f"file://{tmp_path}/repo", chunk_size=CHUNK)
+    ref = make_image(tmp_path / "vda.raw", 1 * MiB, 6, [])
+    write_backup(repo, "web1", {"vda": ref})
+    repo.close()
+    config = tmp_path / "vmvault.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "repository": {"url": f"file://{tmp_path}/repo"},
+                "state_dir": str(tmp_path / "state"),
+                "domains": {"web1": {"host": "hv1", "qmp": str(tmp_path / "q")}},
+            }
         )
-        locked = base / "locked"
-        locked.mkdir(mode=0o700)  # root's: nobody may not enter it
-        readonly = base / "readonly"
-        readonly.mkdir(mode=0o755)  # nobody may enter, not write
-        for target, reason in (
-            (locked / "out", "permission denied"),
-            (locked, "permission denied"),
-            (readonly, "no write permission"),
-            (readonly / "out", "no write permission"),
-        ):
-            proc = subprocess.run(
-                [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
-                 sys.executable, "-m", "scheduler", "restore", "web1", "--to", str(target),
-                 "--config", str(config)],
-                capture_output=True, text=True, env={**os.environ, "HOME": str(base)}, timeout=120,
-            )  # fmt: skip
-            lines = proc.stderr.strip().splitlines()
-            assert proc.returncode == 1, proc.stderr
-            assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-            assert f"cannot restore into {target}" in lines[0], lines[0]
-            assert reason in lines[0], lines[0]
-        assert list(locked.iterdir()) == [] and list(readonly.iterdir()) == []
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    )
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)  # nobody's: an ordinary other user may not enter it
+    readonly = tmp_path / "readonly"
+    readonly.mkdir(mode=0o755)  # nobody's: others may enter, not write
+    os.chown(locked, 65534, 65534)
+    os.chown(readonly, 65534, 65534)
+    for target, reason in (
+        (locked / "out", "permission denied"),
+        (locked, "permission denied"),
+        (readonly, "no write permission"),
+        (readonly / "out", "no write permission"),
+    ):
+        proc = subprocess.run(
+            [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--",
+             sys.executable, "-m", "scheduler", "restore", "web1", "--to", str(target),
+             "--config", str(config)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, proc.stderr
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"cannot restore into {target}" in lines[0], lines[0]
+        assert reason in lines[0], lines[0]
+    assert list(locked.iterdir()) == [] and list(readonly.iterdir()) == []
 
 
 def test_target_that_is_a_file_is_refused(
