@@ -4,13 +4,14 @@
 VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.setup-stamp
-DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server
+DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server \
+             procps openssl
 
 .PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup-debian.sh
+$(STAMP): Makefile pyproject.toml scripts/setup-debian.sh
 	sh scripts/setup-debian.sh $(DEB_PKGS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -218,6 +218,10 @@ def test_tls_broker_with_password_file(fleet: Fleet, tmp_path: Path) -> None:
     certs = tmp_path / "tls"
     certs.mkdir()
     ca, cert, key = _certificates(certs)
+    # Another CA, not the server's own certificate: Python 3.13 accepts a trusted leaf
+    # certificate as a partial chain.
+    (tmp_path / "other").mkdir()
+    other_ca, _, _ = _certificates(tmp_path / "other")
     password = f"tls-{uuid.uuid4().hex}"
     secret = tmp_path / "redis_password"
     secret.write_text(password + "\n")
@@ -251,7 +255,7 @@ def test_tls_broker_with_password_file(fleet: Fleet, tmp_path: Path) -> None:
         # Plain TCP, or TLS to a server this CA did not sign, gets nowhere: clear errors.
         for bad in (
             f"redis://127.0.0.1:{port}/0",
-            f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}",
+            f"rediss://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={other_ca}",
         ):
             fleet.write(broker=bad)
             out = _vmvault(fleet.config_file, "jobs")
