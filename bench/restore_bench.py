@@ -38,8 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.repository import Repository, init_repository
-from worker.restore import durable, qemu_nbd_argv, qemu_nbd_env
+from vmvault.storage.repository import Repository, init_repository
+from vmvault.worker.restore import durable, qemu_nbd_argv, qemu_nbd_env
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -153,8 +153,8 @@ def restore_in_child(config: dict[str, Any], out: Path, env: dict[str, str]) -> 
 
 
 def child(cfg_file: Path, out: Path) -> None:
-    from scheduler.config import parse_config
-    from worker.restore import run_restore
+    from vmvault.scheduler.config import parse_config
+    from vmvault.worker.restore import run_restore
 
     config = parse_config(json.loads(cfg_file.read_text()), str(cfg_file))
     result = run_restore(config, "bench", to_dir=out)
@@ -188,8 +188,8 @@ def s3_get_rate(url: str, endpoint: str) -> str:
     """How fast this store serves the backup's chunk objects at all (GET only, no decoding)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from storage.format import chunk_key
-    from storage.repository import open_repository
+    from vmvault.storage.format import chunk_key
+    from vmvault.storage.repository import open_repository
 
     with open_repository(url, endpoint_url=endpoint, concurrency=16) as repo:
         manifest = repo.list_manifests("bench")[-1]

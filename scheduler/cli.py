@@ -12,23 +12,23 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 
-from scheduler import __version__
-from scheduler.cli_context import CliContext
-from scheduler.config import ConfigError, UnknownDomainError
-from scheduler.errors import SchedulerError
-from scheduler.logs import setup_logging
-from scheduler.redact import redact
-from storage.errors import StorageError
-from worker.errors import WorkerError
+from vmvault import __version__
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.config import ConfigError, UnknownDomainError
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.scheduler.logs import setup_logging
+from vmvault.scheduler.redact import redact
+from vmvault.storage.errors import StorageError
+from vmvault.worker.errors import WorkerError
 
 # Command groups, in the order `--help` lists them. A group whose module is not
 # there yet is simply absent: only commands that work are offered.
 _COMMAND_GROUPS = (
-    "scheduler.commands.config",
-    "scheduler.commands.repo",
-    "scheduler.commands.backup",
-    "scheduler.commands.restore",
-    "scheduler.commands.fleet",
+    "vmvault.scheduler.commands.config",
+    "vmvault.scheduler.commands.repo",
+    "vmvault.scheduler.commands.backup",
+    "vmvault.scheduler.commands.restore",
+    "vmvault.scheduler.commands.fleet",
 )
 
 EXIT_OK = 0
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     ctx = CliContext(config_file=args.config, json=args.json, verbose=args.verbose)
-    from worker.signals import Terminated, signals_as_exceptions
+    from vmvault.worker.signals import Terminated, signals_as_exceptions
 
     try:
         # SIGTERM (systemctl stop, kill) stops a job through its teardown, as Ctrl-C does.

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
-    from storage.repository import Repository
+    from vmvault.storage.repository import Repository
 
 DEFAULT_CONFIG_NAME = "vmvault.yaml"
 CONFIG_ENV = "VMVAULT_CONFIG"
@@ -80,8 +80,8 @@ class RepositoryConfig(_Strict):
                 raise ValueError(f"bad file URL {url!r}: use file:///absolute/path")
         elif parsed.scheme == "s3":
             # storage.backends imports boto3 only when a backend is opened: cheap here.
-            from storage.backends import parse_s3_url
-            from storage.errors import StorageError
+            from vmvault.storage.backends import parse_s3_url
+            from vmvault.storage.errors import StorageError
 
             try:
                 parse_s3_url(url)
@@ -133,7 +133,7 @@ class RepositoryConfig(_Strict):
     def open(self, concurrency: int | None = None) -> Repository:
         """Open the configured repository; ``concurrency`` sizes its thread and connection pool."""
         # Imported here: the storage stack (boto3) is not needed to validate a config.
-        from storage.repository import DEFAULT_CONCURRENCY, open_repository
+        from vmvault.storage.repository import DEFAULT_CONCURRENCY, open_repository
 
         return open_repository(
             self.url,
@@ -356,7 +356,7 @@ class FleetConfig(_Strict):
         if url is None:
             return url
         # Masked: a mistyped URL does not make the password any less secret.
-        from scheduler.redact import mask_url
+        from vmvault.scheduler.redact import mask_url
 
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):

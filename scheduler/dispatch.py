@@ -24,11 +24,11 @@ from typing import Any, TypeVar, cast
 import redis
 from kombu.exceptions import OperationalError
 
-from scheduler.cli_context import CliContext
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.errors import SchedulerError
-from scheduler.jobs import FINAL_STATES, JobRecord, JobStore
-from scheduler.redact import mask_url, redact
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.scheduler.jobs import FINAL_STATES, JobRecord, JobStore
+from vmvault.scheduler.redact import mask_url, redact
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ def _restore_view(doc: dict[str, Any]) -> Any:
 
 def _verify_view(doc: dict[str, Any]) -> Any:
     # The CLI prints Problem objects with their own __str__: rebuild the real report.
-    from storage.verify import Problem, VerifyReport
+    from vmvault.storage.verify import Problem, VerifyReport
 
     fields = {k: v for k, v in doc.items() if k not in ("ok", "problems")}
     return VerifyReport(**fields, problems=[Problem(**p) for p in doc["problems"]])
@@ -157,7 +157,7 @@ def run_job(
                 "--no-wait needs a broker in the config (jobs run in-process without one)"
             )
         return local()
-    from worker.celery_app import configure
+    from vmvault.worker.celery_app import configure
 
     url = config.broker_url()
     assert url is not None

@@ -14,7 +14,7 @@ import socket
 
 import redis
 
-from worker.redis_lock import RedisLease
+from vmvault.worker.redis_lock import RedisLease
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Literal
 
 from croniter import croniter
 
-from scheduler.config import FleetConfig
+from vmvault.scheduler.config import FleetConfig
 
 JobType = Literal["backup", "restore", "verify", "prune", "gc"]
 

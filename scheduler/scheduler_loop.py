@@ -31,11 +31,11 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from scheduler.config import FleetConfig
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import FINAL_STATES, JobStore
-from scheduler.leader import Leadership
-from scheduler.planner import (
+from vmvault.scheduler.config import FleetConfig
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.scheduler.jobs import FINAL_STATES, JobStore
+from vmvault.scheduler.leader import Leadership
+from vmvault.scheduler.planner import (
     PlannedBackup,
     due_slot,
     gc_period,

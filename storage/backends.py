@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-from storage.errors import (
+from vmvault.storage.errors import (
     BackendUnavailableError,
     ObjectNotFoundError,
     ObjectTooLargeError,

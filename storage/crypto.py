@@ -19,13 +19,13 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from storage.errors import (
+from vmvault.storage.errors import (
     ConfigMismatchError,
     CorruptObjectError,
     PassphraseError,
     UnsupportedVersionError,
 )
-from storage.format import MAX_KEY_BYTES, parse_json
+from vmvault.storage.format import MAX_KEY_BYTES, parse_json
 
 DIGEST_SIZE = 32
 NONCE_SIZE = 12

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NewType
 
-from storage.errors import (
+from vmvault.storage.errors import (
     BackupNotFoundError,
     CorruptObjectError,
     InvalidNameError,

@@ -26,17 +26,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from storage.backends import ObjectInfo
-from storage.errors import CorruptObjectError, StorageError
-from storage.format import (
+from vmvault.storage.backends import ObjectInfo
+from vmvault.storage.errors import CorruptObjectError, StorageError
+from vmvault.storage.format import (
     BACKUPS_PREFIX,
     CHUNKS_PREFIX,
     INDEX_SUFFIX,
     MANIFEST_NAME,
     parse_backup_key,
 )
-from storage.locks import Lease, list_locks
-from storage.repository import Repository
+from vmvault.storage.locks import Lease, list_locks
+from vmvault.storage.repository import Repository
 
 log = logging.getLogger(__name__)
 

@@ -42,14 +42,14 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from storage.backends import Backend
-from storage.errors import (
+from vmvault.storage.backends import Backend
+from vmvault.storage.errors import (
     LeaseExpiredError,
     ObjectNotFoundError,
     RepositoryLockedError,
     StorageError,
 )
-from storage.format import LOCKS_PREFIX, MAX_LOCK_BYTES, iso, parse_json
+from vmvault.storage.format import LOCKS_PREFIX, MAX_LOCK_BYTES, iso, parse_json
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from storage.errors import StorageError
-from storage.format import DamagedManifest, Manifest, iso
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import DamagedManifest, Manifest, iso
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ class PrunePlan:
         shared lock: alongside backups, never while GC marks (GC would otherwise see a
         manifest whose indexes vanish under it and stop).
         """
-        from storage.locks import Lease
+        from vmvault.storage.locks import Lease
 
         removed: list[str] = []
         todo = self.remove

@@ -26,9 +26,9 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from storage.backends import Backend, RetryPolicy, open_backend
-from storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
-from storage.errors import (
+from vmvault.storage.backends import Backend, RetryPolicy, open_backend
+from vmvault.storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
+from vmvault.storage.errors import (
     BackupNotFoundError,
     ConfigMismatchError,
     CorruptObjectError,
@@ -39,7 +39,7 @@ from storage.errors import (
     StorageError,
     WriterError,
 )
-from storage.format import (
+from vmvault.storage.format import (
     BACKUPS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
@@ -73,7 +73,7 @@ from storage.format import (
     parse_json,
     stored_limit,
 )
-from storage.locks import DEFAULT_LEASE_TTL, Lease
+from vmvault.storage.locks import DEFAULT_LEASE_TTL, Lease
 
 __all__ = [
     "BackupWriter",

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.errors import StorageError
-from storage.format import CHUNKS_PREFIX, IndexEntry, Manifest, chunk_key
-from storage.repository import Repository
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import CHUNKS_PREFIX, IndexEntry, Manifest, chunk_key
+from vmvault.storage.repository import Repository
 
 Progress = Callable[[str, int, int], None]
 

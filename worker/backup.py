@@ -31,12 +31,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from scheduler.config import DomainConfig, FleetConfig
-from storage.errors import StorageError
-from storage.format import Manifest
-from storage.repository import BackupWriter, DiskWriter, Repository
-from worker import checkpoints as cp
-from worker.cleanup import (
+from vmvault.scheduler.config import DomainConfig, FleetConfig
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import Manifest
+from vmvault.storage.repository import BackupWriter, DiskWriter, Repository
+from vmvault.worker import checkpoints as cp
+from vmvault.worker.cleanup import (
     job_marker,
     nbd_socket_path,
     qemu_id,
@@ -45,8 +45,8 @@ from worker.cleanup import (
     scratch_dir,
     write_marker,
 )
-from worker.errors import WorkerError
-from worker.fleece import (
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.fleece import (
     FleeceNodes,
     access_options,
     filter_options,
@@ -55,10 +55,10 @@ from worker.fleece import (
     scratch_bytes,
     scratch_options,
 )
-from worker.inspect import DiskInfo, list_disks, node_bitmaps
-from worker.locks import domain_lock
-from worker.memory import chunk_friendly_malloc
-from worker.nbd import (
+from vmvault.worker.inspect import DiskInfo, list_disks, node_bitmaps
+from vmvault.worker.locks import domain_lock
+from vmvault.worker.memory import chunk_friendly_malloc
+from vmvault.worker.nbd import (
     BASE_ALLOCATION,
     DIRTY,
     STATE_ZERO,
@@ -68,9 +68,9 @@ from worker.nbd import (
     chunks_touched,
     dirty_context,
 )
-from worker.progress import Progress, no_progress
-from worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
-from worker.signals import critical
+from vmvault.worker.progress import Progress, no_progress
+from vmvault.worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
+from vmvault.worker.signals import critical
 
 log = logging.getLogger(__name__)
 

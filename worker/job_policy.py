@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import FleetConfig, RetentionPolicy
-from storage.errors import StorageError
-from storage.format import check_backup_id, check_name
-from worker.errors import WorkerError
+from vmvault.scheduler.config import FleetConfig, RetentionPolicy
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import check_backup_id, check_name
+from vmvault.worker.errors import WorkerError
 
 # Retention rules as the CLI spells them; the scheduler sends them as keep_<rule>.
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")

@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.config import LaunchConfig
-from worker.errors import WorkerError
-from worker.qmp import QmpConnectError, QmpSession, socket_is_listening
+from vmvault.scheduler.config import LaunchConfig
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.qmp import QmpConnectError, QmpSession, socket_is_listening
 
 INCOMING_ARGS = ("-S", "-incoming", "defer")
 _START_TIMEOUT = 30.0

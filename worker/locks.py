@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from worker.errors import WorkerError
+from vmvault.worker.errors import WorkerError
 
 
 class DomainBusyError(WorkerError):

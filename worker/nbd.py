@@ -36,8 +36,8 @@ from typing import Any
 
 import nbd
 
-from worker.errors import WorkerError
-from worker.signals import critical
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.signals import critical
 
 BASE_ALLOCATION = "base:allocation"
 STATE_HOLE = 1  # NBD spec, base:allocation: unallocated

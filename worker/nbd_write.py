@@ -36,8 +36,8 @@ from typing import Any
 
 import nbd
 
-from worker.errors import WorkerError
-from worker.nbd import DEFAULT_IO_TIMEOUT, NbdError, connect_unix, poll
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.nbd import DEFAULT_IO_TIMEOUT, NbdError, connect_unix, poll
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(phase, done, total)``; same shape as ``worker.progress.Progress``."""

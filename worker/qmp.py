@@ -21,8 +21,8 @@ from typing import Any, TypeVar, cast
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.qmp_client import GreetingError
 
-from worker.errors import WorkerError
-from worker.signals import critical
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.signals import critical
 
 _T = TypeVar("_T")
 

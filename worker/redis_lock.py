@@ -21,7 +21,7 @@ from types import TracebackType
 
 import redis
 
-from worker.errors import WorkerError
+from vmvault.worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
 

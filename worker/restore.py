@@ -39,13 +39,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import DomainConfig, FleetConfig, LaunchConfig
-from storage.errors import StorageError
-from storage.repository import Manifest, Repository
-from worker.checkpoints import bitmap_name
-from worker.cleanup import qemu_id
-from worker.errors import WorkerError
-from worker.launch import (
+from vmvault.scheduler.config import DomainConfig, FleetConfig, LaunchConfig
+from vmvault.storage.errors import StorageError
+from vmvault.storage.repository import Manifest, Repository
+from vmvault.worker.checkpoints import bitmap_name
+from vmvault.worker.cleanup import qemu_id
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.launch import (
     LaunchError,
     QemuProcess,
     connect_qmp,
@@ -53,12 +53,12 @@ from worker.launch import (
     render_argv,
     start_qemu,
 )
-from worker.locks import domain_lock
-from worker.memory import chunk_friendly_malloc
-from worker.nbd_write import NbdDiskWriter, VerifyError
-from worker.progress import Progress
-from worker.qmp import QmpSession
-from worker.restore_cleanup import (
+from vmvault.worker.locks import domain_lock
+from vmvault.worker.memory import chunk_friendly_malloc
+from vmvault.worker.nbd_write import NbdDiskWriter, VerifyError
+from vmvault.worker.progress import Progress
+from vmvault.worker.qmp import QmpSession
+from vmvault.worker.restore_cleanup import (
     COMMITTED,
     COMMITTING,
     RestoreCleanupError,
@@ -67,7 +67,7 @@ from worker.restore_cleanup import (
     remove_leftovers_locked,
     undo,
 )
-from worker.signals import critical, finishing
+from vmvault.worker.signals import critical, finishing
 
 log = logging.getLogger(__name__)
 

@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import FleetConfig
-from worker.errors import WorkerError
-from worker.locks import DomainBusyError, domain_lock
-from worker.qmp import socket_is_listening
+from vmvault.scheduler.config import FleetConfig
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.locks import DomainBusyError, domain_lock
+from vmvault.worker.qmp import socket_is_listening
 
 log = logging.getLogger(__name__)
 

@@ -25,21 +25,21 @@ import redis
 from celery import Task, states
 from celery.signals import worker_process_init
 
-from scheduler.config import FleetConfig, UnknownDomainError
-from scheduler.jobs import JobRecord, JobStore
-from scheduler.planner import queue_for
-from worker.celery_app import app, fleet_config
-from worker.errors import WorkerError
-from worker.job_policy import (
+from vmvault.scheduler.config import FleetConfig, UnknownDomainError
+from vmvault.scheduler.jobs import JobRecord, JobStore
+from vmvault.scheduler.planner import queue_for
+from vmvault.worker.celery_app import app, fleet_config
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.job_policy import (
     JobRefusedError,
     check_gc,
     check_prune,
     check_restore,
     check_verify,
 )
-from worker.metrics import record_job
-from worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
-from worker.signals import Terminated, signals_as_exceptions
+from vmvault.worker.metrics import record_job
+from vmvault.worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
+from vmvault.worker.signals import Terminated, signals_as_exceptions
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def _registry_write(job_id: str, write: Callable[[], None], patience: float = 15
 @app.task(bind=True, name="vmvault.backup", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
 def backup(self: Task, domain: str, mode: str = "auto") -> dict[str, Any]:
     """Back up one domain (runs on the domain's host)."""
-    from worker.backup import run_backup
+    from vmvault.worker.backup import run_backup
 
     config = fleet_config()
     return _run_job(
@@ -388,7 +388,7 @@ def restore(
     disks: list[str] | None = None,
 ) -> dict[str, Any]:
     """Restore one domain (runs on the domain's host), within the worker's queue policy."""
-    from worker.restore import run_restore
+    from vmvault.worker.restore import run_restore
 
     config = fleet_config()
     args = _admit(
@@ -425,7 +425,7 @@ _LOCKED_RETRIES = 20
 
 def _will_retry_locked(task: Task, err: BaseException) -> bool:
     """True when ``_retry_if_locked`` will retry this failure (retries left)."""
-    from storage.errors import RepositoryLockedError
+    from vmvault.storage.errors import RepositoryLockedError
 
     retries: int = task.request.retries or 0
     return isinstance(err, RepositoryLockedError) and retries < _LOCKED_RETRIES
@@ -446,7 +446,7 @@ def _retry_if_locked(task: Task, err: Exception) -> None:
 )
 def verify(self: Task, backup_id: str | None = None, read_data: bool = False) -> dict[str, Any]:
     """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
-    from storage.verify import verify as verify_repository
+    from vmvault.storage.verify import verify as verify_repository
 
     _admit(self, "verify", None, lambda: check_verify(backup_id, read_data))
 
@@ -459,7 +459,7 @@ def verify(self: Task, backup_id: str | None = None, read_data: bool = False) ->
 
 def keep_policy(policy: dict[str, int]) -> Any:
     """The storage ``KeepPolicy`` for a config ``RetentionPolicy`` dump (``keep_daily: 7``)."""
-    from storage.prune import KeepPolicy
+    from vmvault.storage.prune import KeepPolicy
 
     return KeepPolicy(**{key.removeprefix("keep_"): value for key, value in policy.items()})
 
@@ -483,7 +483,7 @@ def prune(
     Only a retention the config defines for those domains (worker.job_policy).
     Idempotent: planning again after a partial run removes what is left to remove.
     """
-    from storage.prune import plan_prune
+    from vmvault.storage.prune import plan_prune
 
     rules = _admit(
         self, "prune", None, lambda: check_prune(fleet_config(), policy, domains, dry_run)
@@ -519,7 +519,7 @@ def prune(
 def gc(self: Task, dry_run: bool = False, grace: float | None = None) -> dict[str, Any]:
     """Mark-and-sweep GC under the repository's exclusive lock (storage queue); the grace
     window is never shorter than worker.gc_grace_seconds (its default too)."""
-    from storage.gc import collect_garbage
+    from vmvault.storage.gc import collect_garbage
 
     window = _admit(self, "gc", None, lambda: check_gc(fleet_config(), grace, dry_run))
 

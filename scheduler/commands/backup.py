@@ -7,11 +7,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.dispatch import add_wait_flag, run_job
-from worker.backup import MODES, BackupMode, BackupResult, run_backup
-from worker.progress import Progress
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.dispatch import add_wait_flag, run_job
+from vmvault.worker.backup import MODES, BackupMode, BackupResult, run_backup
+from vmvault.worker.progress import Progress
 
 
 def register(commands: Any) -> None:
@@ -122,7 +122,7 @@ def _size(n: int) -> str:
 
 
 def _checkpoints(args: argparse.Namespace, ctx: CliContext) -> int:
-    from worker.chain_report import chain_report
+    from vmvault.worker.chain_report import chain_report
 
     report = chain_report(ctx.config, args.domain)
     if ctx.json:
@@ -152,7 +152,7 @@ def _checkpoints(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _demo(args: argparse.Namespace, ctx: CliContext) -> int:
-    from worker.demo import run_demo
+    from vmvault.worker.demo import run_demo
 
     def say(message: str) -> None:
         ctx.human.print(message, soft_wrap=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.config import FleetConfig
-from scheduler.redact import mask_url
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.config import FleetConfig
+from vmvault.scheduler.redact import mask_url
 
 
 def register(commands: Any) -> None:

@@ -15,14 +15,14 @@ from typing import Any
 
 import redis
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
-from scheduler.dispatch import broker_hint
-from scheduler.errors import SchedulerError
-from scheduler.jobs import JobRecord, JobStore
-from scheduler.planner import STORAGE_QUEUE, host_queue, overdue
-from scheduler.redact import mask_url, redact
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
+from vmvault.scheduler.dispatch import broker_hint
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.scheduler.jobs import JobRecord, JobStore
+from vmvault.scheduler.planner import STORAGE_QUEUE, host_queue, overdue
+from vmvault.scheduler.redact import mask_url, redact
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +111,20 @@ def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
     client = _redis(broker)
     # Pool processes and anything they exec see the same config and know their host.
     os.environ[CONFIG_ENV] = str(config_path(ctx.config_file).resolve())
-    from worker.tasks import WORKER_HOST_ENV
+    from vmvault.worker.tasks import WORKER_HOST_ENV
 
     os.environ[WORKER_HOST_ENV] = host
-    from worker.celery_app import configure
+    from vmvault.worker.celery_app import configure
 
     app = configure(config)
     _clean_leftovers(config, host)
-    from worker.reaper import Reaper
+    from vmvault.worker.reaper import Reaper
 
     # The main process reaps: pool processes run jobs, and fork does not copy threads.
     Reaper(config, host, config.scheduler.reaper_interval_seconds).start()
     queues = [host_queue(host)] + ([STORAGE_QUEUE] if args.storage else [])
     if args.metrics_port:
-        from worker.metrics import serve
+        from vmvault.worker.metrics import serve
 
         serve(client, _all_queues(config), args.metrics_port)
     argv = [
@@ -150,7 +150,7 @@ def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _clean_leftovers(config: FleetConfig, host: str) -> None:
     """Before taking jobs, remove what a crashed worker left behind on this host's domains."""
-    from worker.reaper import reap_host
+    from vmvault.worker.reaper import reap_host
 
     cleaned = reap_host(config, host, thorough=True)
     if cleaned:
@@ -164,13 +164,13 @@ def _scheduler(args: argparse.Namespace, ctx: CliContext) -> int:
     config = ctx.config
     broker = _broker(config, ctx, "scheduler")
     client = _redis(broker)
-    from scheduler.scheduler_loop import Scheduler
-    from worker.celery_app import configure
+    from vmvault.scheduler.scheduler_loop import Scheduler
+    from vmvault.worker.celery_app import configure
 
     app = configure(config)
     scheduler = Scheduler(config, client, app)
     if args.metrics_port:
-        from worker.metrics import serve
+        from vmvault.worker.metrics import serve
 
         serve(client, _all_queues(config), args.metrics_port)
     if args.once:
@@ -271,7 +271,7 @@ def _status(args: argparse.Namespace, ctx: CliContext) -> int:
     last = _last_successes(config)
     leader = None
     if config.broker is not None:
-        from scheduler.leader import LEADER_KEY
+        from vmvault.scheduler.leader import LEADER_KEY
 
         raw = _redis(_broker(config, ctx, "status")).get(LEADER_KEY)
         leader = raw.decode().rsplit(":", 1)[0] if isinstance(raw, bytes) else None

@@ -15,15 +15,15 @@ from typing import Any
 
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.dispatch import add_wait_flag, run_job
-from scheduler.errors import SchedulerError
-from storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
-from storage.gc import DEFAULT_GRACE, GcReport, collect_garbage
-from storage.prune import KeepPolicy, plan_prune
-from storage.repository import Repository, init_repository
-from storage.verify import VerifyReport, verify
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.dispatch import add_wait_flag, run_job
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
+from vmvault.storage.gc import DEFAULT_GRACE, GcReport, collect_garbage
+from vmvault.storage.prune import KeepPolicy, plan_prune
+from vmvault.storage.repository import Repository, init_repository
+from vmvault.storage.verify import VerifyReport, verify
 
 _KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 

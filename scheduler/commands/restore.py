@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.cli import EXIT_USAGE, add_command
-from scheduler.cli_context import CliContext
-from scheduler.dispatch import add_wait_flag, restore_job_kwargs, run_job
-from worker.progress import Progress
-from worker.restore import RestoreResult, run_restore
+from vmvault.scheduler.cli import EXIT_USAGE, add_command
+from vmvault.scheduler.cli_context import CliContext
+from vmvault.scheduler.dispatch import add_wait_flag, restore_job_kwargs, run_job
+from vmvault.worker.progress import Progress
+from vmvault.worker.restore import RestoreResult, run_restore
 
 
 def register(commands: Any) -> None:

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler.config import ConfigError, UnknownDomainError, parse_config
-from scheduler.redact import mask_url, redact
-from storage.gc import DEFAULT_GRACE
 from tests.fleet.conftest import fleet_dict
-from worker.job_policy import (
+from vmvault.scheduler.config import ConfigError, UnknownDomainError, parse_config
+from vmvault.scheduler.redact import mask_url, redact
+from vmvault.storage.gc import DEFAULT_GRACE
+from vmvault.worker.job_policy import (
     JobRefusedError,
     check_gc,
     check_prune,

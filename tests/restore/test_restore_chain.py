@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.repository import init_repository
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.fixtures.s3 import S3Bucket
 from tests.restore.conftest import CHUNK, images_equal, short_tmp
-from worker.backup import run_backup
-from worker.launch import LaunchError
-from worker.qmp import QmpSession, open_session
-from worker.restore import RestoreTargetExistsError, run_restore
+from vmvault.scheduler.config import FleetConfig, parse_config
+from vmvault.storage.repository import init_repository
+from vmvault.worker.backup import run_backup
+from vmvault.worker.launch import LaunchError
+from vmvault.worker.qmp import QmpSession, open_session
+from vmvault.worker.restore import RestoreTargetExistsError, run_restore
 
 KiB = 1024
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from worker import demo
-from worker.restore_demo import restore_newest_step
+from vmvault.worker import demo
+from vmvault.worker.restore_demo import restore_newest_step
 
 
 def test_demo_restore_step() -> None:

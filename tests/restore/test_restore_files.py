@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import StorageError
-from storage.format import chunk_key
-from storage.repository import Repository
 from tests.restore.conftest import (
     CHUNK,
     ConfigFactory,
@@ -23,9 +20,12 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from worker.launch import LaunchError
-from worker.locks import DomainBusyError, domain_lock
-from worker.restore import BackupNotFoundError, RestoreTargetExistsError, run_restore
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import chunk_key
+from vmvault.storage.repository import Repository
+from vmvault.worker.launch import LaunchError
+from vmvault.worker.locks import DomainBusyError, domain_lock
+from vmvault.worker.restore import BackupNotFoundError, RestoreTargetExistsError, run_restore
 
 
 @pytest.fixture
@@ -227,7 +227,7 @@ def test_incoming_restore_with_failing_qemu_shows_stderr_and_cleans_up(
 
 def test_restore_from_encrypted_repository(tmp_path: Path, fleet_config: ConfigFactory) -> None:
     """Verification uses the repository's keyed digest, so it works on encrypted repos too."""
-    from storage.repository import init_repository
+    from vmvault.storage.repository import init_repository
 
     secret = tmp_path / "passphrase"
     secret.write_text("correct horse battery staple\n")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from storage import backends
-from storage.errors import BackendUnavailableError
-from storage.repository import init_repository
 from tests.fixtures.s3 import S3Bucket
 from tests.restore.conftest import CHUNK, ConfigFactory, MiB, images_equal, make_image, write_backup
-from worker.restore import RestoreReadError, run_restore
+from vmvault.storage import backends
+from vmvault.storage.errors import BackendUnavailableError
+from vmvault.storage.repository import init_repository
+from vmvault.worker.restore import RestoreReadError, run_restore
 
 
 class Relay:

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from storage.backends import Backend, RetryPolicy, open_backend
-from storage.repository import Repository, init_repository, open_repository
+from vmvault.storage.backends import Backend, RetryPolicy, open_backend
+from vmvault.storage.repository import Repository, init_repository, open_repository
 
 # Small chunks keep test disks tiny; cheap scrypt keeps unlocking fast (the default
 # cost is exercised by test_encryption).

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.backends import FileBackend
-from storage.errors import ObjectNotFoundError, StorageError
 from tests.storage.conftest import Target
+from vmvault.storage.backends import FileBackend
+from vmvault.storage.errors import ObjectNotFoundError, StorageError
 
 
 def test_put_get_exists_delete(target: Target) -> None:

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-import storage.backends as backends
-from storage.backends import Backend, Data, Litter, ObjectInfo
-from storage.errors import (
+import vmvault.storage.backends as backends
+from tests.storage.conftest import CHUNK, Target
+from vmvault.storage.backends import Backend, Data, Litter, ObjectInfo
+from vmvault.storage.errors import (
     BackendUnavailableError,
     InvalidNameError,
     LeaseExpiredError,
     RepositoryLockedError,
     WriterError,
 )
-from storage.format import check_backup_id, check_digest, check_name, parse_backup_key
-from storage.gc import collect_garbage
-from tests.storage.conftest import CHUNK, Target
+from vmvault.storage.format import check_backup_id, check_digest, check_name, parse_backup_key
+from vmvault.storage.gc import collect_garbage
 
 
 @pytest.mark.parametrize("name", ["web1\n", "vda\n"])
