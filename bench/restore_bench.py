@@ -153,7 +153,7 @@ def restore_in_child(config: dict[str, Any], out: Path, env: dict[str, str]) -> 
 
 
 def child(cfg_file: Path, out: Path) -> None:
-    from vmvault.scheduler.config import parse_config
+    from vmvault.worker.config import parse_config
     from vmvault.worker.restore import run_restore
 
     config = parse_config(json.loads(cfg_file.read_text()), str(cfg_file))

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 from vmvault import __version__
 from vmvault.scheduler.cli_context import CliContext
-from vmvault.scheduler.config import ConfigError, UnknownDomainError
 from vmvault.scheduler.errors import SchedulerError
 from vmvault.scheduler.logs import setup_logging
-from vmvault.scheduler.redact import redact
 from vmvault.storage.errors import StorageError
+from vmvault.worker.config import ConfigError, UnknownDomainError
 from vmvault.worker.errors import WorkerError
+from vmvault.worker.redact import redact
 
 # Command groups, in the order `--help` lists them. A group whose module is not
 # there yet is simply absent: only commands that work are offered.

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from rich.console import Console
 
-from vmvault.scheduler.config import FleetConfig, load_config
+from vmvault.worker.config import FleetConfig, load_config
 
 
 @dataclass

@@ -27,8 +27,8 @@ from kombu.exceptions import OperationalError
 from vmvault.scheduler.cli_context import CliContext
 from vmvault.scheduler.enqueue import JobRequest, enqueue
 from vmvault.scheduler.errors import SchedulerError
-from vmvault.scheduler.jobs import FINAL_STATES, JobRecord, JobStore
-from vmvault.scheduler.redact import mask_url, redact
+from vmvault.worker.jobs import FINAL_STATES, JobRecord, JobStore
+from vmvault.worker.redact import mask_url, redact
 
 T = TypeVar("T")
 

@@ -31,9 +31,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from vmvault.scheduler.config import FleetConfig
 from vmvault.scheduler.enqueue import JobRequest, enqueue
-from vmvault.scheduler.jobs import FINAL_STATES, JobStore
 from vmvault.scheduler.leader import Leadership
 from vmvault.scheduler.planner import (
     PlannedBackup,
@@ -45,6 +43,8 @@ from vmvault.scheduler.planner import (
     slot_job_id,
     slot_stamp,
 )
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.jobs import FINAL_STATES, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ ChunkDigest = NewType("ChunkDigest", str)
 BackupId = NewType("BackupId", str)
 Kind = Literal["full", "incremental"]
 
-# Same alphabet as scheduler.config.NAME_PATTERN: no '/', no NUL, cannot start with '.'.
+# Same alphabet as worker.config.NAME_PATTERN: no '/', no NUL, cannot start with '.'.
 # Always use fullmatch: "$" alone also matches before a trailing newline ("vm\n").
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")

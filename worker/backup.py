@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from vmvault.scheduler.config import DomainConfig, FleetConfig
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import Manifest
 from vmvault.storage.repository import BackupWriter, DiskWriter, Repository
@@ -45,6 +44,7 @@ from vmvault.worker.cleanup import (
     scratch_dir,
     write_marker,
 )
+from vmvault.worker.config import DomainConfig, FleetConfig
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.fleece import (
     FleeceNodes,

@@ -17,8 +17,8 @@ from typing import Any
 
 from celery import Celery
 
-from vmvault.scheduler.config import FleetConfig
-from vmvault.scheduler.planner import PRIORITY
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.routing import PRIORITY
 
 app = Celery("vmvault", include=["vmvault.worker.tasks"])
 
@@ -92,7 +92,7 @@ def fleet_config() -> FleetConfig:
     """The config this process was configured with (workers: from ``vmvault worker``)."""
     if _config is None:
         # A worker child started without configure(): load the same file the parent used.
-        from vmvault.scheduler.config import load_config
+        from vmvault.worker.config import load_config
 
         configure(load_config(None))
     assert _config is not None

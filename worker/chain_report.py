@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmvault.scheduler.config import FleetConfig
 from vmvault.worker import checkpoints as cp
 from vmvault.worker.backup import plan_backup
+from vmvault.worker.config import FleetConfig
 from vmvault.worker.inspect import list_disks
 from vmvault.worker.qmp import open_session
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vmvault.scheduler.config import is_valid_name
+from vmvault.worker.config import is_valid_name
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.qmp import DirtyBitmapInfo, QmpSession
 

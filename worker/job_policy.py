@@ -27,9 +27,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmvault.scheduler.config import FleetConfig, RetentionPolicy
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import check_backup_id, check_name
+from vmvault.worker.config import FleetConfig, RetentionPolicy
 from vmvault.worker.errors import WorkerError
 
 # Retention rules as the CLI spells them; the scheduler sends them as keep_<rule>.

@@ -39,11 +39,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmvault.scheduler.config import DomainConfig, FleetConfig, LaunchConfig
 from vmvault.storage.errors import StorageError
 from vmvault.storage.repository import Manifest, Repository
 from vmvault.worker.checkpoints import bitmap_name
 from vmvault.worker.cleanup import qemu_id
+from vmvault.worker.config import DomainConfig, FleetConfig, LaunchConfig
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.launch import (
     LaunchError,

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmvault.scheduler.config import FleetConfig
+from vmvault.worker.config import FleetConfig
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.locks import DomainBusyError, domain_lock
 from vmvault.worker.qmp import socket_is_listening

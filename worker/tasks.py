@@ -25,10 +25,8 @@ import redis
 from celery import Task, states
 from celery.signals import worker_process_init
 
-from vmvault.scheduler.config import FleetConfig, UnknownDomainError
-from vmvault.scheduler.jobs import JobRecord, JobStore
-from vmvault.scheduler.planner import queue_for
 from vmvault.worker.celery_app import app, fleet_config
+from vmvault.worker.config import FleetConfig, UnknownDomainError
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.job_policy import (
     JobRefusedError,
@@ -37,8 +35,10 @@ from vmvault.worker.job_policy import (
     check_restore,
     check_verify,
 )
+from vmvault.worker.jobs import JobRecord, JobStore
 from vmvault.worker.metrics import record_job
 from vmvault.worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
+from vmvault.worker.routing import queue_for
 from vmvault.worker.signals import Terminated, signals_as_exceptions
 
 log = logging.getLogger(__name__)

@@ -152,7 +152,7 @@ def _checkpoints(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _demo(args: argparse.Namespace, ctx: CliContext) -> int:
-    from vmvault.worker.demo import run_demo
+    from vmvault.scheduler.demo import run_demo
 
     def say(message: str) -> None:
         ctx.human.print(message, soft_wrap=True)

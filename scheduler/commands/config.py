@@ -7,8 +7,8 @@ from typing import Any
 
 from vmvault.scheduler.cli import add_command
 from vmvault.scheduler.cli_context import CliContext
-from vmvault.scheduler.config import FleetConfig
-from vmvault.scheduler.redact import mask_url
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.redact import mask_url
 
 
 def register(commands: Any) -> None:

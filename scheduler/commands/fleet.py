@@ -17,12 +17,13 @@ import redis
 
 from vmvault.scheduler.cli import add_command
 from vmvault.scheduler.cli_context import CliContext
-from vmvault.scheduler.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
 from vmvault.scheduler.dispatch import broker_hint
 from vmvault.scheduler.errors import SchedulerError
-from vmvault.scheduler.jobs import JobRecord, JobStore
-from vmvault.scheduler.planner import STORAGE_QUEUE, host_queue, overdue
-from vmvault.scheduler.redact import mask_url, redact
+from vmvault.scheduler.planner import overdue
+from vmvault.worker.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
+from vmvault.worker.jobs import JobRecord, JobStore
+from vmvault.worker.redact import mask_url, redact
+from vmvault.worker.routing import STORAGE_QUEUE, host_queue
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ import pytest
 
 from tests.fixtures.common import VENV_BIN
 from tests.fixtures.qemu import KiB, MiB, QemuVm, VmFactory
-from vmvault.scheduler.config import FleetConfig, parse_config
 from vmvault.storage.format import CHUNKS_PREFIX
 from vmvault.storage.repository import Repository, init_repository, open_repository
 from vmvault.worker.cleanup import has_leftovers
+from vmvault.worker.config import FleetConfig, parse_config
 from vmvault.worker.reaper import reap_host
 from vmvault.worker.restore_cleanup import journal_path
 

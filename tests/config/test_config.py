@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vmvault.scheduler.cli import main
-from vmvault.scheduler.config import ConfigError, FleetConfig, UnknownDomainError, load_config
+from vmvault.worker.config import ConfigError, FleetConfig, UnknownDomainError, load_config
 
 GOOD = """\
 repository:

@@ -18,8 +18,8 @@ from celery import Celery
 
 from tests.fixtures.common import VENV_BIN, stop_process
 from tests.fixtures.redis import RedisServer
-from vmvault.scheduler.config import FleetConfig, parse_config
-from vmvault.scheduler.jobs import FINAL_STATES, JobRecord, JobStore
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.jobs import FINAL_STATES, JobRecord, JobStore
 
 
 def fleet_dict(tmp: Path, broker: str | None = None, **extra: Any) -> dict[str, Any]:

@@ -31,8 +31,8 @@ from tests.fixtures.common import (
 )
 from tests.fleet.conftest import Fleet
 from vmvault.scheduler.enqueue import JobRequest, enqueue
-from vmvault.scheduler.jobs import FINAL_STATES, JobStore
 from vmvault.storage.repository import init_repository
+from vmvault.worker.jobs import FINAL_STATES, JobStore
 
 
 def _vmvault(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -23,7 +23,7 @@ from tests.fixtures.common import (
     wait_until,
 )
 from vmvault.scheduler.cli import build_parser
-from vmvault.scheduler.config import load_config, parse_config
+from vmvault.worker.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -95,7 +95,15 @@ def test_dockerfile_parses_and_runs_make_setup() -> None:
                 assert (ROOT / src).exists(), f"COPY source {src} missing"
                 copied.add(src.rstrip("/"))
     # Everything `make setup` reads is in the image before it runs.
-    assert {"Makefile", "pyproject.toml", "scripts", "vmvault", "scheduler", "storage", "worker"} <= copied
+    assert {
+        "Makefile",
+        "pyproject.toml",
+        "scripts",
+        "vmvault",
+        "scheduler",
+        "storage",
+        "worker",
+    } <= copied
     assert any("install" in r and "make" in r for r in runs[:1])
     entry = next(args for word, args in instructions if word == "ENTRYPOINT")
     assert entry.startswith("[") and ".venv/bin/vmvault" in entry

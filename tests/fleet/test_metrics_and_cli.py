@@ -11,8 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fixtures.common import VENV_BIN, free_port
 from tests.fleet.conftest import Fleet
 from vmvault.scheduler.enqueue import JobRequest, enqueue
-from vmvault.scheduler.jobs import JobStore
 from vmvault.storage.repository import init_repository
+from vmvault.worker.jobs import JobStore
 from vmvault.worker.metrics import byte_counts, queue_depths, record_job, serve
 
 

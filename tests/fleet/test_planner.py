@@ -11,17 +11,16 @@ from hypothesis import strategies as st
 
 from tests.fleet.conftest import make_config
 from vmvault.scheduler.planner import (
-    PRIORITY,
     PlannedBackup,
     due_slot,
     latest_slot,
     next_slot,
     overdue,
     plan_slot,
-    queue_for,
     select_ready,
     spread_offset,
 )
+from vmvault.worker.routing import PRIORITY, queue_for
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 

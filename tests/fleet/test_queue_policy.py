@@ -20,8 +20,8 @@ from tests.fixtures.common import VENV_BIN
 from tests.fleet.conftest import Fleet
 from tests.storage.helpers import image, write_full
 from vmvault.scheduler.enqueue import TASK_NAMES, JobRequest, enqueue
-from vmvault.scheduler.jobs import JobRecord, JobStore
 from vmvault.storage.repository import Repository, init_repository, open_repository
+from vmvault.worker.jobs import JobRecord, JobStore
 
 SIZE = 256 * 1024
 

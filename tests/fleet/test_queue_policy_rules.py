@@ -15,9 +15,8 @@ import pytest
 import redis
 
 from tests.fleet.conftest import fleet_dict
-from vmvault.scheduler.config import ConfigError, UnknownDomainError, parse_config
-from vmvault.scheduler.redact import mask_url, redact
 from vmvault.storage.gc import DEFAULT_GRACE
+from vmvault.worker.config import ConfigError, UnknownDomainError, parse_config
 from vmvault.worker.job_policy import (
     JobRefusedError,
     check_gc,
@@ -26,6 +25,7 @@ from vmvault.worker.job_policy import (
     check_verify,
     keeps_at_least,
 )
+from vmvault.worker.redact import mask_url, redact
 
 BACKUP_ID = "20260301T020000.000000Z-1a2b3c4d"
 

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from tests.fleet.conftest import Fleet
-from vmvault.scheduler.jobs import JobRecord, JobStore
+from vmvault.worker.jobs import JobRecord, JobStore
 
 
 def test_redelivered_restore_is_failed_not_replayed(fleet: Fleet) -> None:

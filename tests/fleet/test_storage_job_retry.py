@@ -11,9 +11,9 @@ import time
 
 from tests.fleet.conftest import Fleet
 from vmvault.scheduler.enqueue import JobRequest, enqueue
-from vmvault.scheduler.jobs import JobStore
 from vmvault.storage.locks import Lease
 from vmvault.storage.repository import init_repository
+from vmvault.worker.jobs import JobStore
 
 
 def test_gc_on_a_locked_repository_waits(fleet: Fleet) -> None:

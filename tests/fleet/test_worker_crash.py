@@ -19,9 +19,9 @@ from tests.fixtures.common import wait_until
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.fleet.conftest import Fleet
 from vmvault.scheduler.enqueue import JobRequest, enqueue
-from vmvault.scheduler.jobs import JobStore
 from vmvault.storage.repository import init_repository, open_repository
 from vmvault.storage.verify import verify
+from vmvault.worker.jobs import JobStore
 from vmvault.worker.redis_lock import DOMAIN_LOCK_PREFIX
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from vmvault.scheduler.config import FleetConfig, parse_config
 from vmvault.storage.format import Manifest
 from vmvault.storage.repository import Repository, init_repository
+from vmvault.worker.config import FleetConfig, parse_config
 
 KiB = 1024
 MiB = 1024 * KiB

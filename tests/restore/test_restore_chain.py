@@ -18,9 +18,9 @@ import pytest
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.fixtures.s3 import S3Bucket
 from tests.restore.conftest import CHUNK, images_equal, short_tmp
-from vmvault.scheduler.config import FleetConfig, parse_config
 from vmvault.storage.repository import init_repository
 from vmvault.worker.backup import run_backup
+from vmvault.worker.config import FleetConfig, parse_config
 from vmvault.worker.launch import LaunchError
 from vmvault.worker.qmp import QmpSession, open_session
 from vmvault.worker.restore import RestoreTargetExistsError, run_restore

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.restore.conftest import CHUNK, MiB, images_equal, make_image, short_tmp, write_backup
-from vmvault.scheduler.config import FleetConfig, parse_config
 from vmvault.storage.repository import Repository
+from vmvault.worker.config import FleetConfig, parse_config
 from vmvault.worker.restore import RestoreError, create_image, run_restore
 from vmvault.worker.restore_cleanup import (
     COMMITTED,

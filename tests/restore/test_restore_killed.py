@@ -34,8 +34,8 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from vmvault.scheduler.config import FleetConfig, load_config
 from vmvault.storage.repository import Repository
+from vmvault.worker.config import FleetConfig, load_config
 from vmvault.worker.locks import domain_lock
 from vmvault.worker.restore_cleanup import journal_path, remove_restore_leftovers
 

@@ -29,8 +29,8 @@ from tests.restore.conftest import (
     write_backup,
 )
 from vmvault.scheduler.cli import main
-from vmvault.scheduler.config import load_config
 from vmvault.storage.repository import Repository, init_repository
+from vmvault.worker.config import load_config
 from vmvault.worker.locks import domain_lock
 from vmvault.worker.restore import run_restore
 
@@ -97,7 +97,7 @@ def test_incoming_restore_images_are_private(
     ref = make_image(tmp_path / "vda.raw", 2 * MiB, 4, [(0, CHUNK)])
     write_backup(file_repo, "web1", {"vda": ref})
     short = short_tmp()
-    from vmvault.scheduler.config import parse_config
+    from vmvault.worker.config import parse_config
 
     config = parse_config(
         {

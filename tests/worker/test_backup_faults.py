@@ -19,10 +19,10 @@ import pytest
 from tests.fixtures.qemu import KiB, MiB
 from tests.worker.conftest import BackupEnv, make_config
 from vmvault.scheduler.cli import main as cli_main
-from vmvault.scheduler.config import UnknownDomainError
 from vmvault.storage.errors import StorageError
 from vmvault.worker.backup import BackupError, IncrementalUnavailableError, run_backup
 from vmvault.worker.checkpoints import PREFIX
+from vmvault.worker.config import UnknownDomainError
 from vmvault.worker.locks import DomainBusyError, domain_lock
 from vmvault.worker.qmp import QmpConnectError
 
@@ -301,7 +301,7 @@ def test_leftovers_of_a_sigkilled_worker_are_removed(backup_env: BackupEnv, tmp_
     script = textwrap.dedent(
         f"""
         import os, signal
-        from vmvault.scheduler.config import load_config
+        from vmvault.worker.config import load_config
         from vmvault.worker.backup import run_backup
         def die(phase, done, total):
             os.kill(os.getpid(), signal.SIGKILL)

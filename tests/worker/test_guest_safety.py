@@ -23,11 +23,11 @@ import pytest
 
 from tests.fixtures.common import wait_until
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
-from vmvault.scheduler.config import FleetConfig, parse_config
 from vmvault.storage.repository import init_repository, open_repository
 from vmvault.worker.backup import BackupError, FleeceBrokenError, StateDirError, run_backup
 from vmvault.worker.checkpoints import PREFIX
 from vmvault.worker.cleanup import job_marker, paused_marker
+from vmvault.worker.config import FleetConfig, parse_config
 from vmvault.worker.qmp import QmpConnectError
 from vmvault.worker.reaper import reap_host
 

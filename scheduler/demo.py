@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmvault.scheduler.config import FleetConfig, parse_config
 from vmvault.storage.repository import init_repository, open_repository
 from vmvault.worker.backup import BackupResult, run_backup
+from vmvault.worker.config import FleetConfig, parse_config
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.qmp import QmpSession, socket_is_listening
 
@@ -181,7 +181,7 @@ STEPS: list[Callable[[Demo], None]] = [
 def _extension_steps() -> list[Callable[[Demo], None]]:
     """Steps other parts add to the demo (restore: the newest backup into a paused QEMU)."""
     try:
-        from vmvault.worker.restore_demo import restore_newest_step
+        from vmvault.scheduler.restore_demo import restore_newest_step
     except ImportError:
         return []
     return [restore_newest_step]

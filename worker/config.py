@@ -356,7 +356,7 @@ class FleetConfig(_Strict):
         if url is None:
             return url
         # Masked: a mistyped URL does not make the password any less secret.
-        from vmvault.scheduler.redact import mask_url
+        from vmvault.worker.redact import mask_url
 
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):

@@ -24,7 +24,7 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
-from vmvault.scheduler.redact import redact
+from vmvault.worker.redact import redact
 
 RECORD_TTL = 14 * 86400
 MAX_JOBS_LISTED = 100_000

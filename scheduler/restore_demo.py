@@ -12,12 +12,12 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from vmvault.scheduler.config import LaunchConfig
+from vmvault.worker.config import LaunchConfig
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.restore import RestoreResult, run_restore
 
 if TYPE_CHECKING:
-    from vmvault.worker.demo import Demo
+    from vmvault.scheduler.demo import Demo
 
 
 class RestoreDemoError(WorkerError):
@@ -49,7 +49,7 @@ def _identical(source: Any, restored: Any) -> bool:
 
 def restore_newest_step(demo: Demo) -> None:
     """Demo step: restore the newest backup into a paused incoming-mode QEMU and compare."""
-    from vmvault.worker.demo import DOMAIN
+    from vmvault.scheduler.demo import DOMAIN
 
     workdir = demo.vm.workdir
     started = time.monotonic()
