@@ -39,7 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vmvault.storage.repository import Repository, init_repository
-from vmvault.worker.restore import durable, qemu_nbd_argv, qemu_nbd_env
+from vmvault.worker import qemu_nbd
+from vmvault.worker.restore import durable
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -107,9 +108,9 @@ def nbdcopy_baseline(raw: Path, size: int, workdir: Path) -> tuple[float, float]
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)], check=True)
     sock = Path(tempfile.mkdtemp(prefix="vmvb")) / "nbd.sock"
     # The very qemu-nbd restore uses, kept up for nbdcopy's possibly several connections.
-    argv = [*qemu_nbd_argv(target, sock, ""), "--persistent", "--shared=8"]
+    argv = [*qemu_nbd.argv(target, sock, ""), "--persistent", "--shared=8"]
     cpu = children_cpu()
-    proc = subprocess.Popen(argv, env=qemu_nbd_env())
+    proc = subprocess.Popen(argv, env=qemu_nbd.env())
     try:
         wait_for(sock, proc)
         started = time.monotonic()

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmvault.scheduler import blank_vm
 from vmvault.storage.repository import init_repository, open_repository
+from vmvault.worker import qemu_img
 from vmvault.worker.backup import BackupResult, run_backup
 from vmvault.worker.config import FleetConfig, parse_config
 from vmvault.worker.errors import WorkerError
@@ -36,7 +38,7 @@ class DemoError(WorkerError):
 
 @dataclass
 class DemoVm:
-    """A throwaway QEMU (TCG, no guest OS) with qcow2 disks, like the test fixture's."""
+    """The blank VM (scheduler/blank_vm.py, the test fixture's too) in a throwaway directory."""
 
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
@@ -48,21 +50,16 @@ class DemoVm:
         return self.workdir / "qmp.sock"
 
     def start(self) -> None:
-        qemu, qemu_img = shutil.which("qemu-system-x86_64"), shutil.which("qemu-img")
-        if qemu is None or qemu_img is None:
+        if shutil.which(blank_vm.QEMU_SYSTEM) is None or shutil.which(qemu_img.QEMU_IMG) is None:
             raise DemoError("qemu-system-x86_64 and qemu-img are needed: run 'make setup'")
-        args = [qemu, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                "-qmp", f"unix:{self.workdir / 'ctl.sock'},server=on,wait=off"]  # fmt: skip
         for name, size in DISKS.items():
             path = self.workdir / f"{name}.qcow2"
-            subprocess.run(
-                [qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size)], check=True
-            )
+            qemu_img.create(path, size)
             self.disks[name] = path
-            args += ["-blockdev", f"driver=file,filename={path},node-name=file-{name}",
-                     "-blockdev", f"driver=qcow2,file=file-{name},node-name=fmt-{name}",
-                     "-device", f"virtio-blk-pci,drive=fmt-{name},id={name}"]  # fmt: skip
+        args = blank_vm.argv(
+            {name: str(path) for name, path in self.disks.items()},
+            [str(self.qmp_path), str(self.workdir / "ctl.sock")],
+        )
         log = (self.workdir / "qemu.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 20
@@ -77,17 +74,13 @@ class DemoVm:
 
     def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
         assert self.ctl is not None
-        self.ctl.hmp(
-            f"qemu-io -d /machine/peripheral/{disk}/virtio-backend "
-            f'"write -P {pattern:#x} {offset} {length}"'
-        )
+        self.ctl.hmp(f'qemu-io -d {blank_vm.qdev(disk)} "write -P {pattern:#x} {offset} {length}"')
 
     def capture(self, disk: str) -> bytes:
         assert self.ctl is not None
-        self.ctl.hmp(f'qemu-io -d /machine/peripheral/{disk}/virtio-backend "flush"')
+        self.ctl.hmp(f'qemu-io -d {blank_vm.qdev(disk)} "flush"')
         out = self.workdir / f"{disk}.ref"
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(self.disks[disk]), str(out)],
-                       check=True)  # fmt: skip
+        qemu_img.to_raw(self.disks[disk], out)
         data = out.read_bytes()
         out.unlink()
         return data

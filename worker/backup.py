@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from vmvault.storage.errors import StorageError
 from vmvault.storage.format import Manifest
 from vmvault.storage.repository import BackupWriter, DiskWriter, Repository
 from vmvault.worker import checkpoints as cp
+from vmvault.worker import qemu_img
 from vmvault.worker.cleanup import (
     job_marker,
     nbd_socket_path,
@@ -490,8 +490,7 @@ def _scratch_path(job: _Job, disk: str) -> Path:
 
 def _setup_scratch(job: _Job) -> None:
     """Per disk: an empty scratch image backed by the disk, and the (not yet inserted) filter."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
+    if shutil.which(qemu_img.QEMU_IMG) is None:
         raise BackupError("qemu-img not found: install qemu-utils")
     directory = scratch_dir(job.config.state_dir, job.domain)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -499,16 +498,12 @@ def _setup_scratch(job: _Job) -> None:
     job.on_undo("remove scratch directory", lambda: shutil.rmtree(directory, ignore_errors=True))
     for disk in job.disks:
         path = _scratch_path(job, disk.name)
-        proc = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", str(path), str(disk.virtual_size)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
+        try:
+            qemu_img.create(path, disk.virtual_size)
+        except qemu_img.QemuImgError as err:
             raise StateDirError(
-                f"disk {disk.name}: cannot create scratch image {path}: {proc.stderr.strip()}"
-            )
+                f"disk {disk.name}: cannot create scratch image {path}: {err.detail or err}"
+            ) from err
         job.scratch_base[disk.name] = scratch_bytes(path)
         nodes = FleeceNodes.of(disk.name)
         job.qmp.blockdev_add(scratch_options(nodes.scratch, path, disk.node))

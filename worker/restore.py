@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.repository import Manifest, Repository
+from vmvault.worker import qemu_img, qemu_nbd
 from vmvault.worker.checkpoints import bitmap_name
 from vmvault.worker.cleanup import qemu_id
 from vmvault.worker.config import DomainConfig, FleetConfig, LaunchConfig
@@ -79,7 +79,6 @@ PREFETCH = 16
 # the work: a thread per core (up to 4).
 FETCH_THREADS = 8
 FILE_FETCH_THREADS = min(4, os.cpu_count() or 2)
-_QEMU_NBD_START_TIMEOUT = 15.0
 _QEMU_QUIT_TIMEOUT = 30.0
 # Granularity of the post-restore checkpoint bitmap, as QEMU picks for qcow2 (cluster size).
 _BITMAP_GRANULARITY = 64 * 1024
@@ -310,13 +309,7 @@ def _check_targets(paths: list[Path], force: bool) -> None:
         )
     for path in existing:
         # Even --force must not replace the disk of a running VM: QEMU holds an image lock.
-        probe = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.returncode != 0 and "lock" in probe.stderr.lower():
+        if qemu_img.is_locked(path):
             raise RestoreTargetExistsError(
                 f"{path} is in use (a QEMU holds its image lock): stop that VM first or"
                 " restore to another directory (--to)"
@@ -346,91 +339,25 @@ def _make_target_dir(path: Path) -> None:
         raise RestoreError(f"cannot create target directory {path}: {err.strerror or err}") from err
 
 
-# -- images and qemu-nbd -------------------------------------------------------------------
-
-
-def _run_tool(argv: list[str], what: str) -> None:
-    try:
-        # umask 077: an image qemu-img creates is 0600 (restored disks are private data).
-        subprocess.run(argv, check=True, capture_output=True, text=True, umask=0o077)
-    except FileNotFoundError as err:
-        raise RestoreError(f"{what}: {argv[0]} not found (install qemu-utils)") from err
-    except subprocess.CalledProcessError as err:
-        detail = (err.stderr or err.stdout or "").strip()
-        raise RestoreError(f"{what}: {' '.join(argv[:2])} failed: {detail}") from err
+# -- images (qemu-img and qemu-nbd live in worker/qemu_img.py, worker/qemu_nbd.py) ------
 
 
 def create_image(path: Path, size: int) -> None:
     """A fresh, empty (all-zero, unallocated) qcow2 image of ``size`` bytes, mode 0600."""
     path.unlink(missing_ok=True)
-    _run_tool(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=off",
-            str(path),
-            str(size),
-        ],
-        f"creating image {path}",
-    )
+    try:
+        # lazy_refcounts=off: refcounts written eagerly, no repair needed after a crash.
+        qemu_img.create(path, size, private=True, options="lazy_refcounts=off")
+    except qemu_img.QemuImgError as err:
+        raise RestoreError(str(err)) from err
 
 
 def add_bitmap_offline(path: Path, bitmap: str) -> None:
     """A persistent, enabled dirty bitmap in a qcow2 that no process has open."""
-    _run_tool(
-        ["qemu-img", "bitmap", "--add", "-g", str(_BITMAP_GRANULARITY), str(path), bitmap],
-        f"adding checkpoint bitmap {bitmap} to {path}",
-    )
-
-
-def supports_direct_io(path: Path) -> bool:
-    """True when ``path``'s file system takes ``O_DIRECT`` (tmpfs, for one, does not)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def qemu_nbd_argv(path: Path, socket: Path, export: str) -> list[str]:
-    """How restore serves a fresh image (bench/restore_bench.py gives nbdcopy the same).
-
-    ``--cache=none --aio=native`` (O_DIRECT) where the file system allows it: the data
-    goes to the file without a page-cache copy, and reading it back for verification
-    reads the file, not a cached copy. That took qemu-nbd from 1.2-1.8 to 0.9 CPU-seconds
-    per GiB restored here. Elsewhere (tmpfs) ``--cache=writeback``.
-    """
-    cache = ["--cache=none", "--aio=native"] if supports_direct_io(path) else ["--cache=writeback"]
-    return [
-        "qemu-nbd",
-        "--format=qcow2",
-        f"--socket={socket}",
-        f"--export-name={export}",
-        *cache,
-        "--discard=unmap",
-        str(path),
-    ]
-
-
-def qemu_nbd_env() -> dict[str, str]:
-    """qemu-nbd's environment: glibc malloc tuned for its per-request bounce buffers.
-
-    qemu-nbd allocates a buffer per request (4 MiB for a chunk). Above glibc's mmap
-    threshold every such buffer is a fresh mmap, so each request faults in and zeroes a
-    thousand pages, and munmaps them again. Serving them from the heap, and not trimming
-    it, lets the buffers be reused: qemu-nbd went from 1.0 to 0.4 CPU-seconds per GiB
-    restored here (bench/restore_bench.py gives nbdcopy's qemu-nbd the same).
-    """
-    return {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": str(64 * 1024 * 1024),
-        "MALLOC_TRIM_THRESHOLD_": str(256 * 1024 * 1024),
-    }
+        qemu_img.add_bitmap(path, bitmap, _BITMAP_GRANULARITY)
+    except qemu_img.QemuImgError as err:
+        raise RestoreError(str(err)) from err
 
 
 def durable(path: Path) -> None:
@@ -445,53 +372,6 @@ def durable(path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def serve_image(
-    path: Path, socket: Path, export: str, on_start: Callable[[int], None] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``qemu-nbd`` serving ``path`` writable on a 0600 unix socket, for one client.
-
-    Without ``--persistent`` qemu-nbd exits once its client disconnects, after closing the
-    image cleanly (qcow2 metadata written); we wait for that before the image is used.
-    ``on_start(pid)`` runs as soon as it is started (the restore journal records it).
-    """
-    argv = qemu_nbd_argv(path, socket, export)
-    try:
-        # umask 077: the socket is created 0600 (it lives in a 0700 directory anyway).
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            umask=0o077, start_new_session=True, env=qemu_nbd_env(),
-        )  # fmt: skip
-    except FileNotFoundError as err:
-        raise RestoreError("qemu-nbd not found: install qemu-utils") from err
-    try:
-        if on_start is not None:
-            on_start(proc.pid)
-        deadline = time.monotonic() + _QEMU_NBD_START_TIMEOUT
-        while not socket.exists():
-            if proc.poll() is not None:
-                stderr = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                raise RestoreError(f"qemu-nbd for {path} exited early: {stderr}")
-            if time.monotonic() > deadline:
-                raise RestoreError(f"qemu-nbd for {path} did not create {socket} in time")
-            time.sleep(0.01)
-        os.chmod(socket, 0o600)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 # -- the data path -------------------------------------------------------------------------
@@ -826,7 +706,7 @@ def _restore_files(
             partial = _new_partial(journal, disk.name, final, disk.virtual_size)
             socket = sockdir / f"d{index}.nbd"
             record = functools.partial(journal.add_process, "qemu-nbd")
-            with serve_image(partial, socket, disk.name, on_start=record):
+            with qemu_nbd.serve(partial, socket, disk.name, on_start=record):
                 done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
             socket.unlink(missing_ok=True)
             # The post-restore checkpoint: the image now equals the backup exactly.
