@@ -74,21 +74,14 @@ class RepositoryConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        parsed = urlparse(url)
-        if parsed.scheme == "file":
-            if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-                raise ValueError(f"bad file URL {url!r}: use file:///absolute/path")
-        elif parsed.scheme == "s3":
-            # storage.backends imports boto3 only when a backend is opened: cheap here.
-            from vmvault.storage.backends import parse_s3_url
-            from vmvault.storage.errors import StorageError
+        # storage.backends imports boto3 only when a backend is opened: cheap here.
+        from vmvault.storage.backends import check_url
+        from vmvault.storage.errors import StorageError
 
-            try:
-                parse_s3_url(url)
-            except StorageError as err:
-                raise ValueError(str(err)) from None
-        else:
-            raise ValueError(f"unsupported repository URL {url!r}: use file:// or s3://")
+        try:
+            check_url(url)
+        except StorageError as err:
+            raise ValueError(str(err)) from None
         return url
 
     @field_validator("endpoint_url")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import vmvault.storage.backends as backends
+import vmvault.storage.backends.file as backends
 from tests.storage.conftest import CHUNK, Target
-from vmvault.storage.backends import Backend, Data, Litter, ObjectInfo
+from vmvault.storage.backends import Backend, Data, Litter, ObjectInfo, open_backend
 from vmvault.storage.errors import (
     BackendUnavailableError,
     InvalidNameError,
@@ -100,7 +100,7 @@ def test_concurrent_flush_waits_for_the_fsyncs_it_relies_on(
 ) -> None:
     """Two writers flush at once: the second must not return before the first has made
     the shared chunk directories durable (it writes an index right after)."""
-    backend = backends.open_backend(f"file://{tmp_path}/repo")
+    backend = open_backend(f"file://{tmp_path}/repo")
     backend.put("chunks/aa/one", b"1", if_absent=True, defer_sync=True)
     entered, release = threading.Event(), threading.Event()
     synced: list[Path] = []
