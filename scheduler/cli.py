@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 
@@ -21,8 +20,9 @@ from vmvault.worker.config import ConfigError, UnknownDomainError
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.redact import redact
 
-# Command groups, in the order `--help` lists them. A group whose module is not
-# there yet is simply absent: only commands that work are offered.
+# Command groups, in the order `--help` lists them. Each is imported unconditionally: a
+# group that fails to import is a broken install and stops the CLI with its traceback,
+# instead of silently dropping its commands.
 _COMMAND_GROUPS = (
     "vmvault.scheduler.commands.config",
     "vmvault.scheduler.commands.repo",
@@ -75,8 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmvault {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _COMMAND_GROUPS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
         module = importlib.import_module(module_name)
         module.register(commands)
     return parser

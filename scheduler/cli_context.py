@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Protocol
@@ -69,8 +68,3 @@ class Handler(Protocol):
     """A command handler: returns the process exit code."""
 
     def __call__(self, args: argparse.Namespace, ctx: CliContext) -> int: ...
-
-
-SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-Register = Callable[[Any], None]

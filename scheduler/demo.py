@@ -1,8 +1,8 @@
 """``vmvault demo``: a QEMU VM with two disks, a full and an incremental backup, bit-exact check.
 
 Everything lives in one temporary directory (``/tmp/vmvault-demo-*``): disks, QMP socket,
-``file://`` repository and state dir. No Redis, no S3. Each step is a small function so
-other parts (restore) can append their own steps to :data:`STEPS`.
+``file://`` repository and state dir. No Redis, no S3. Each step is a small function in
+:data:`STEPS`; the last one (scheduler/restore_demo.py) restores the newest backup.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.scheduler import blank_vm
+from vmvault.scheduler.restore_demo import restore_newest_step
 from vmvault.storage.repository import init_repository, open_repository
 from vmvault.worker import qemu_img
 from vmvault.worker.backup import BackupResult, run_backup
@@ -168,16 +169,8 @@ def _list(demo: Demo) -> None:
 
 STEPS: list[Callable[[Demo], None]] = [
     _write_data, _backup("full"), _write_more, _backup("incremental"), _verify, _list,
+    restore_newest_step,
 ]  # fmt: skip
-
-
-def _extension_steps() -> list[Callable[[Demo], None]]:
-    """Steps other parts add to the demo (restore: the newest backup into a paused QEMU)."""
-    try:
-        from vmvault.scheduler.restore_demo import restore_newest_step
-    except ImportError:
-        return []
-    return [restore_newest_step]
 
 
 def run_demo(keep: bool = False, say: Say | None = None) -> dict[str, Any]:
@@ -200,7 +193,7 @@ def run_demo(keep: bool = False, say: Say | None = None) -> dict[str, Any]:
         )
         out(f"started QEMU with disks vda (64 MiB) and vdb (32 MiB); repository {repo_url}")
         demo = Demo(vm, config, out)
-        for step in [*STEPS, *_extension_steps()]:
+        for step in STEPS:
             step(demo)
         demo.report["workdir"] = str(workdir) if keep else None
         demo.report["results"] = [b.to_json() for b in demo.backups]

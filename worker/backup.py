@@ -45,6 +45,7 @@ from vmvault.worker.cleanup import (
     write_marker,
 )
 from vmvault.worker.config import DomainConfig, FleetConfig
+from vmvault.worker.disks import DiskInfo, list_disks, node_bitmaps
 from vmvault.worker.errors import WorkerError
 from vmvault.worker.fleece import (
     FleeceNodes,
@@ -55,7 +56,6 @@ from vmvault.worker.fleece import (
     scratch_bytes,
     scratch_options,
 )
-from vmvault.worker.inspect import DiskInfo, list_disks, node_bitmaps
 from vmvault.worker.locks import domain_lock
 from vmvault.worker.memory import chunk_friendly_malloc
 from vmvault.worker.nbd import (

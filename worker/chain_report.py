@@ -7,7 +7,7 @@ from typing import Any
 from vmvault.worker import checkpoints as cp
 from vmvault.worker.backup import plan_backup
 from vmvault.worker.config import FleetConfig
-from vmvault.worker.inspect import list_disks
+from vmvault.worker.disks import list_disks
 from vmvault.worker.qmp import open_session
 
 

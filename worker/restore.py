@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmvault.storage.errors import StorageError
+from vmvault.storage.errors import BackupNotFoundError, StorageError
 from vmvault.storage.repository import Manifest, Repository
 from vmvault.worker import qemu_img, qemu_nbd
 from vmvault.worker.checkpoints import bitmap_name
@@ -86,10 +86,6 @@ _BITMAP_GRANULARITY = 64 * 1024
 
 class RestoreError(WorkerError):
     """A restore could not be done as asked (bad request or a failed step). Not retryable."""
-
-
-class BackupNotFoundError(RestoreError):
-    """No backup matches the given id or time. Not retryable: pick another backup."""
 
 
 class RestoreReadError(RestoreError):

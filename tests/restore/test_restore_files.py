@@ -20,12 +20,12 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from vmvault.storage.errors import StorageError
+from vmvault.storage.errors import BackupNotFoundError, StorageError
 from vmvault.storage.format import chunk_key
 from vmvault.storage.repository import Repository
 from vmvault.worker.launch import LaunchError
 from vmvault.worker.locks import DomainBusyError, domain_lock
-from vmvault.worker.restore import BackupNotFoundError, RestoreTargetExistsError, run_restore
+from vmvault.worker.restore import RestoreTargetExistsError, run_restore
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from vmvault.storage.repository import init_repository
 from vmvault.worker.backup import run_backup
 from vmvault.worker.checkpoints import parse_chain
 from vmvault.worker.cleanup import nbd_socket_path
-from vmvault.worker.inspect import DiskSelectionError, list_disks
+from vmvault.worker.disks import DiskSelectionError, list_disks
 from vmvault.worker.qmp import open_session
 
 
