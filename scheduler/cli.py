@@ -12,13 +12,6 @@ import sys
 from collections.abc import Sequence
 
 from vmvault import __version__
-from vmvault.scheduler.cli_context import CliContext
-from vmvault.scheduler.errors import SchedulerError
-from vmvault.scheduler.logs import setup_logging
-from vmvault.storage.errors import StorageError
-from vmvault.worker.config import ConfigError, UnknownDomainError
-from vmvault.worker.errors import WorkerError
-from vmvault.worker.redact import redact
 
 # Command groups, in the order `--help` lists them. Each is imported unconditionally: a
 # group that fails to import is a broken install and stops the CLI with its traceback,
@@ -96,13 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vmvault`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Imported once a command runs (``--version`` and ``--help`` exit above): the config
+    # model behind these errors loads pydantic, and start-up time is what an operator feels.
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.scheduler.errors import SchedulerError
+    from vmvault.scheduler.logs import setup_logging
+    from vmvault.storage.errors import StorageError
+    from vmvault.worker.config import ConfigError, UnknownDomainError
+    from vmvault.worker.errors import WorkerError
+    from vmvault.worker.redact import redact
+    from vmvault.worker.signals import Terminated, signals_as_exceptions
+
     setup_logging(args.verbose)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     ctx = CliContext(config_file=args.config, json=args.json, verbose=args.verbose)
-    from vmvault.worker.signals import Terminated, signals_as_exceptions
-
     try:
         # SIGTERM (systemctl stop, kill) stops a job through its teardown, as Ctrl-C does.
         with signals_as_exceptions():

@@ -7,11 +7,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rich.console import Console
+if TYPE_CHECKING:
+    # rich and the config model (pydantic) load only when a command needs them: they are
+    # most of the CLI's start-up time (bench/cli_bench.py).
+    from rich.console import Console
 
-from vmvault.worker.config import FleetConfig, load_config
+    from vmvault.worker.config import FleetConfig
 
 
 @dataclass
@@ -31,11 +34,15 @@ class CliContext:
     @cached_property
     def config(self) -> FleetConfig:
         """The validated fleet config; a ``ConfigError`` here makes the CLI exit 2."""
+        from vmvault.worker.config import load_config
+
         return load_config(self.config_file)
 
     @cached_property
     def console(self) -> Console:
         """Rich console on stderr for progress bars, tables and messages."""
+        from rich.console import Console
+
         return Console(stderr=True, highlight=False)
 
     @property
@@ -53,6 +60,8 @@ class CliContext:
         """Where human output goes: stdout, or stderr when stdout is reserved for JSON."""
         if self.json:
             return self.console
+        from rich.console import Console
+
         return Console(file=self.stdout, highlight=False, soft_wrap=True)
 
     def say(self, message: str) -> None:

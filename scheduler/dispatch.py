@@ -19,16 +19,14 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import redis
-from kombu.exceptions import OperationalError
-
-from vmvault.scheduler.cli_context import CliContext
-from vmvault.scheduler.enqueue import JobRequest, enqueue
 from vmvault.scheduler.errors import SchedulerError
-from vmvault.worker.jobs import FINAL_STATES, JobRecord, JobStore
 from vmvault.worker.redact import mask_url, redact
+
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.jobs import JobRecord, JobStore
 
 T = TypeVar("T")
 
@@ -45,6 +43,8 @@ class JobLostError(SchedulerError):
 
 def broker_hint(err: BaseException) -> str:
     """What to check when Redis did not take a command: the password, or that it runs."""
+    import redis
+
     if isinstance(err, redis.AuthenticationError) or "NOAUTH" in str(err):
         return (
             "check the broker's password (broker_password_file, or the URL) against Redis's"
@@ -150,6 +150,12 @@ def run_job(
     The remote result is what ``local()`` would have returned, as far as the handler can
     tell: a ``JsonView`` (or, for verify, the rebuilt report; for prune, the removed ids).
     """
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from vmvault.scheduler.enqueue import JobRequest, enqueue
+    from vmvault.worker.jobs import JobStore
+
     config = ctx.config
     if config.broker is None:
         if getattr(args, "no_wait", False):
@@ -196,6 +202,8 @@ def follow(
     timeout: float | None = None,
 ) -> JobRecord:
     """Poll the job's record until it ends, feeding its progress to ``progress``."""
+    from vmvault.worker.jobs import FINAL_STATES
+
     deadline = None if timeout is None else time.monotonic() + timeout
     for record in _poll(store, job_id):
         if progress is not None and record.phase:
@@ -208,6 +216,8 @@ def follow(
 
 
 def _poll(store: JobStore, job_id: str) -> Iterator[JobRecord]:
+    import redis
+
     misses = 0
     while True:
         try:

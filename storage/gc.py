@@ -35,12 +35,11 @@ from vmvault.storage.format import (
     MANIFEST_NAME,
     parse_backup_key,
 )
-from vmvault.storage.locks import Lease, list_locks
+from vmvault.storage.locks import DEFAULT_GRACE, Lease, list_locks
 from vmvault.storage.repository import Repository
 
 log = logging.getLogger(__name__)
 
-DEFAULT_GRACE = 3600.0
 
 Progress = Callable[[str, int, int], None]
 

@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 LockKind = Literal["shared", "exclusive"]
 
 DEFAULT_LEASE_TTL = 600.0
+# GC never deletes an object younger than this (seconds): a backup in flight may still
+# reference it (docs/repository-format.md, "Garbage collection").
+DEFAULT_GRACE = 3600.0
 
 
 def _clock() -> float:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from vmvault.scheduler import cli
@@ -22,3 +25,18 @@ def test_every_command_group_registers_commands() -> None:
     assert {"config", "list", "backup", "demo", "restore", "worker", "jobs"} <= set(
         commands.choices or {}
     )
+
+
+def test_building_the_cli_loads_no_heavy_library() -> None:
+    # `vmvault --version` and `--help` build the parser only: the libraries a command
+    # needs load when it runs (bench/cli_bench.py measures the start-up time).
+    probe = (
+        "import sys; from vmvault.scheduler import cli; cli.build_parser(); "
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'celery', 'kombu', 'boto3', 'botocore', 'rich', 'croniter', 'pydantic', 'redis', "
+        "'yaml', 'zstandard', 'blake3', 'cryptography', 'qemu', 'nbd'})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == ""

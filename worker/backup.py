@@ -70,12 +70,11 @@ from vmvault.worker.nbd import (
 )
 from vmvault.worker.progress import Progress, no_progress
 from vmvault.worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
+from vmvault.worker.routing import MODES, BackupMode
 from vmvault.worker.signals import critical
 
 log = logging.getLogger(__name__)
 
-BackupMode = Literal["auto", "full", "incremental"]
-MODES: tuple[BackupMode, ...] = ("auto", "full", "incremental")
 
 # Unix socket paths are limited to 108 bytes (sun_path), including the final NUL.
 _MAX_SOCKET_PATH = 107

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 import yaml
-from croniter import croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from vmvault.storage.locks import DEFAULT_GRACE
 
 if TYPE_CHECKING:
     from vmvault.storage.repository import Repository
@@ -248,6 +249,9 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, expr: str) -> str:
+        # Imported here: only configs with schedules need it, and it costs CLI start-up.
+        from croniter import croniter
+
         if not croniter.is_valid(expr):
             raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
         return expr
@@ -303,11 +307,6 @@ class SchedulerSettings(_Strict):
         return self
 
 
-# The GC's own default grace (storage.gc.DEFAULT_GRACE, not imported: validating a config
-# must not load the storage stack); a test keeps the two equal.
-DEFAULT_GC_GRACE_SECONDS = 3600.0
-
-
 # The spellings Celery's Redis result backend accepts (celery.backends.redis).
 _SSL_CERT_REQS = ("required", "optional", "none", "CERT_REQUIRED", "CERT_OPTIONAL", "CERT_NONE")
 
@@ -326,7 +325,7 @@ class WorkerPolicy(_Strict):
     # Retention a queued prune may apply to any domain, besides each schedule's own.
     prune_policies: list[RetentionPolicy] = Field(default_factory=list)
     # The shortest GC grace window a queued gc may ask for (and what it gets by default).
-    gc_grace_seconds: float = Field(default=DEFAULT_GC_GRACE_SECONDS, ge=0, le=365 * 86400)
+    gc_grace_seconds: float = Field(default=DEFAULT_GRACE, ge=0, le=365 * 86400)
 
 
 class FleetConfig(_Strict):

@@ -1,4 +1,4 @@
-"""Job routing vocabulary: job types, Celery priorities and the queue each job goes to.
+"""Job vocabulary: job types, backup modes, Celery priorities and the queue each job goes to.
 
 Shared by whoever sends jobs (the scheduler loop, the CLI) and whoever runs them (the
 worker's job frame, which refuses a host-bound job that reached the wrong host).
@@ -9,6 +9,10 @@ from __future__ import annotations
 from typing import Literal
 
 JobType = Literal["backup", "restore", "verify", "prune", "gc"]
+
+# auto: incremental when the checkpoint chain allows, else full.
+BackupMode = Literal["auto", "full", "incremental"]
+MODES: tuple[BackupMode, ...] = ("auto", "full", "incremental")
 
 # Celery priorities on the Redis transport: 0 is served first. Restores are what an
 # operator waits for, so they jump ahead of scheduled backups; storage chores come last.

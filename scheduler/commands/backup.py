@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import add_command
-from vmvault.scheduler.cli_context import CliContext
-from vmvault.scheduler.dispatch import add_wait_flag, run_job
-from vmvault.worker.backup import MODES, BackupMode, BackupResult, run_backup
-from vmvault.worker.progress import Progress
+from vmvault.scheduler.dispatch import add_wait_flag
+from vmvault.scheduler.progress_bars import byte_bar
+from vmvault.worker.routing import MODES
+
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.backup import BackupResult
+    from vmvault.worker.routing import BackupMode
 
 
 def register(commands: Any) -> None:
@@ -45,43 +47,14 @@ def register(commands: Any) -> None:
     parser.set_defaults(func=_demo)
 
 
-@contextmanager
-def _progress(ctx: CliContext, what: str) -> Iterator[Progress | None]:
-    """A rich progress bar when a person watches; otherwise nothing."""
-    if not ctx.interactive:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    from rich.progress import Progress as RichProgress
-
-    with RichProgress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=ctx.console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=None)
-
-        def report(phase: str, done: int, total: int) -> None:
-            bar.update(task, description=f"{what}: {phase}", completed=done, total=total)
-
-        yield report
-
-
 def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.scheduler.dispatch import run_job
+    from vmvault.worker.backup import run_backup
+
     config = ctx.config
     config.domain(args.domain)  # unknown domain: exit 2 before anything else
     mode: BackupMode = args.mode
-    with _progress(ctx, f"backup {args.domain}") as progress:
+    with byte_bar(ctx, f"backup {args.domain}") as progress:
         result = run_job(
             ctx,
             args,

@@ -11,19 +11,20 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import add_command
-from vmvault.scheduler.cli_context import CliContext
 from vmvault.scheduler.dispatch import broker_hint
 from vmvault.scheduler.errors import SchedulerError
-from vmvault.scheduler.planner import overdue
-from vmvault.worker.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
-from vmvault.worker.jobs import JobRecord, JobStore
 from vmvault.worker.redact import mask_url, redact
 from vmvault.worker.routing import STORAGE_QUEUE, host_queue
+
+if TYPE_CHECKING:
+    import redis
+
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.config import FleetConfig
+    from vmvault.worker.jobs import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def register(commands: Any) -> None:
 
 def _broker(config: FleetConfig, ctx: CliContext, command: str) -> str:
     """The broker URL to connect with (password included: never print it, see _redis)."""
+    from vmvault.worker.config import ConfigError, config_path
+
     url = config.broker_url()
     if url is None:
         raise ConfigError(
@@ -79,6 +82,8 @@ def _broker(config: FleetConfig, ctx: CliContext, command: str) -> str:
 
 
 def _redis(url: str) -> redis.Redis:
+    import redis
+
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     try:
         client.ping()
@@ -97,6 +102,8 @@ def _all_queues(config: FleetConfig) -> list[str]:
 
 
 def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.config import CONFIG_ENV, ConfigError, config_path
+
     config = ctx.config
     broker = _broker(config, ctx, "worker")
     host: str = args.host
@@ -219,6 +226,8 @@ def job_state(job: JobRecord, lock_ttl: float, now: float) -> str:
 
 
 def _jobs(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.jobs import JobStore
+
     config = ctx.config
     client = _redis(_broker(config, ctx, "jobs"))
     records = JobStore(client).recent(max(args.limit, 1))
@@ -267,6 +276,8 @@ def _jobs(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _status(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.scheduler.planner import overdue
+
     config = ctx.config
     now = datetime.now(UTC)
     last = _last_successes(config)

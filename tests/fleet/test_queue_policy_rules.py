@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from tests.fleet.conftest import fleet_dict
-from vmvault.storage.gc import DEFAULT_GRACE
+from vmvault.storage.locks import DEFAULT_GRACE
 from vmvault.worker.config import ConfigError, UnknownDomainError, parse_config
 from vmvault.worker.job_policy import (
     JobRefusedError,
