@@ -26,6 +26,7 @@ from vmvault.worker.redact import mask_url, redact
 
 if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
+    from vmvault.storage.progress import Progress
     from vmvault.worker.jobs import JobRecord, JobStore
 
 T = TypeVar("T")
@@ -141,7 +142,7 @@ def run_job(
     args: argparse.Namespace,
     job_type: str,
     kwargs: dict[str, Any],
-    progress: Callable[[str, int, int], None] | None,
+    progress: Progress | None,
     local: Callable[[], T],
     domain: str | None = None,
 ) -> T:
@@ -198,7 +199,7 @@ def run_job(
 def follow(
     store: JobStore,
     job_id: str,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     timeout: float | None = None,
 ) -> JobRecord:
     """Poll the job's record until it ends, feeding its progress to ``progress``."""

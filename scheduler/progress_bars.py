@@ -1,6 +1,6 @@
 """Progress bars for the CLI: the one place that draws rich progress on stderr.
 
-Each helper yields a progress callback ``(phase, done, total)`` (worker/progress.py) while
+Each helper yields a progress callback ``(phase, done, total)`` (storage/progress.py) while
 a person watches stderr, and ``None`` otherwise (pipes, ``--json``), so jobs skip the
 reporting entirely. rich is imported only when a bar is drawn.
 """
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from rich.progress import TaskID
 
     from vmvault.scheduler.cli_context import CliContext
-    from vmvault.worker.progress import Progress
+    from vmvault.storage.progress import Progress
 
 
 @contextmanager

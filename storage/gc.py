@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,12 +35,10 @@ from vmvault.storage.format import (
     parse_backup_key,
 )
 from vmvault.storage.locks import DEFAULT_GRACE, Lease, list_locks
+from vmvault.storage.progress import Progress
 from vmvault.storage.repository import Repository
 
 log = logging.getLogger(__name__)
-
-
-Progress = Callable[[str, int, int], None]
 
 
 class GcAbortedError(StorageError):

@@ -21,6 +21,7 @@ from typing import Any
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import DamagedManifest, Manifest, iso
+from vmvault.storage.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,7 @@ class PrunePlan:
             "damaged": [d.to_json() for d in self.damaged],
         }
 
-    def execute(
-        self, repo: Any, progress: Callable[[str, int, int], None] | None = None
-    ) -> list[str]:
+    def execute(self, repo: Any, progress: Progress | None = None) -> list[str]:
         """Delete the manifests (then indexes) of the removed backups; chunks are left to GC.
 
         Deleting a manifest first means a crash halfway leaves only unreferenced

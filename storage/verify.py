@@ -8,15 +8,13 @@ Every problem names the domain, backup id, disk and byte offset it affects.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import CHUNKS_PREFIX, IndexEntry, Manifest, chunk_key
+from vmvault.storage.progress import Progress
 from vmvault.storage.repository import Repository
-
-Progress = Callable[[str, int, int], None]
 
 # Per chunk, where it is used: (domain, backup_id, disk, offset, expected length).
 Ref = tuple[str, str, str, int, int]

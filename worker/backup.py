@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import Manifest
+from vmvault.storage.progress import Progress, no_progress
 from vmvault.storage.repository import BackupWriter, DiskWriter, Repository
 from vmvault.worker import checkpoints as cp
 from vmvault.worker import qemu_img
@@ -63,12 +64,10 @@ from vmvault.worker.nbd import (
     DIRTY,
     STATE_ZERO,
     NbdError,
-    NbdReader,
     NbdTimeoutError,
-    chunks_touched,
     dirty_context,
 )
-from vmvault.worker.progress import Progress, no_progress
+from vmvault.worker.nbd_read import NbdReader, chunks_touched
 from vmvault.worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
 from vmvault.worker.routing import MODES, BackupMode
 from vmvault.worker.signals import critical

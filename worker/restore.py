@@ -32,13 +32,14 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from vmvault.storage.errors import BackupNotFoundError, StorageError
+from vmvault.storage.progress import Progress
 from vmvault.storage.repository import Manifest, Repository
 from vmvault.worker import qemu_img, qemu_nbd
 from vmvault.worker.checkpoints import bitmap_name
@@ -56,7 +57,6 @@ from vmvault.worker.launch import (
 from vmvault.worker.locks import domain_lock
 from vmvault.worker.memory import chunk_friendly_malloc
 from vmvault.worker.nbd_write import NbdDiskWriter, VerifyError
-from vmvault.worker.progress import Progress
 from vmvault.worker.qmp import QmpSession
 from vmvault.worker.restore_cleanup import (
     COMMITTED,
@@ -381,7 +381,7 @@ class _DiskProgress:
         self._total = max(1, 2 * total)  # every byte is written once and read back once
         self._base = 0
 
-    def disk(self, name: str, size: int) -> Callable[[str, int, int], None]:
+    def disk(self, name: str, size: int) -> Progress:
         base = self._base
         self._base += 2 * size
         done = {"write": 0, "verify": 0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -46,6 +47,10 @@ def two_backups(
     return file_repo, refs, [b0.backup_id, b1.backup_id]
 
 
+def _record(seen: list[tuple[str, int, int]], phase: str, done: int, total: int) -> None:
+    seen.append((phase, done, total))
+
+
 def test_restore_each_backup_bit_exact_and_sparse(
     tmp_path: Path, two_backups: tuple[Repository, dict[str, dict[str, Path]], list[str]],
     fleet_config: ConfigFactory,
@@ -57,7 +62,7 @@ def test_restore_each_backup_bit_exact_and_sparse(
         seen: list[tuple[str, int, int]] = []
         result = run_restore(
             config, "web1", backup_id=backup_id, to_dir=out,
-            progress=lambda p, d, t, seen=seen: seen.append((p, d, t)),
+            progress=functools.partial(_record, seen),
         )  # fmt: skip
         assert result.backup_id == backup_id
         assert [d.name for d in result.disks] == ["vda", "vdb"]
