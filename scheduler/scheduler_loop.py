@@ -45,11 +45,10 @@ from vmvault.scheduler.planner import (
 )
 from vmvault.worker.config import FleetConfig
 from vmvault.worker.jobs import FINAL_STATES, JobStore
+from vmvault.worker.redis_keys import CLAIM_PREFIX, SLOT_KEY
 
 log = logging.getLogger(__name__)
 
-SLOT_KEY = "vmvault:sched:{name}:slot"
-CLAIM_PREFIX = "vmvault:claim:"
 # A claim must outlive the time its slot can be planned (until the next slot supersedes
 # it), plus a margin for a late tick; see ``claim_ttl``.
 CLAIM_MARGIN = 86400

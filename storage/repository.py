@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from vmvault.storage.backends import Backend, RetryPolicy, open_backend
-from vmvault.storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
+from vmvault.storage.backends import Backend, Blob, RetryPolicy, open_backend
+from vmvault.storage.crypto import SCRYPT_N, Codec, new_key_object, unwrap_key_object
 from vmvault.storage.errors import (
     BackupNotFoundError,
     ConfigMismatchError,

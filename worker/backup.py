@@ -85,23 +85,33 @@ _MIB = 1024 * 1024
 class BackupError(WorkerError):
     """A backup failed; the message names the domain and the step. Retryable as a new job."""
 
+    retryable = True
+
 
 class IncrementalUnavailableError(BackupError):
     """``--mode incremental`` was asked but the checkpoint chain cannot give one. Not retryable:
     run a full (or auto) backup."""
 
+    retryable = False
+
 
 class DomainStateError(BackupError):
     """The domain is in a state where it cannot be backed up (e.g. waiting for migration)."""
+
+    retryable = False
 
 
 class StateDirError(BackupError):
     """``state_dir`` is full or unusable. Not retryable until space is freed."""
 
+    retryable = False
+
 
 class FleeceBrokenError(BackupError):
     """QEMU broke the snapshot instead of a guest write (scratch full, failing or too slow).
     Retryable once ``state_dir`` has room."""
+
+    retryable = True
 
 
 class Step(enum.Enum):

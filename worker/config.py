@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from vmvault.storage.format import NAME_PATTERN
 from vmvault.storage.locks import DEFAULT_GRACE
 
 if TYPE_CHECKING:
@@ -35,9 +36,7 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG_NAME = "vmvault.yaml"
 CONFIG_ENV = "VMVAULT_CONFIG"
 
-# Domain, disk, host and schedule names become parts of object keys, queue names and
-# file names: keep them to a conservative alphabet so nothing can escape its key space.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# Names (domains, disks, hosts, schedules) use the repository's alphabet (storage/format.py).
 _NAME_RE = re.compile(NAME_PATTERN)
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]

@@ -30,7 +30,8 @@ from vmvault.worker.errors import WorkerError
 from vmvault.worker.job_policy import JobRefusedError
 from vmvault.worker.jobs import JobRecord, JobStore
 from vmvault.worker.metrics import record_job
-from vmvault.worker.redis_lock import DOMAIN_LOCK_PREFIX, LockBusyError, RedisLease
+from vmvault.worker.redis_keys import DOMAIN_LOCK_PREFIX
+from vmvault.worker.redis_lock import LockBusyError, RedisLease
 from vmvault.worker.routing import queue_for
 from vmvault.worker.signals import Terminated, signals_as_exceptions
 
@@ -53,6 +54,8 @@ class MisroutedJobError(WorkerError):
 class JobTerminatedError(WorkerError):
     """The worker process running the job got SIGTERM; the job tore down and stopped.
     Retryable as a new job."""
+
+    retryable = True
 
 
 class ReplayedJobError(WorkerError):
@@ -365,10 +368,3 @@ def retry_if_locked(task: Task, err: Exception) -> None:
     """Repository lock conflicts (GC vs. writers) are waited out: the jobs are idempotent."""
     if _will_retry_locked(task, err):
         raise task.retry(exc=err, countdown=30, max_retries=_LOCKED_RETRIES) from err
-
-
-def keep_policy(policy: dict[str, int]) -> Any:
-    """The storage ``KeepPolicy`` for a config ``RetentionPolicy`` dump (``keep_daily: 7``)."""
-    from vmvault.storage.prune import KeepPolicy
-
-    return KeepPolicy(**{key.removeprefix("keep_"): value for key, value in policy.items()})

@@ -29,11 +29,11 @@ from typing import Any
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import check_backup_id, check_name
+from vmvault.storage.prune import KEEP_PREFIX, KEEP_RULES, rule_name
 from vmvault.worker.config import FleetConfig, RetentionPolicy
 from vmvault.worker.errors import WorkerError
 
 # Retention rules as the CLI spells them; the scheduler sends them as keep_<rule>.
-KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 class JobRefusedError(WorkerError):
@@ -207,11 +207,11 @@ def keeps_at_least(policy: dict[str, int], allowed: dict[str, int]) -> bool:
 
 
 def _rules(policy: RetentionPolicy) -> dict[str, int]:
-    return {k.removeprefix("keep_"): v for k, v in policy.model_dump(exclude_none=True).items()}
+    return {rule_name(k): v for k, v in policy.model_dump(exclude_none=True).items()}
 
 
 def _spell(rules: dict[str, int]) -> str:
-    return ", ".join(f"keep_{rule}: {count}" for rule, count in rules.items())
+    return ", ".join(f"{KEEP_PREFIX}{rule}: {count}" for rule, count in rules.items())
 
 
 def _policy_rules(policy: Any) -> dict[str, int]:
@@ -221,7 +221,7 @@ def _policy_rules(policy: Any) -> dict[str, int]:
         raise _bad("prune", "policy", policy, want)
     rules: dict[str, int] = {}
     for key, count in policy.items():
-        rule = key.removeprefix("keep_") if isinstance(key, str) else key
+        rule = rule_name(key) if isinstance(key, str) else key
         valid_count = isinstance(count, int) and not isinstance(count, bool) and count >= 1
         if rule not in KEEP_RULES or rule in rules or not valid_count:
             raise _bad("prune", "policy", policy, want)

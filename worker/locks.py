@@ -21,6 +21,8 @@ from vmvault.worker.errors import WorkerError
 class DomainBusyError(WorkerError):
     """Another backup or restore of the domain is running. Retryable once it has finished."""
 
+    retryable = True
+
 
 def lock_path(state_dir: Path, domain: str) -> Path:
     return state_dir / "locks" / f"{domain}.lock"

@@ -48,6 +48,8 @@ def dirty_context(bitmap: str) -> str:
 class NbdError(WorkerError):
     """Reading a disk over NBD failed (server gone, I/O error). Retryable."""
 
+    retryable = True
+
 
 class NbdTimeoutError(NbdError):
     """The NBD server did not answer within the I/O timeout (frozen or overloaded). Retryable."""

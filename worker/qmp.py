@@ -38,6 +38,8 @@ class QmpError(WorkerError):
 class QmpConnectError(QmpError):
     """The domain's QMP socket is missing, refuses, or is not QEMU. Retryable once QEMU runs."""
 
+    retryable = True
+
 
 class QmpCommandError(QmpError):
     """QEMU answered a command with an error; ``desc`` is QEMU's own text. Not retryable as is."""
@@ -52,6 +54,8 @@ class QmpCommandError(QmpError):
 
 class QmpDisconnectedError(QmpError):
     """QEMU went away in the middle of a command (killed or quit). Retryable."""
+
+    retryable = True
 
 
 @dataclass(frozen=True)

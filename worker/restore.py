@@ -91,6 +91,8 @@ class RestoreError(WorkerError):
 class RestoreReadError(RestoreError):
     """The repository could not deliver a chunk (store unreachable). Retryable later."""
 
+    retryable = True
+
 
 class RestoreTargetExistsError(RestoreError):
     """A target image exists (without ``force``) or is in use by a QEMU. Not retryable as is."""

@@ -63,6 +63,8 @@ _OLD_DIR_RE = re.compile(r"^vmvr[a-z0-9_]{8}$")
 class RestoreCleanupError(WorkerError):
     """Some leftovers of a dead restore could not be removed (named). Retryable."""
 
+    retryable = True
+
 
 def run_dir(state_dir: Path) -> Path:
     return state_dir / "run"

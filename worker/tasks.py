@@ -20,7 +20,6 @@ from vmvault.worker.job_frame import (
     JobProgress,
     admit,
     fleet_repository,
-    keep_policy,
     retry_if_locked,
     run_job,
 )
@@ -138,7 +137,7 @@ def prune(
     Only a retention the config defines for those domains (worker.job_policy).
     Idempotent: planning again after a partial run removes what is left to remove.
     """
-    from vmvault.storage.prune import plan_prune
+    from vmvault.storage.prune import KeepPolicy, plan_prune
 
     rules = admit(
         self, "prune", None, lambda: check_prune(fleet_config(), policy, domains, dry_run)
@@ -151,7 +150,7 @@ def prune(
             scans = [repo.scan_manifests(d) for d in (domains if domains is not None else [None])]
             manifests = [m for scan in scans for m in scan.manifests]
             damaged = [d for scan in scans for d in scan.damaged]
-            plan = plan_prune(keep_policy(rules), manifests, damaged)
+            plan = plan_prune(KeepPolicy.from_rules(rules), manifests, damaged)
             removed = [] if dry_run else plan.execute(repo, progress)
             doc: dict[str, Any] = plan.to_json()
             doc.update(dry_run=dry_run, removed=removed, schedule=schedule or None)

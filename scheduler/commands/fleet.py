@@ -34,6 +34,8 @@ _LOG_LEVELS = {0: "WARNING", 1: "INFO", 2: "DEBUG"}
 class BrokerUnavailableError(SchedulerError):
     """Redis did not answer. Retryable once it is reachable."""
 
+    retryable = True
+
 
 def register(commands: Any) -> None:
     """Add ``worker``, ``scheduler``, ``jobs`` and ``status``."""
@@ -283,7 +285,7 @@ def _status(args: argparse.Namespace, ctx: CliContext) -> int:
     last = _last_successes(config)
     leader = None
     if config.broker is not None:
-        from vmvault.scheduler.leader import LEADER_KEY
+        from vmvault.worker.redis_keys import LEADER_KEY
 
         raw = _redis(_broker(config, ctx, "status")).get(LEADER_KEY)
         leader = raw.decode().rsplit(":", 1)[0] if isinstance(raw, bytes) else None

@@ -17,14 +17,13 @@ from vmvault.scheduler.errors import SchedulerError
 from vmvault.scheduler.progress_bars import count_bars
 from vmvault.storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
 from vmvault.storage.locks import DEFAULT_GRACE
+from vmvault.storage.prune import KEEP_RULES
 
 if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
     from vmvault.storage.gc import GcReport
     from vmvault.storage.repository import Repository
     from vmvault.storage.verify import VerifyReport
-
-_KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 def register(commands: Any) -> None:
@@ -70,7 +69,7 @@ def register(commands: Any) -> None:
 
     p = add_command(commands, "prune", "remove backups that no retention rule keeps")
     p.add_argument("domain", nargs="?", help="only this domain (default: all)")
-    for rule in _KEEP_RULES:
+    for rule in KEEP_RULES:
         what = "newest backups" if rule == "last" else f"{rule} backups (newest per period)"
         p.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep N {what}")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
@@ -298,7 +297,7 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
 def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.prune import KeepPolicy, plan_prune
 
-    rules = {r: getattr(args, f"keep_{r}") for r in _KEEP_RULES}
+    rules = {r: getattr(args, f"keep_{r}") for r in KEEP_RULES}
     if all(v is None for v in rules.values()):
         ctx.note("vmvault prune: error: give at least one --keep-* rule (e.g. --keep-daily 7)")
         return 2

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from vmvault.storage.errors import ObjectTooLargeError
 
-# An object body: one bytes-like object, or pieces stored as their concatenation.
+# An object body: one bytes-like object (chunks come straight from NBD reads), or pieces
+# stored as their concatenation.
 Blob = bytes | bytearray | memoryview
 Data = Blob | Sequence[Blob]
 

@@ -8,7 +8,8 @@ import pytest
 
 from tests.fixtures.common import wait_until
 from tests.fixtures.redis import RedisServer
-from vmvault.scheduler.leader import LEADER_KEY, Leadership
+from vmvault.scheduler.leader import Leadership
+from vmvault.worker.redis_keys import LEADER_KEY
 from vmvault.worker.redis_lock import LockBusyError, LockLostError, RedisLease, domain_lease
 
 

@@ -22,7 +22,7 @@ from vmvault.scheduler.enqueue import JobRequest, enqueue
 from vmvault.storage.repository import init_repository, open_repository
 from vmvault.storage.verify import verify
 from vmvault.worker.jobs import JobStore
-from vmvault.worker.redis_lock import DOMAIN_LOCK_PREFIX
+from vmvault.worker.redis_keys import DOMAIN_LOCK_PREFIX
 
 
 def _restored(repo_url: str, domain: str, disk: str) -> bytes:
