@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 
 # Unix socket paths are limited to 108 bytes (sun_path), including the final NUL.
 _MAX_SOCKET_PATH = 107
-# NBD connections reading at once (each one request in flight; see worker/nbd.py).
+# NBD connections reading at once (each one request in flight; see worker/nbd_read.py).
 _READ_CONNECTIONS = 3
 _MIB = 1024 * 1024
 
