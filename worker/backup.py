@@ -33,7 +33,8 @@ from typing import Any, Literal
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import Manifest
 from vmvault.storage.progress import Progress, no_progress
-from vmvault.storage.repository import BackupWriter, DiskWriter, Repository
+from vmvault.storage.repository import Repository
+from vmvault.storage.writer import BackupWriter, DiskWriter
 from vmvault.worker import checkpoints as cp
 from vmvault.worker import qemu_img
 from vmvault.worker.cleanup import (

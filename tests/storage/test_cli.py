@@ -239,7 +239,7 @@ def _forge_short_chunk(url: str, passphrase: bytes | None) -> tuple[str, int]:
     from dataclasses import replace
 
     forged = replace(m, disks=[replace(disk, index_digest=repo.chunk_digest(body))])
-    repo.backend.put(m.key, repo._manifest_bytes(forged))
+    repo.backend.put(m.key, repo.seal_manifest(forged))
     return m.backup_id, len(short)
 
 
