@@ -9,3 +9,7 @@ class WorkerError(Exception):
     # Whether running the same job again later can succeed: data, so the job frame and
     # callers can ask (``err.retryable``) instead of reading docstrings.
     retryable: ClassVar[bool] = False
+
+
+class RestoreError(WorkerError):
+    """A restore could not be done as asked (bad request or a failed step). Not retryable."""
