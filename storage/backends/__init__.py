@@ -52,7 +52,7 @@ from vmvault.storage.backends.base import (
     ObjectInfo,
     RetryPolicy,
 )
-from vmvault.storage.backends.file import FileBackend, open_file
+from vmvault.storage.backends.file import FileBackend, file_url_root, open_file
 from vmvault.storage.backends.mem import MemBackend, open_mem
 from vmvault.storage.backends.s3 import S3Backend, open_s3, parse_s3_url
 from vmvault.storage.errors import StorageError
@@ -84,8 +84,7 @@ def check_url(url: str) -> str:
     """
     parsed = urlparse(url)
     if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise StorageError(f"bad file URL {url!r}: use file:///absolute/path")
+        file_url_root(url)
     elif parsed.scheme == "s3":
         parse_s3_url(url)
     else:

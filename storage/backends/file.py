@@ -310,9 +310,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_file(url: str, **_: Any) -> Backend:
-    """The backend of ``file:///absolute/path``."""
+def file_url_root(url: str) -> Path:
+    """The directory of ``file:///absolute/path``; ``StorageError`` says what is wrong."""
     parsed = urlparse(url)
     if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
         raise StorageError(f"bad file URL {url!r}: use file:///absolute/path")
-    return FileBackend(url, Path(unquote(parsed.path)))
+    return Path(unquote(parsed.path))
+
+
+def open_file(url: str, **_: Any) -> Backend:
+    """The backend of ``file:///absolute/path``."""
+    return FileBackend(url, file_url_root(url))
