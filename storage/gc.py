@@ -68,6 +68,11 @@ class GcReport:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> GcReport:
+        """The report ``to_json`` gave (a queued gc's result)."""
+        return cls(**doc)
+
 
 def collect_garbage(
     repo: Repository,

@@ -64,6 +64,12 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VerifyReport:
+        """The report ``to_json`` gave (a queued verify's result)."""
+        fields = {k: v for k, v in doc.items() if k not in ("ok", "problems")}
+        return cls(**fields, problems=[Problem(**p) for p in doc["problems"]])
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,

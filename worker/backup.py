@@ -181,6 +181,11 @@ class BackupResult:
         data["paused_ms"] = round(self.paused_ms, 1)
         return data
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> BackupResult:
+        """The result ``to_json`` gave (a queued backup's result, as the CLI receives it)."""
+        return cls(**{**doc, "disks": [DiskResult(**d) for d in doc["disks"]]})
+
 
 def plan_backup(
     domain: str,

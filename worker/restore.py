@@ -138,6 +138,25 @@ class RestoreResult:
             doc["qemu_log"] = str(self.qemu_log)
         return doc
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RestoreResult:
+        """The result ``to_json`` gave (a queued restore's result, as the CLI receives it).
+
+        Without the QEMU handle: that process runs on the worker's host."""
+        incoming = doc["mode"] == "incoming"
+        return cls(
+            backup_id=doc["backup_id"],
+            domain=doc["domain"],
+            mode=doc["mode"],
+            disks=[RestoredDisk.from_json(d) for d in doc["disks"]],
+            duration_s=doc["duration_s"],
+            checkpoint=doc["checkpoint"],
+            qmp=Path(doc["qmp"]) if incoming else None,
+            qemu_pid=doc.get("qemu_pid"),
+            booted=doc.get("state") == "running",
+            qemu_log=Path(doc["qemu_log"]) if incoming else None,
+        )
+
 
 def partial_path(final: Path) -> Path:
     """The temporary name a disk is written under until it is verified."""

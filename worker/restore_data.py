@@ -47,6 +47,10 @@ class RestoredDisk:
             "duration_s": round(self.duration_s, 3),
         }
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RestoredDisk:
+        return cls(**{**doc, "path": Path(doc["path"])})
+
 
 class RestoreReadError(RestoreError):
     """The repository could not deliver a chunk (store unreachable). Retryable later."""

@@ -49,7 +49,7 @@ def register(commands: Any) -> None:
 
 def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.scheduler.dispatch import run_job
-    from vmvault.worker.backup import run_backup
+    from vmvault.worker.backup import BackupResult, run_backup
 
     config = ctx.config
     config.domain(args.domain)  # unknown domain: exit 2 before anything else
@@ -62,6 +62,7 @@ def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
             {"domain": args.domain, "mode": mode},
             progress,
             lambda: run_backup(config, args.domain, mode, progress),
+            BackupResult.from_json,
             domain=args.domain,
         )
     if ctx.json:

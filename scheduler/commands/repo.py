@@ -271,7 +271,7 @@ def _show(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
-    from vmvault.storage.verify import verify
+    from vmvault.storage.verify import VerifyReport, verify
 
     def local() -> VerifyReport:
         with _open(ctx) as repo:
@@ -279,7 +279,7 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
 
     with count_bars(ctx) as progress:
         job = {"backup_id": args.backup_id, "read_data": args.read_data}
-        report = run_job(ctx, args, "verify", job, progress, local)
+        report = run_job(ctx, args, "verify", job, progress, local, VerifyReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
     else:
@@ -292,6 +292,12 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)"
         _say(ctx, f"verify: {what}: {verdict}")
     return 0 if report.ok else 1
+
+
+def _removed_ids(doc: dict[str, Any]) -> list[str]:
+    # The prune handler plans locally for display and runs only the deletion remotely.
+    removed: list[str] = doc["removed"]
+    return removed
 
 
 def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
@@ -314,6 +320,7 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
                 {**job, "dry_run": args.dry_run},
                 progress,
                 lambda: [] if args.dry_run else plan.execute(repo, progress),
+                _removed_ids,
             )
     if ctx.json:
         doc = plan.to_json()
@@ -333,7 +340,7 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
-    from vmvault.storage.gc import collect_garbage
+    from vmvault.storage.gc import GcReport, collect_garbage
 
     def local() -> GcReport:
         with _open(ctx) as repo:
@@ -341,7 +348,7 @@ def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
 
     with count_bars(ctx) as progress:
         job = {"grace": args.grace, "dry_run": args.dry_run}
-        report = run_job(ctx, args, "gc", job, progress, local)
+        report = run_job(ctx, args, "gc", job, progress, local, GcReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
         return 0

@@ -81,7 +81,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
-    from vmvault.worker.restore import run_restore
+    from vmvault.worker.restore import RestoreResult, run_restore
 
     args.to = Path(args.to_text) if args.to_text is not None else None
     problem = _usage_problem(args)
@@ -109,6 +109,7 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
                 disks=args.disk,
                 progress=progress,
             ),
+            RestoreResult.from_json,
             domain=args.domain,
         )
     if ctx.json:
