@@ -63,20 +63,6 @@ def add_wait_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def restore_job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The restore task's arguments from ``vmvault restore``'s parsed flags (JSON-safe)."""
-    return {
-        "domain": args.domain,
-        "backup_id": args.backup,
-        "at": args.at.isoformat() if args.at is not None else None,
-        "to_dir": str(args.to.absolute()) if args.to is not None else None,
-        "incoming": args.incoming,
-        "boot": args.boot,
-        "force": args.force,
-        "disks": args.disk,
-    }
-
-
 def run_job(
     ctx: CliContext,
     args: argparse.Namespace,

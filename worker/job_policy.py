@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from vmvault.storage.format import check_backup_id, check_name
 from vmvault.storage.prune import KEEP_PREFIX, KEEP_RULES, rule_name
 from vmvault.worker.config import FleetConfig, RetentionPolicy
 from vmvault.worker.errors import WorkerError
+from vmvault.worker.job_requests import RestoreRequest
 
 # Retention rules as the CLI spells them; the scheduler sends them as keep_<rule>.
 
@@ -39,20 +39,6 @@ from vmvault.worker.errors import WorkerError
 class JobRefusedError(WorkerError):
     """A queued job is outside this worker's policy; nothing was done. Not retryable:
     change the job, or the worker's config (``worker:``) if it should be allowed."""
-
-
-@dataclass(frozen=True)
-class RestoreArgs:
-    """A queued restore's arguments, checked and parsed."""
-
-    domain: str
-    backup_id: str | None
-    at: datetime | None
-    to_dir: Path | None
-    incoming: bool
-    boot: bool
-    force: bool
-    disks: list[str] | None
 
 
 def _show(value: Any) -> str:
@@ -105,7 +91,7 @@ def check_restore(
     boot: Any = False,
     force: Any = False,
     disks: Any = None,
-) -> RestoreArgs:
+) -> RestoreRequest:
     """A queued restore's arguments, parsed, if this worker's policy admits them."""
     if not _is_name(domain):
         raise _bad("restore", "domain", domain, "want a domain name from the config")
@@ -120,7 +106,7 @@ def check_restore(
     when = _parse_at(at)
     if backup_id is not None and when is not None:
         raise JobRefusedError("restore refused (job arguments): give backup_id or at, not both")
-    args = RestoreArgs(
+    args = RestoreRequest(
         domain=domain,
         backup_id=backup_id,
         at=when,

@@ -83,18 +83,7 @@ def restore(
         self,
         "restore",
         args.domain,
-        lambda progress: run_restore(
-            config,
-            args.domain,
-            backup_id=args.backup_id,
-            at=args.at,
-            to_dir=args.to_dir,
-            incoming=args.incoming,
-            boot=args.boot,
-            force=args.force,
-            disks=args.disks,
-            progress=progress,
-        ),
+        lambda progress: run_restore(config, progress=progress, **args.run_kwargs()),
     )
 
 

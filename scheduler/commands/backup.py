@@ -13,7 +13,6 @@ from vmvault.worker.routing import MODES
 if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
     from vmvault.worker.backup import BackupResult
-    from vmvault.worker.routing import BackupMode
 
 
 def register(commands: Any) -> None:
@@ -50,18 +49,19 @@ def register(commands: Any) -> None:
 def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.scheduler.dispatch import run_job
     from vmvault.worker.backup import BackupResult, run_backup
+    from vmvault.worker.job_requests import BackupRequest
 
     config = ctx.config
     config.domain(args.domain)  # unknown domain: exit 2 before anything else
-    mode: BackupMode = args.mode
+    request = BackupRequest(args.domain, args.mode)
     with byte_bar(ctx, f"backup {args.domain}") as progress:
         result = run_job(
             ctx,
             args,
             "backup",
-            {"domain": args.domain, "mode": mode},
+            request.to_job_kwargs(),
             progress,
-            lambda: run_backup(config, args.domain, mode, progress),
+            lambda: run_backup(config, request.domain, request.mode, progress),
             BackupResult.from_json,
             domain=args.domain,
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import EXIT_USAGE, add_command
-from vmvault.scheduler.dispatch import add_wait_flag, restore_job_kwargs, run_job
+from vmvault.scheduler.dispatch import add_wait_flag, run_job
 from vmvault.scheduler.progress_bars import byte_bar
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.job_requests import RestoreRequest
     from vmvault.worker.restore import RestoreResult, run_restore
 
     args.to = Path(args.to_text) if args.to_text is not None else None
@@ -90,25 +91,24 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
         return EXIT_USAGE
     config = ctx.config
     config.domain(args.domain)  # unknown domain → exit 2 before anything runs
+    request = RestoreRequest(
+        domain=args.domain,
+        backup_id=args.backup,
+        at=args.at,
+        to_dir=args.to.absolute() if args.to is not None else None,
+        incoming=args.incoming,
+        boot=args.boot,
+        force=args.force,
+        disks=args.disk,
+    )
     with byte_bar(ctx) as progress:
         result = run_job(
             ctx,
             args,
             "restore",
-            restore_job_kwargs(args),
+            request.to_job_kwargs(),
             progress,
-            lambda: run_restore(
-                config,
-                args.domain,
-                backup_id=args.backup,
-                at=args.at,
-                to_dir=args.to.absolute() if args.to is not None else None,
-                incoming=args.incoming,
-                boot=args.boot,
-                force=args.force,
-                disks=args.disk,
-                progress=progress,
-            ),
+            lambda: run_restore(config, progress=progress, **request.run_kwargs()),
             RestoreResult.from_json,
             domain=args.domain,
         )
