@@ -8,6 +8,9 @@ one tangle, so it fails here rather than in review.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,19 @@ def test_the_checker_sees_a_back_edge() -> None:
     assert _imported(tree) == [(2, "vmvault.scheduler.cli")]
     assert _layer_of("vmvault.scheduler.cli") == "scheduler"
     assert _layer_of("vmvault") is None
+
+
+def test_the_install_exposes_only_vmvault(tmp_path: Path) -> None:
+    # Outside the checkout the layer folders are reachable only as vmvault.<layer>: no
+    # package named worker/scheduler/storage is installed at the top of site-packages.
+    probe = (
+        "import importlib.util as u; "
+        "print([u.find_spec(n) is None for n in ('worker', 'scheduler', 'storage')], "
+        "[u.find_spec('vmvault.' + n) is not None for n in ('worker', 'scheduler', 'storage')])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+        check=True,
+    ).stdout  # fmt: skip
+    assert out.split() == ["[True,", "True,", "True]", "[True,", "True,", "True]"]
