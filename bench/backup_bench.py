@@ -30,13 +30,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler.config import FleetConfig, parse_config  # noqa: E402
-from storage.repository import init_repository  # noqa: E402
 from tests.fixtures.common import free_port  # noqa: E402
 from tests.fixtures.qemu import QemuVm  # noqa: E402
 from tests.fixtures.s3 import SeaweedS3  # noqa: E402
-from worker.backup import run_backup  # noqa: E402
-from worker.cleanup import nbd_socket_path  # noqa: E402
+from vmvault.storage.repository import init_repository  # noqa: E402
+from vmvault.worker.backup import run_backup  # noqa: E402
+from vmvault.worker.cleanup import nbd_socket_path  # noqa: E402
+from vmvault.worker.config import FleetConfig, parse_config  # noqa: E402
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 STRIPE = 64 * MiB
@@ -78,8 +78,8 @@ def config_for(vm: QemuVm, url: str, state_dir: Path, endpoint: str | None = Non
 
 _CHILD = """
 import json, sys
-from scheduler.config import parse_config
-from worker.backup import run_backup
+from vmvault.worker.config import parse_config
+from vmvault.worker.backup import run_backup
 config = parse_config(json.loads(sys.argv[1]), "bench")
 print(json.dumps(run_backup(config, "vm", sys.argv[2]).to_json()))
 """

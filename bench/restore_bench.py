@@ -38,8 +38,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.repository import Repository, init_repository
-from worker.restore import durable, qemu_nbd_argv, qemu_nbd_env
+from vmvault.storage.repository import Repository, init_repository
+from vmvault.worker import qemu_nbd
+from vmvault.worker.restore import durable
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -107,9 +108,9 @@ def nbdcopy_baseline(raw: Path, size: int, workdir: Path) -> tuple[float, float]
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)], check=True)
     sock = Path(tempfile.mkdtemp(prefix="vmvb")) / "nbd.sock"
     # The very qemu-nbd restore uses, kept up for nbdcopy's possibly several connections.
-    argv = [*qemu_nbd_argv(target, sock, ""), "--persistent", "--shared=8"]
+    argv = [*qemu_nbd.argv(target, sock, ""), "--persistent", "--shared=8"]
     cpu = children_cpu()
-    proc = subprocess.Popen(argv, env=qemu_nbd_env())
+    proc = subprocess.Popen(argv, env=qemu_nbd.env())
     try:
         wait_for(sock, proc)
         started = time.monotonic()
@@ -153,8 +154,8 @@ def restore_in_child(config: dict[str, Any], out: Path, env: dict[str, str]) -> 
 
 
 def child(cfg_file: Path, out: Path) -> None:
-    from scheduler.config import parse_config
-    from worker.restore import run_restore
+    from vmvault.worker.config import parse_config
+    from vmvault.worker.restore import run_restore
 
     config = parse_config(json.loads(cfg_file.read_text()), str(cfg_file))
     result = run_restore(config, "bench", to_dir=out)
@@ -188,8 +189,8 @@ def s3_get_rate(url: str, endpoint: str) -> str:
     """How fast this store serves the backup's chunk objects at all (GET only, no decoding)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from storage.format import chunk_key
-    from storage.repository import open_repository
+    from vmvault.storage.format import chunk_key
+    from vmvault.storage.repository import open_repository
 
     with open_repository(url, endpoint_url=endpoint, concurrency=16) as repo:
         manifest = repo.list_manifests("bench")[-1]

@@ -28,10 +28,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scheduler.config import parse_config  # noqa: E402
-from scheduler.planner import plan_slot  # noqa: E402
-from scheduler.scheduler_loop import Scheduler  # noqa: E402
-from worker.celery_app import configure  # noqa: E402
+from vmvault.scheduler.planner import plan_slot  # noqa: E402
+from vmvault.scheduler.scheduler_loop import Scheduler  # noqa: E402
+from vmvault.worker.celery_app import configure  # noqa: E402
+from vmvault.worker.config import parse_config  # noqa: E402
 
 
 def _free_port() -> int:

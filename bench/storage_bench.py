@@ -29,8 +29,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.format import DEFAULT_CHUNK_SIZE
-from storage.repository import Repository, init_repository, open_repository
+from vmvault.storage.format import DEFAULT_CHUNK_SIZE
+from vmvault.storage.repository import Repository, init_repository, open_repository
 
 MB = 1_000_000
 PASSPHRASE = b"bench passphrase"

@@ -8,27 +8,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 from collections.abc import Sequence
 
-from scheduler import __version__
-from scheduler.cli_context import CliContext
-from scheduler.config import ConfigError, UnknownDomainError
-from scheduler.errors import SchedulerError
-from scheduler.logs import setup_logging
-from scheduler.redact import redact
-from storage.errors import StorageError
-from worker.errors import WorkerError
+from vmvault import __version__
 
-# Command groups, in the order `--help` lists them. A group whose module is not
-# there yet is simply absent: only commands that work are offered.
+# Command groups, in the order `--help` lists them. Each is imported unconditionally: a
+# group that fails to import is a broken install and stops the CLI with its traceback,
+# instead of silently dropping its commands.
 _COMMAND_GROUPS = (
-    "scheduler.commands.config",
-    "scheduler.commands.repo",
-    "scheduler.commands.backup",
-    "scheduler.commands.restore",
-    "scheduler.commands.fleet",
+    "vmvault.scheduler.commands.config",
+    "vmvault.scheduler.commands.repo",
+    "vmvault.scheduler.commands.backup",
+    "vmvault.scheduler.commands.restore",
+    "vmvault.scheduler.commands.fleet",
 )
 
 EXIT_OK = 0
@@ -75,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vmvault {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _COMMAND_GROUPS:
-        if importlib.util.find_spec(module_name) is None:
-            continue
         module = importlib.import_module(module_name)
         module.register(commands)
     return parser
@@ -98,13 +89,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vmvault`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Imported once a command runs (``--version`` and ``--help`` exit above): the config
+    # model behind these errors loads pydantic, and start-up time is what an operator feels.
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.scheduler.errors import SchedulerError
+    from vmvault.scheduler.logs import setup_logging
+    from vmvault.storage.errors import StorageError
+    from vmvault.worker.config import ConfigError, UnknownDomainError
+    from vmvault.worker.errors import WorkerError
+    from vmvault.worker.redact import redact
+    from vmvault.worker.signals import Terminated, signals_as_exceptions
+
     setup_logging(args.verbose)
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     ctx = CliContext(config_file=args.config, json=args.json, verbose=args.verbose)
-    from worker.signals import Terminated, signals_as_exceptions
-
     try:
         # SIGTERM (systemctl stop, kill) stops a job through its teardown, as Ctrl-C does.
         with signals_as_exceptions():

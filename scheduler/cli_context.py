@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from rich.console import Console
+if TYPE_CHECKING:
+    # rich and the config model (pydantic) load only when a command needs them: they are
+    # most of the CLI's start-up time (bench/cli_bench.py).
+    from rich.console import Console
 
-from scheduler.config import FleetConfig, load_config
+    from vmvault.worker.config import FleetConfig
 
 
 @dataclass
@@ -32,11 +34,15 @@ class CliContext:
     @cached_property
     def config(self) -> FleetConfig:
         """The validated fleet config; a ``ConfigError`` here makes the CLI exit 2."""
+        from vmvault.worker.config import load_config
+
         return load_config(self.config_file)
 
     @cached_property
     def console(self) -> Console:
         """Rich console on stderr for progress bars, tables and messages."""
+        from rich.console import Console
+
         return Console(stderr=True, highlight=False)
 
     @property
@@ -54,6 +60,8 @@ class CliContext:
         """Where human output goes: stdout, or stderr when stdout is reserved for JSON."""
         if self.json:
             return self.console
+        from rich.console import Console
+
         return Console(file=self.stdout, highlight=False, soft_wrap=True)
 
     def say(self, message: str) -> None:
@@ -69,8 +77,3 @@ class Handler(Protocol):
     """A command handler: returns the process exit code."""
 
     def __call__(self, args: argparse.Namespace, ctx: CliContext) -> int: ...
-
-
-SubParsers = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
-Register = Callable[[Any], None]

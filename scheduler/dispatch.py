@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import redis
-from kombu.exceptions import OperationalError
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.worker.redact import mask_url, redact
 
-from scheduler.cli_context import CliContext
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.errors import SchedulerError
-from scheduler.jobs import FINAL_STATES, JobRecord, JobStore
-from scheduler.redact import mask_url, redact
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.storage.progress import Progress
+    from vmvault.worker.jobs import JobRecord, JobStore
 
 T = TypeVar("T")
 
@@ -45,6 +44,8 @@ class JobLostError(SchedulerError):
 
 def broker_hint(err: BaseException) -> str:
     """What to check when Redis did not take a command: the password, or that it runs."""
+    import redis
+
     if isinstance(err, redis.AuthenticationError) or "NOAUTH" in str(err):
         return (
             "check the broker's password (broker_password_file, or the URL) against Redis's"
@@ -62,94 +63,27 @@ def add_wait_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class JsonView:
-    """Attribute access over a job's JSON result, plus ``to_json()`` returning it unchanged.
-
-    ``extra`` supplies attributes the result object has but its JSON spells differently.
-    """
-
-    def __init__(self, data: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
-        self._data = dict(data)
-        self._extra = dict(extra or {})
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name in self._extra:
-            return self._extra[name]
-        try:
-            return _view(self._data[name])
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to_json(self) -> dict[str, Any]:
-        return self._data
-
-    def __repr__(self) -> str:
-        return f"JsonView({self._data!r})"
-
-
-def _view(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return JsonView(value)
-    if isinstance(value, list):
-        return [_view(v) for v in value]
-    return value
-
-
-def restore_job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The restore task's arguments from ``vmvault restore``'s parsed flags (JSON-safe)."""
-    return {
-        "domain": args.domain,
-        "backup_id": args.backup,
-        "at": args.at.isoformat() if args.at is not None else None,
-        "to_dir": str(args.to.absolute()) if args.to is not None else None,
-        "incoming": args.incoming,
-        "boot": args.boot,
-        "force": args.force,
-        "disks": args.disk,
-    }
-
-
-def _restore_view(doc: dict[str, Any]) -> Any:
-    # RestoreResult.to_json() reports "state" where the object has "booted".
-    return JsonView(doc, {"booted": doc.get("state") == "running"})
-
-
-def _verify_view(doc: dict[str, Any]) -> Any:
-    # The CLI prints Problem objects with their own __str__: rebuild the real report.
-    from storage.verify import Problem, VerifyReport
-
-    fields = {k: v for k, v in doc.items() if k not in ("ok", "problems")}
-    return VerifyReport(**fields, problems=[Problem(**p) for p in doc["problems"]])
-
-
-def _prune_view(doc: dict[str, Any]) -> Any:
-    # The prune handler plans locally for display and runs only the deletion remotely.
-    return doc["removed"]
-
-
-_VIEWS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    "restore": _restore_view,
-    "verify": _verify_view,
-    "prune": _prune_view,
-}
-
-
 def run_job(
     ctx: CliContext,
     args: argparse.Namespace,
     job_type: str,
     kwargs: dict[str, Any],
-    progress: Callable[[str, int, int], None] | None,
+    progress: Progress | None,
     local: Callable[[], T],
+    remote: Callable[[dict[str, Any]], T],
     domain: str | None = None,
 ) -> T:
     """Run ``local()`` in-process, or the same job through the queue when a broker is set.
 
-    The remote result is what ``local()`` would have returned, as far as the handler can
-    tell: a ``JsonView`` (or, for verify, the rebuilt report; for prune, the removed ids).
+    ``remote`` turns the job's JSON result (the worker's ``to_json()``) back into what
+    ``local()`` returns (``BackupResult.from_json`` ...), so the handler prints both alike.
     """
+    import redis
+    from kombu.exceptions import OperationalError
+
+    from vmvault.scheduler.enqueue import JobRequest, enqueue
+    from vmvault.worker.jobs import JobStore
+
     config = ctx.config
     if config.broker is None:
         if getattr(args, "no_wait", False):
@@ -157,7 +91,7 @@ def run_job(
                 "--no-wait needs a broker in the config (jobs run in-process without one)"
             )
         return local()
-    from worker.celery_app import configure
+    from vmvault.worker.celery_app import configure
 
     url = config.broker_url()
     assert url is not None
@@ -186,16 +120,18 @@ def run_job(
     if record.state != "succeeded":
         raise RemoteJobError(f"{job_type} job {job_id} failed on {record.worker}: {record.error}")
     doc: dict[str, Any] = json.loads(record.result) if record.result else {}
-    return cast(T, _VIEWS.get(job_type, JsonView)(doc))
+    return remote(doc)
 
 
 def follow(
     store: JobStore,
     job_id: str,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Progress | None = None,
     timeout: float | None = None,
 ) -> JobRecord:
     """Poll the job's record until it ends, feeding its progress to ``progress``."""
+    from vmvault.worker.jobs import FINAL_STATES
+
     deadline = None if timeout is None else time.monotonic() + timeout
     for record in _poll(store, job_id):
         if progress is not None and record.phase:
@@ -208,6 +144,8 @@ def follow(
 
 
 def _poll(store: JobStore, job_id: str) -> Iterator[JobRecord]:
+    import redis
+
     misses = 0
     while True:
         try:

@@ -16,8 +16,8 @@ from typing import Any
 
 from celery import Celery
 
-from scheduler.jobs import JobRecord, JobStore
-from scheduler.planner import PRIORITY, queue_for
+from vmvault.worker.jobs import JobRecord, JobStore
+from vmvault.worker.routing import PRIORITY, queue_for
 
 TASK_NAMES = {
     "backup": "vmvault.backup",

@@ -14,11 +14,10 @@ import socket
 
 import redis
 
-from worker.redis_lock import RedisLease
+from vmvault.worker.redis_keys import LEADER_KEY
+from vmvault.worker.redis_lock import RedisLease
 
 log = logging.getLogger(__name__)
-
-LEADER_KEY = "vmvault:scheduler:leader"
 
 
 class Leadership:

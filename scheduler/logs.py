@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from scheduler.redact import redact
+from vmvault.worker.redact import redact
 
 LOG_FORMAT_ENV = "VMVAULT_LOG_FORMAT"
 

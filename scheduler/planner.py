@@ -19,33 +19,10 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 from croniter import croniter
 
-from scheduler.config import FleetConfig
-
-JobType = Literal["backup", "restore", "verify", "prune", "gc"]
-
-# Celery priorities on the Redis transport: 0 is served first. Restores are what an
-# operator waits for, so they jump ahead of scheduled backups; storage chores come last.
-PRIORITY: dict[str, int] = {"restore": 0, "backup": 5, "verify": 7, "prune": 8, "gc": 9}
-
-STORAGE_QUEUE = "storage"
-
-
-def host_queue(host: str) -> str:
-    """The Celery queue a host's worker consumes."""
-    return f"host.{host}"
-
-
-def queue_for(job_type: str, host: str | None) -> str:
-    """Where a job goes: backups/restores to their host, repository chores to ``storage``."""
-    if job_type in ("backup", "restore"):
-        if host is None:
-            raise ValueError(f"a {job_type} job needs the domain's host")
-        return host_queue(host)
-    return STORAGE_QUEUE
+from vmvault.worker.config import FleetConfig
 
 
 def latest_slot(cron: str, now: datetime) -> datetime:

@@ -31,11 +31,9 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from scheduler.config import FleetConfig
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import FINAL_STATES, JobStore
-from scheduler.leader import Leadership
-from scheduler.planner import (
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.scheduler.leader import Leadership
+from vmvault.scheduler.planner import (
     PlannedBackup,
     due_slot,
     gc_period,
@@ -45,11 +43,12 @@ from scheduler.planner import (
     slot_job_id,
     slot_stamp,
 )
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.jobs import FINAL_STATES, JobStore
+from vmvault.worker.redis_keys import CLAIM_PREFIX, SLOT_KEY
 
 log = logging.getLogger(__name__)
 
-SLOT_KEY = "vmvault:sched:{name}:slot"
-CLAIM_PREFIX = "vmvault:claim:"
 # A claim must outlive the time its slot can be planned (until the next slot supersedes
 # it), plus a margin for a late tick; see ``claim_ttl``.
 CLAIM_MARGIN = 86400

@@ -19,13 +19,14 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from storage.errors import (
+from vmvault.storage.backends.base import Blob
+from vmvault.storage.errors import (
     ConfigMismatchError,
     CorruptObjectError,
     PassphraseError,
     UnsupportedVersionError,
 )
-from storage.format import MAX_KEY_BYTES, parse_json
+from vmvault.storage.format import MAX_KEY_BYTES, parse_json
 
 DIGEST_SIZE = 32
 NONCE_SIZE = 12
@@ -56,9 +57,6 @@ SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 
-
-# Bytes-like objects accepted as object bodies (chunks come straight from NBD reads).
-Blob = bytes | bytearray | memoryview
 
 _local = threading.local()
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class StorageError(Exception):
     """Base of every repository error. Not retryable unless a subclass says so."""
+
+    # Whether running the same job again later can succeed: data, so the job frame and
+    # callers can ask (``err.retryable``) instead of reading docstrings.
+    retryable: ClassVar[bool] = False
 
 
 class RepositoryNotFoundError(StorageError):
@@ -42,13 +48,19 @@ class BackupNotFoundError(StorageError):
 class BackendUnavailableError(StorageError):
     """The storage endpoint kept failing (down, 5xx, throttling) after retries. Retryable."""
 
+    retryable = True
+
 
 class RepositoryLockedError(StorageError):
     """Another process holds a conflicting repository lock (GC vs. backups). Retryable later."""
 
+    retryable = True
+
 
 class LeaseExpiredError(StorageError):
     """A backup's lease lapsed before commit, so GC may have run: retry the whole backup."""
+
+    retryable = True
 
 
 class WriterError(StorageError):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NewType
 
-from storage.errors import (
+from vmvault.storage.errors import (
     BackupNotFoundError,
     CorruptObjectError,
     InvalidNameError,
@@ -52,9 +52,12 @@ ChunkDigest = NewType("ChunkDigest", str)
 BackupId = NewType("BackupId", str)
 Kind = Literal["full", "incremental"]
 
-# Same alphabet as scheduler.config.NAME_PATTERN: no '/', no NUL, cannot start with '.'.
+# Domain, disk, host and schedule names become parts of object keys, queue names and
+# file names: a conservative alphabet, no '/', no NUL, cannot start with '.'. The one
+# definition: the fleet config (worker/config.py) validates names with it too.
 # Always use fullmatch: "$" alone also matches before a trailing newline ("vm\n").
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
 _BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\.[0-9]{6}Z-[0-9a-f]{8}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 

@@ -21,28 +21,24 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from storage.backends import ObjectInfo
-from storage.errors import CorruptObjectError, StorageError
-from storage.format import (
+from vmvault.storage.backends import ObjectInfo
+from vmvault.storage.errors import CorruptObjectError, StorageError
+from vmvault.storage.format import (
     BACKUPS_PREFIX,
     CHUNKS_PREFIX,
     INDEX_SUFFIX,
     MANIFEST_NAME,
     parse_backup_key,
 )
-from storage.locks import Lease, list_locks
-from storage.repository import Repository
+from vmvault.storage.locks import DEFAULT_GRACE, Lease, list_locks
+from vmvault.storage.progress import Progress
+from vmvault.storage.repository import Repository
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GRACE = 3600.0
-
-Progress = Callable[[str, int, int], None]
 
 
 class GcAbortedError(StorageError):
@@ -71,6 +67,11 @@ class GcReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> GcReport:
+        """The report ``to_json`` gave (a queued gc's result)."""
+        return cls(**doc)
 
 
 def collect_garbage(

@@ -42,20 +42,23 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from storage.backends import Backend
-from storage.errors import (
+from vmvault.storage.backends import Backend
+from vmvault.storage.errors import (
     LeaseExpiredError,
     ObjectNotFoundError,
     RepositoryLockedError,
     StorageError,
 )
-from storage.format import LOCKS_PREFIX, MAX_LOCK_BYTES, iso, parse_json
+from vmvault.storage.format import LOCKS_PREFIX, MAX_LOCK_BYTES, iso, parse_json
 
 log = logging.getLogger(__name__)
 
 LockKind = Literal["shared", "exclusive"]
 
 DEFAULT_LEASE_TTL = 600.0
+# GC never deletes an object younger than this (seconds): a backup in flight may still
+# reference it (docs/repository-format.md, "Garbage collection").
+DEFAULT_GRACE = 3600.0
 
 
 def _clock() -> float:

@@ -14,18 +14,23 @@ takes a "keep" slot, which would let prune remove an intact backup in its stead.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
-from storage.errors import StorageError
-from storage.format import DamagedManifest, Manifest, iso
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import DamagedManifest, Manifest, iso
+from vmvault.storage.progress import Progress
 
 
 @dataclass(frozen=True)
 class KeepPolicy:
-    """How many backups each rule keeps; None = rule unused. At least one rule is required."""
+    """How many backups each rule keeps; None = rule unused. At least one rule is required.
+
+    The fleet config and queued prune jobs spell the rules ``keep_<rule>`` (``keep_daily:
+    7``); :meth:`from_rules` takes either spelling, :func:`rule_name` maps one to the other.
+    """
 
     last: int | None = None
     hourly: int | None = None
@@ -48,6 +53,21 @@ class KeepPolicy:
 
     def to_json(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name)}
+
+    @classmethod
+    def from_rules(cls, rules: Mapping[str, int]) -> KeepPolicy:
+        """The policy of ``{rule: count}``, rules spelled ``daily`` or ``keep_daily``."""
+        return cls(**{rule_name(key): count for key, count in rules.items()})
+
+
+# The rules, in the order they are listed and applied (restic / Proxmox Backup Server).
+KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+KEEP_PREFIX = "keep_"
+
+
+def rule_name(key: str) -> str:
+    """``daily`` for ``keep_daily`` (the config's spelling) or ``daily``."""
+    return key.removeprefix(KEEP_PREFIX)
 
 
 def _week(t: datetime) -> str:
@@ -108,9 +128,7 @@ class PrunePlan:
             "damaged": [d.to_json() for d in self.damaged],
         }
 
-    def execute(
-        self, repo: Any, progress: Callable[[str, int, int], None] | None = None
-    ) -> list[str]:
+    def execute(self, repo: Any, progress: Progress | None = None) -> list[str]:
         """Delete the manifests (then indexes) of the removed backups; chunks are left to GC.
 
         Deleting a manifest first means a crash halfway leaves only unreferenced
@@ -118,7 +136,7 @@ class PrunePlan:
         shared lock: alongside backups, never while GC marks (GC would otherwise see a
         manifest whose indexes vanish under it and stop).
         """
-        from storage.locks import Lease
+        from vmvault.storage.locks import Lease
 
         removed: list[str] = []
         todo = self.remove

@@ -23,12 +23,11 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
-from storage.backends import Backend, RetryPolicy, open_backend
-from storage.crypto import SCRYPT_N, Blob, Codec, new_key_object, unwrap_key_object
-from storage.errors import (
+from vmvault.storage.backends import Backend, RetryPolicy, open_backend
+from vmvault.storage.crypto import SCRYPT_N, Codec, new_key_object, unwrap_key_object
+from vmvault.storage.errors import (
     BackupNotFoundError,
     ConfigMismatchError,
     CorruptObjectError,
@@ -39,7 +38,7 @@ from storage.errors import (
     StorageError,
     WriterError,
 )
-from storage.format import (
+from vmvault.storage.format import (
     BACKUPS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
@@ -61,25 +60,23 @@ from storage.format import (
     check_backup_id,
     check_chunk_size,
     check_name,
-    chunk_count,
     chunk_key,
     decode_index,
-    encode_index,
     index_body_limit,
-    index_key,
     manifest_key,
     new_backup_id,
     parse_backup_key,
     parse_json,
     stored_limit,
 )
-from storage.locks import DEFAULT_LEASE_TTL, Lease
+from vmvault.storage.locks import DEFAULT_LEASE_TTL, Lease
+
+if TYPE_CHECKING:
+    from vmvault.storage.writer import BackupWriter
 
 __all__ = [
-    "BackupWriter",
     "DamagedManifest",
     "DiskStats",
-    "DiskWriter",
     "Manifest",
     "ManifestDisk",
     "ManifestScan",
@@ -207,7 +204,9 @@ class Repository:
             raise CorruptObjectError(f"manifest {key} names another backup ({manifest.key})")
         return manifest
 
-    def _manifest_bytes(self, manifest: Manifest) -> bytes:
+    def seal_manifest(self, manifest: Manifest) -> bytes:
+        """The stored bytes of ``manifest``: checksummed JSON, encrypted when the repository
+        is (what ``_load_manifest_key`` reads back)."""
         doc = manifest.to_json()
         doc["checksum"] = self.codec.digest(canonical_json(doc))
         raw = json.dumps(doc, indent=2).encode() + b"\n"
@@ -373,6 +372,8 @@ class Repository:
                     f"parent backup {parent.backup_id} of {domain} no longer exists "
                     "(pruned meanwhile): take a full backup or use the latest one"
                 )
+        from vmvault.storage.writer import BackupWriter  # the writer builds on this module
+
         return BackupWriter(self, domain, backup_id, parent, kind, reason, checkpoint, now, lease)
 
     # ------------------------------------------------------------------ reading
@@ -414,324 +415,6 @@ class Repository:
             for _, fut in window:
                 if fut is not None:
                     fut.cancel()
-
-
-class BackupWriter:
-    """One backup being written. Commit writes the manifest; abort leaves no manifest."""
-
-    def __init__(
-        self,
-        repo: Repository,
-        domain: str,
-        backup_id: str,
-        parent: Manifest | None,
-        kind: Kind,
-        reason: str,
-        checkpoint: str | None,
-        created: datetime,
-        lease: Lease,
-    ) -> None:
-        self.repo = repo
-        self.domain = domain
-        self.backup_id = backup_id
-        self.parent = parent
-        self.kind: Kind = kind
-        self.reason = reason
-        self.checkpoint = checkpoint
-        self.created = created
-        self.lease = lease
-        self.disks: dict[str, DiskWriter] = {}
-        self._done = False
-        # Digests known to be stored: the parent's (GC cannot run while we hold the
-        # lease) and every chunk this backup stored or found. Saves HEAD requests.
-        self._known: set[str] = set()
-        self._known_lock = threading.Lock()
-        self._zero = bytes(repo.chunk_size)
-
-    def __enter__(self) -> BackupWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if not self._done:
-            self.abort()
-
-    def _check_open(self) -> None:
-        if self._done:
-            raise WriterError(f"backup {self.backup_id} is already committed or aborted")
-
-    def open_disk(self, name: str, virtual_size: int, fmt: str) -> DiskWriter:
-        self._check_open()
-        check_name(name, "disk")
-        if name in self.disks:
-            raise WriterError(f"disk {name} opened twice in backup {self.backup_id}")
-        if virtual_size <= 0:
-            raise WriterError(f"disk {name}: virtual size must be positive, got {virtual_size}")
-        parent_entries: list[IndexEntry] | None = None
-        if self.parent is not None:
-            pdisk = next((d for d in self.parent.disks if d.name == name), None)
-            if pdisk is not None and pdisk.virtual_size == virtual_size:
-                parent_entries = self.repo.load_index(self.parent, name)
-                with self._known_lock:
-                    self._known.update(e.digest for e in parent_entries if e.digest)
-        writer = DiskWriter(self, name, virtual_size, fmt, parent_entries)
-        self.disks[name] = writer
-        return writer
-
-    def commit(
-        self, layout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
-    ) -> Manifest:
-        """Write the manifest, last; the backup exists from this moment on."""
-        self._check_open()
-        if not self.disks:
-            raise WriterError(f"backup {self.backup_id} of {self.domain} has no disks")
-        unfinished = [n for n, d in self.disks.items() if d.result is None]
-        if unfinished:
-            raise WriterError(f"backup {self.backup_id}: disks not finished: {unfinished}")
-        try:
-            # If the lease lapsed, GC may have deleted chunks we deduplicated against.
-            self.lease.check()
-            manifest = Manifest(
-                backup_id=self.backup_id,
-                domain=self.domain,
-                parent=self.parent.backup_id if self.parent else None,
-                kind=self.kind,
-                reason=self.reason,
-                checkpoint=self.checkpoint,
-                created=self.created,
-                finished=datetime.now(UTC),
-                chunk_size=self.repo.chunk_size,
-                disks=[d.result for d in self.disks.values() if d.result is not None],
-                layout=dict(layout or {}),
-                extra=dict(extra or {}),
-            )
-            data = self.repo._manifest_bytes(manifest)
-            if not self.repo.backend.put(manifest.key, data, if_absent=True):
-                raise WriterError(f"manifest {manifest.key} already exists")
-        except BaseException:
-            self.abort()
-            raise
-        self._done = True
-        self.lease.release()
-        return manifest
-
-    def abort(self) -> None:
-        """Give up: no manifest is written; uploaded chunks are left for GC."""
-        if self._done:
-            return
-        self._done = True
-        for d in self.disks.values():
-            d._drain(cancel=True)
-        self.lease.release()
-
-
-class DiskWriter:
-    """Chunks of one disk, given in any order, each exactly once."""
-
-    def __init__(
-        self,
-        backup: BackupWriter,
-        name: str,
-        virtual_size: int,
-        fmt: str,
-        parent_entries: list[IndexEntry] | None,
-    ) -> None:
-        self.backup = backup
-        self.repo = backup.repo
-        self.name = name
-        self.virtual_size = virtual_size
-        self.format = fmt
-        self.chunk_size = self.repo.chunk_size
-        self.count = chunk_count(virtual_size, self.chunk_size)
-        self._parent = parent_entries
-        self._entries: list[IndexEntry | None] = [None] * self.count
-        self._given = bytearray(self.count)
-        self._lock = threading.Lock()
-        # In flight = submitted, not yet stored. Each holds one chunk (plus its compressed
-        # and encrypted copies) in memory: this bounds the writer's memory.
-        self._slots = threading.BoundedSemaphore(self.repo.concurrency + 2)
-        self._futures: set[Future[None]] = set()
-        self._error: BaseException | None = None
-        self._stats = {"new": 0, "dedup": 0, "zero": 0, "parent": 0, "read": 0, "uploaded": 0}
-        self.result: ManifestDisk | None = None
-
-    # -- range checks ------------------------------------------------------
-
-    def _indexes(self, offset: int, length: int, what: str) -> range:
-        cs = self.chunk_size
-        end = offset + length
-        if offset < 0 or length <= 0 or offset % cs or end > self.virtual_size:
-            raise WriterError(
-                f"disk {self.name}: {what} at offset {offset} length {length} is not a "
-                f"chunk-aligned range inside {self.virtual_size} bytes (chunk size {cs})"
-            )
-        if end % cs and end != self.virtual_size:
-            raise WriterError(f"disk {self.name}: {what} at offset {offset} ends mid-chunk")
-        return range(offset // cs, -(-end // cs))
-
-    def _claim(self, idx: range, what: str) -> None:
-        with self._lock:
-            for i in idx:
-                if self._given[i]:
-                    raise WriterError(
-                        f"disk {self.name}: chunk at offset {i * self.chunk_size} given twice "
-                        f"({what})"
-                    )
-            for i in idx:
-                self._given[i] = 1
-
-    def _check(self) -> None:
-        self.backup._check_open()
-        if self.result is not None:
-            raise WriterError(f"disk {self.name} is already finished")
-        if self._error is not None:
-            raise self._error
-
-    # -- the three ways to describe a chunk ---------------------------------
-
-    def put_chunk(self, offset: int, data: Blob) -> None:
-        """Store one chunk (hash, compress, encrypt, upload in the pool). Blocks while the
-        pool is full. ``data`` may be any bytes-like object; it is used without a copy,
-        so the caller must not change it afterwards."""
-        self._check()
-        idx = self._indexes(offset, len(data), "put_chunk")
-        if len(idx) != 1:
-            raise WriterError(
-                f"disk {self.name}: put_chunk at offset {offset} has {len(data)} bytes; "
-                f"give one chunk ({self.chunk_size} bytes, or the tail) per call"
-            )
-        self._claim(idx, "put_chunk")
-        self._slots.acquire()
-        try:
-            fut = self.repo.pool.submit(self._store, idx[0], data)
-        except BaseException:
-            self._slots.release()
-            raise
-        with self._lock:
-            self._futures.add(fut)
-        fut.add_done_callback(self._done)
-
-    def put_zero(self, offset: int, length: int) -> None:
-        """A chunk-aligned range that reads as zeros: nothing is stored."""
-        self._check()
-        idx = self._indexes(offset, length, "put_zero")
-        self._claim(idx, "put_zero")
-        with self._lock:
-            for i in idx:
-                self._entries[i] = IndexEntry(None)
-            self._stats["zero"] += len(idx)
-
-    def keep_parent(self, offset: int, length: int) -> None:
-        """A chunk-aligned range unchanged since the parent backup: reuse its entries."""
-        self._check()
-        if self._parent is None:
-            raise WriterError(
-                f"disk {self.name}: keep_parent without a parent index of the same size "
-                f"(backup {self.backup.backup_id})"
-            )
-        idx = self._indexes(offset, length, "keep_parent")
-        self._claim(idx, "keep_parent")
-        with self._lock:
-            for i in idx:
-                self._entries[i] = IndexEntry(self._parent[i].digest, from_parent=True)
-            self._stats["parent"] += len(idx)
-
-    # -- pool side -----------------------------------------------------------
-
-    def _store(self, i: int, data: Blob) -> None:
-        repo = self.repo
-        n = len(data)
-        zero = self.backup._zero if n == self.chunk_size else bytes(n)
-        if data == zero:  # memcmp speed; all-zero chunks are never stored
-            with self._lock:
-                self._entries[i] = IndexEntry(None)
-                self._stats["zero"] += 1
-                self._stats["read"] += n
-            return
-        digest = repo.codec.digest(data)
-        key = chunk_key(digest)
-        known = self.backup._known
-        with self.backup._known_lock:
-            seen = digest in known
-        uploaded = 0
-        if not seen and not repo.backend.exists(key):
-            stored = repo.codec.seal_parts(key, data)
-            if repo.backend.put(key, stored, if_absent=True, defer_sync=True):
-                uploaded = sum(len(piece) for piece in stored)
-        with self.backup._known_lock:
-            known.add(digest)
-        with self._lock:
-            self._entries[i] = IndexEntry(digest)
-            self._stats["new" if uploaded else "dedup"] += 1
-            self._stats["uploaded"] += uploaded
-            self._stats["read"] += n
-
-    def _done(self, fut: Future[None]) -> None:
-        self._slots.release()
-        with self._lock:
-            self._futures.discard(fut)
-            if not fut.cancelled() and fut.exception() is not None and self._error is None:
-                err = fut.exception()
-                self._error = (
-                    err
-                    if isinstance(err, StorageError)
-                    else StorageError(f"disk {self.name}: storing a chunk failed: {err!r}")
-                )
-
-    def _drain(self, cancel: bool = False) -> None:
-        with self._lock:
-            pending = list(self._futures)
-        for fut in pending:
-            if cancel:
-                fut.cancel()
-        for fut in pending:
-            if not fut.cancelled():
-                fut.exception()  # waits
-
-    # -- end -----------------------------------------------------------------
-
-    def finish(self) -> DiskStats:
-        """Wait for uploads, check completeness, upload the index. Returns the disk's stats."""
-        self._check()
-        self._drain()
-        if self._error is not None:
-            raise self._error
-        missing = [i for i, e in enumerate(self._entries) if e is None]
-        if missing:
-            raise WriterError(
-                f"disk {self.name}: {len(missing)} chunks were never given, first at offset "
-                f"{missing[0] * self.chunk_size}"
-            )
-        entries = [e for e in self._entries if e is not None]
-        # Chunks first, durably, then the index that references them (write order).
-        self.repo.backend.flush()
-        body = encode_index(self.virtual_size, self.chunk_size, entries)
-        key = index_key(self.backup.domain, self.backup.backup_id, self.name)
-        self.repo.backend.put(key, self.repo.codec.seal(key, body))
-        s = self._stats
-        stats = DiskStats(
-            chunks_total=self.count,
-            chunks_new=s["new"],
-            chunks_dedup=s["dedup"],
-            chunks_zero=s["zero"],
-            chunks_parent=s["parent"],
-            bytes_read=s["read"],
-            bytes_uploaded=s["uploaded"],
-        )
-        self.result = ManifestDisk(
-            name=self.name,
-            virtual_size=self.virtual_size,
-            format=self.format,
-            index_key=key,
-            index_digest=self.repo.codec.digest(body),
-            chunks=self.count,
-            stats=stats,
-        )
-        return stats
 
 
 # --------------------------------------------------------------------------- open / init

@@ -8,15 +8,13 @@ Every problem names the domain, backup id, disk and byte offset it affects.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.errors import StorageError
-from storage.format import CHUNKS_PREFIX, IndexEntry, Manifest, chunk_key
-from storage.repository import Repository
-
-Progress = Callable[[str, int, int], None]
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import CHUNKS_PREFIX, IndexEntry, Manifest, chunk_key
+from vmvault.storage.progress import Progress
+from vmvault.storage.repository import Repository
 
 # Per chunk, where it is used: (domain, backup_id, disk, offset, expected length).
 Ref = tuple[str, str, str, int, int]
@@ -65,6 +63,12 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> VerifyReport:
+        """The report ``to_json`` gave (a queued verify's result)."""
+        fields = {k: v for k, v in doc.items() if k not in ("ok", "problems")}
+        return cls(**fields, problems=[Problem(**p) for p in doc["problems"]])
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -22,7 +22,6 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,12 +30,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from scheduler.config import DomainConfig, FleetConfig
-from storage.errors import StorageError
-from storage.format import Manifest
-from storage.repository import BackupWriter, DiskWriter, Repository
-from worker import checkpoints as cp
-from worker.cleanup import (
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import Manifest
+from vmvault.storage.progress import Progress, no_progress
+from vmvault.storage.repository import Repository
+from vmvault.storage.writer import BackupWriter, DiskWriter
+from vmvault.worker import checkpoints as cp
+from vmvault.worker import qemu_img
+from vmvault.worker.cleanup import (
     job_marker,
     nbd_socket_path,
     qemu_id,
@@ -45,8 +46,10 @@ from worker.cleanup import (
     scratch_dir,
     write_marker,
 )
-from worker.errors import WorkerError
-from worker.fleece import (
+from vmvault.worker.config import DomainConfig, FleetConfig
+from vmvault.worker.disks import DiskInfo, list_disks, node_bitmaps
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.fleece import (
     FleeceNodes,
     access_options,
     filter_options,
@@ -55,31 +58,27 @@ from worker.fleece import (
     scratch_bytes,
     scratch_options,
 )
-from worker.inspect import DiskInfo, list_disks, node_bitmaps
-from worker.locks import domain_lock
-from worker.memory import chunk_friendly_malloc
-from worker.nbd import (
+from vmvault.worker.locks import domain_lock
+from vmvault.worker.memory import chunk_friendly_malloc
+from vmvault.worker.nbd import (
     BASE_ALLOCATION,
     DIRTY,
     STATE_ZERO,
     NbdError,
-    NbdReader,
     NbdTimeoutError,
-    chunks_touched,
     dirty_context,
 )
-from worker.progress import Progress, no_progress
-from worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
-from worker.signals import critical
+from vmvault.worker.nbd_read import NbdReader, chunks_touched
+from vmvault.worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
+from vmvault.worker.routing import MODES, BackupMode
+from vmvault.worker.signals import critical
 
 log = logging.getLogger(__name__)
 
-BackupMode = Literal["auto", "full", "incremental"]
-MODES: tuple[BackupMode, ...] = ("auto", "full", "incremental")
 
 # Unix socket paths are limited to 108 bytes (sun_path), including the final NUL.
 _MAX_SOCKET_PATH = 107
-# NBD connections reading at once (each one request in flight; see worker/nbd.py).
+# NBD connections reading at once (each one request in flight; see worker/nbd_read.py).
 _READ_CONNECTIONS = 3
 _MIB = 1024 * 1024
 
@@ -87,23 +86,33 @@ _MIB = 1024 * 1024
 class BackupError(WorkerError):
     """A backup failed; the message names the domain and the step. Retryable as a new job."""
 
+    retryable = True
+
 
 class IncrementalUnavailableError(BackupError):
     """``--mode incremental`` was asked but the checkpoint chain cannot give one. Not retryable:
     run a full (or auto) backup."""
 
+    retryable = False
+
 
 class DomainStateError(BackupError):
     """The domain is in a state where it cannot be backed up (e.g. waiting for migration)."""
+
+    retryable = False
 
 
 class StateDirError(BackupError):
     """``state_dir`` is full or unusable. Not retryable until space is freed."""
 
+    retryable = False
+
 
 class FleeceBrokenError(BackupError):
     """QEMU broke the snapshot instead of a guest write (scratch full, failing or too slow).
     Retryable once ``state_dir`` has room."""
+
+    retryable = True
 
 
 class Step(enum.Enum):
@@ -171,6 +180,11 @@ class BackupResult:
         data["duration_s"] = round(self.duration_s, 3)
         data["paused_ms"] = round(self.paused_ms, 1)
         return data
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> BackupResult:
+        """The result ``to_json`` gave (a queued backup's result, as the CLI receives it)."""
+        return cls(**{**doc, "disks": [DiskResult(**d) for d in doc["disks"]]})
 
 
 def plan_backup(
@@ -490,8 +504,7 @@ def _scratch_path(job: _Job, disk: str) -> Path:
 
 def _setup_scratch(job: _Job) -> None:
     """Per disk: an empty scratch image backed by the disk, and the (not yet inserted) filter."""
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
+    if shutil.which(qemu_img.QEMU_IMG) is None:
         raise BackupError("qemu-img not found: install qemu-utils")
     directory = scratch_dir(job.config.state_dir, job.domain)
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -499,16 +512,12 @@ def _setup_scratch(job: _Job) -> None:
     job.on_undo("remove scratch directory", lambda: shutil.rmtree(directory, ignore_errors=True))
     for disk in job.disks:
         path = _scratch_path(job, disk.name)
-        proc = subprocess.run(
-            [qemu_img, "create", "-q", "-f", "qcow2", str(path), str(disk.virtual_size)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
+        try:
+            qemu_img.create(path, disk.virtual_size)
+        except qemu_img.QemuImgError as err:
             raise StateDirError(
-                f"disk {disk.name}: cannot create scratch image {path}: {proc.stderr.strip()}"
-            )
+                f"disk {disk.name}: cannot create scratch image {path}: {err.detail or err}"
+            ) from err
         job.scratch_base[disk.name] = scratch_bytes(path)
         nodes = FleeceNodes.of(disk.name)
         job.qmp.blockdev_add(scratch_options(nodes.scratch, path, disk.node))

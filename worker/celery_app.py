@@ -17,10 +17,10 @@ from typing import Any
 
 from celery import Celery
 
-from scheduler.config import FleetConfig
-from scheduler.planner import PRIORITY
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.routing import PRIORITY
 
-app = Celery("vmvault", include=["worker.tasks"])
+app = Celery("vmvault", include=["vmvault.worker.tasks"])
 
 _config: FleetConfig | None = None
 
@@ -92,7 +92,7 @@ def fleet_config() -> FleetConfig:
     """The config this process was configured with (workers: from ``vmvault worker``)."""
     if _config is None:
         # A worker child started without configure(): load the same file the parent used.
-        from scheduler.config import load_config
+        from vmvault.worker.config import load_config
 
         configure(load_config(None))
     assert _config is not None

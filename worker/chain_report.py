@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler.config import FleetConfig
-from worker import checkpoints as cp
-from worker.backup import plan_backup
-from worker.inspect import list_disks
-from worker.qmp import open_session
+from vmvault.worker import checkpoints as cp
+from vmvault.worker.backup import plan_backup
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.disks import list_disks
+from vmvault.worker.qmp import open_session
 
 
 def chain_report(config: FleetConfig, domain: str) -> dict[str, Any]:

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.checkpoints import interrupted_checkpoint_actions, is_temp_bitmap, parse_chain
-from worker.qmp import QmpCommandError, QmpSession
+from vmvault.worker.checkpoints import interrupted_checkpoint_actions, is_temp_bitmap, parse_chain
+from vmvault.worker.qmp import QmpCommandError, QmpSession
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,15 @@
 """Errors of the worker package: one base, subclasses say whether a retry can help."""
 
+from typing import ClassVar
+
 
 class WorkerError(Exception):
     """Base of every worker error (QMP, NBD, backup, restore). Not retryable unless noted."""
+
+    # Whether running the same job again later can succeed: data, so the job frame and
+    # callers can ask (``err.retryable``) instead of reading docstrings.
+    retryable: ClassVar[bool] = False
+
+
+class RestoreError(WorkerError):
+    """A restore could not be done as asked (bad request or a failed step). Not retryable."""

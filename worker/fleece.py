@@ -52,9 +52,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.cleanup import paused_marker, qemu_id, write_marker
-from worker.qmp import QmpSession
-from worker.signals import critical
+from vmvault.worker.cleanup import paused_marker, qemu_id, write_marker
+from vmvault.worker.qmp import QmpSession
+from vmvault.worker.signals import critical
 
 log = logging.getLogger(__name__)
 

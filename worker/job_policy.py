@@ -22,37 +22,23 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import FleetConfig, RetentionPolicy
-from storage.errors import StorageError
-from storage.format import check_backup_id, check_name
-from worker.errors import WorkerError
+from vmvault.storage.errors import StorageError
+from vmvault.storage.format import check_backup_id, check_name
+from vmvault.storage.prune import KEEP_PREFIX, KEEP_RULES, rule_name
+from vmvault.worker.config import FleetConfig, RetentionPolicy
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.job_requests import RestoreRequest
 
 # Retention rules as the CLI spells them; the scheduler sends them as keep_<rule>.
-KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 
 
 class JobRefusedError(WorkerError):
     """A queued job is outside this worker's policy; nothing was done. Not retryable:
     change the job, or the worker's config (``worker:``) if it should be allowed."""
-
-
-@dataclass(frozen=True)
-class RestoreArgs:
-    """A queued restore's arguments, checked and parsed."""
-
-    domain: str
-    backup_id: str | None
-    at: datetime | None
-    to_dir: Path | None
-    incoming: bool
-    boot: bool
-    force: bool
-    disks: list[str] | None
 
 
 def _show(value: Any) -> str:
@@ -105,7 +91,7 @@ def check_restore(
     boot: Any = False,
     force: Any = False,
     disks: Any = None,
-) -> RestoreArgs:
+) -> RestoreRequest:
     """A queued restore's arguments, parsed, if this worker's policy admits them."""
     if not _is_name(domain):
         raise _bad("restore", "domain", domain, "want a domain name from the config")
@@ -120,7 +106,7 @@ def check_restore(
     when = _parse_at(at)
     if backup_id is not None and when is not None:
         raise JobRefusedError("restore refused (job arguments): give backup_id or at, not both")
-    args = RestoreArgs(
+    args = RestoreRequest(
         domain=domain,
         backup_id=backup_id,
         at=when,
@@ -207,11 +193,11 @@ def keeps_at_least(policy: dict[str, int], allowed: dict[str, int]) -> bool:
 
 
 def _rules(policy: RetentionPolicy) -> dict[str, int]:
-    return {k.removeprefix("keep_"): v for k, v in policy.model_dump(exclude_none=True).items()}
+    return {rule_name(k): v for k, v in policy.model_dump(exclude_none=True).items()}
 
 
 def _spell(rules: dict[str, int]) -> str:
-    return ", ".join(f"keep_{rule}: {count}" for rule, count in rules.items())
+    return ", ".join(f"{KEEP_PREFIX}{rule}: {count}" for rule, count in rules.items())
 
 
 def _policy_rules(policy: Any) -> dict[str, int]:
@@ -221,7 +207,7 @@ def _policy_rules(policy: Any) -> dict[str, int]:
         raise _bad("prune", "policy", policy, want)
     rules: dict[str, int] = {}
     for key, count in policy.items():
-        rule = key.removeprefix("keep_") if isinstance(key, str) else key
+        rule = rule_name(key) if isinstance(key, str) else key
         valid_count = isinstance(count, int) and not isinstance(count, bool) and count >= 1
         if rule not in KEEP_RULES or rule in rules or not valid_count:
             raise _bad("prune", "policy", policy, want)

@@ -1,6 +1,6 @@
 """Starting a domain's QEMU from its ``launch`` description: paused for a restore, or normally.
 
-``launch.argv`` (scheduler/config.py, docs/restore.md) is rendered with the domain's QMP
+``launch.argv`` (worker/config.py, docs/restore.md) is rendered with the domain's QMP
 socket and the restored image paths. For a restore, ``-S -incoming defer`` is appended:
 the guest CPUs never run and the block nodes stay inactive until the restore's writable
 NBD export activates them (QEMU ``block-export-add``). QEMU's stdout and stderr go to a log
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.config import LaunchConfig
-from worker.errors import WorkerError
-from worker.qmp import QmpConnectError, QmpSession, socket_is_listening
+from vmvault.worker.config import LaunchConfig
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.qmp import QmpConnectError, QmpSession, socket_is_listening
 
 INCOMING_ARGS = ("-S", "-incoming", "defer")
 _START_TIMEOUT = 30.0

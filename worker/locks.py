@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from worker.errors import WorkerError
+from vmvault.worker.errors import WorkerError
 
 
 class DomainBusyError(WorkerError):
     """Another backup or restore of the domain is running. Retryable once it has finished."""
+
+    retryable = True
 
 
 def lock_path(state_dir: Path, domain: str) -> Path:

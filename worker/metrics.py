@@ -23,13 +23,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-log = logging.getLogger(__name__)
+from vmvault.worker.redis_keys import (
+    METRICS_BYTES,
+    METRICS_DURATION_COUNT,
+    METRICS_DURATION_SUM,
+    METRICS_JOBS,
+    METRICS_LAST_SUCCESS,
+)
 
-JOBS_KEY = "vmvault:metrics:jobs"
-DURATION_SUM_KEY = "vmvault:metrics:duration_sum"
-DURATION_COUNT_KEY = "vmvault:metrics:duration_count"
-BYTES_KEY = "vmvault:metrics:bytes"
-LAST_SUCCESS_KEY = "vmvault:metrics:last_success"
+log = logging.getLogger(__name__)
 
 # Result fields (BackupResult/RestoreResult.to_json()) that count bytes, by direction.
 _BYTE_FIELDS = {
@@ -70,13 +72,13 @@ def record_job(
     """Add one finished job to the fleet counters (never raises: metrics must not fail jobs)."""
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.hincrby(JOBS_KEY, f"{job_type}|{outcome}", 1)
-        pipe.hincrbyfloat(DURATION_SUM_KEY, job_type, duration)
-        pipe.hincrby(DURATION_COUNT_KEY, job_type, 1)
+        pipe.hincrby(METRICS_JOBS, f"{job_type}|{outcome}", 1)
+        pipe.hincrbyfloat(METRICS_DURATION_SUM, job_type, duration)
+        pipe.hincrby(METRICS_DURATION_COUNT, job_type, 1)
         for direction, count in byte_counts(result or {}).items():
-            pipe.hincrby(BYTES_KEY, direction, count)
+            pipe.hincrby(METRICS_BYTES, direction, count)
         if outcome == "succeeded" and job_type == "backup" and domain:
-            pipe.hset(LAST_SUCCESS_KEY, domain, finished_at)
+            pipe.hset(METRICS_LAST_SUCCESS, domain, finished_at)
         pipe.execute()
     except redis.RedisError as err:
         log.warning("metrics: could not record %s job: %s", job_type, err)
@@ -111,9 +113,9 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Any]:
         try:
             pipe = self.client.pipeline(transaction=False)
-            for key in (JOBS_KEY, DURATION_SUM_KEY, DURATION_COUNT_KEY, BYTES_KEY):
+            for key in (METRICS_JOBS, METRICS_DURATION_SUM, METRICS_DURATION_COUNT, METRICS_BYTES):
                 pipe.hgetall(key)
-            pipe.hgetall(LAST_SUCCESS_KEY)
+            pipe.hgetall(METRICS_LAST_SUCCESS)
             jobs, dsum, dcount, nbytes, last = (_decode_hash(r) for r in pipe.execute())
             depths = queue_depths(self.client, self.queues)
         except redis.RedisError as err:

@@ -21,8 +21,8 @@ from typing import Any, TypeVar, cast
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 from qemu.qmp.qmp_client import GreetingError
 
-from worker.errors import WorkerError
-from worker.signals import critical
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.signals import critical
 
 _T = TypeVar("_T")
 
@@ -38,6 +38,8 @@ class QmpError(WorkerError):
 class QmpConnectError(QmpError):
     """The domain's QMP socket is missing, refuses, or is not QEMU. Retryable once QEMU runs."""
 
+    retryable = True
+
 
 class QmpCommandError(QmpError):
     """QEMU answered a command with an error; ``desc`` is QEMU's own text. Not retryable as is."""
@@ -52,6 +54,8 @@ class QmpCommandError(QmpError):
 
 class QmpDisconnectedError(QmpError):
     """QEMU went away in the middle of a command (killed or quit). Retryable."""
+
+    retryable = True
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from scheduler.config import FleetConfig
-from worker.cleanup import has_leftovers, remove_leftovers
-from worker.locks import DomainBusyError, domain_lock
-from worker.qmp import open_session
-from worker.restore_cleanup import remove_restore_leftovers
+from vmvault.worker.cleanup import has_leftovers, remove_leftovers
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.locks import DomainBusyError, domain_lock
+from vmvault.worker.qmp import open_session
+from vmvault.worker.restore_cleanup import remove_restore_leftovers
 
 log = logging.getLogger(__name__)
 

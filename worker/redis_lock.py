@@ -21,7 +21,8 @@ from types import TracebackType
 
 import redis
 
-from worker.errors import WorkerError
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.redis_keys import DOMAIN_LOCK_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,17 @@ end
 return 0
 """
 
-DOMAIN_LOCK_PREFIX = "vmvault:lock:domain:"
-
 
 class LockBusyError(WorkerError):
     """Someone else holds the lease. Retryable: once their job ends or the TTL runs out."""
 
+    retryable = True
+
 
 class LockLostError(WorkerError):
     """The lease expired or was taken over while held. The job stopped; retryable as a new job."""
+
+    retryable = True
 
 
 class RedisLease:

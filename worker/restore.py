@@ -17,6 +17,9 @@ under a temporary name; the final names only ever receive verified images:
     commit    old images (--force) → <disk>.qcow2.pre-restore; partials → final names;
               fsync; the old images deleted
 
+Choosing the backup is worker/restore_select.py; the data path of one disk is
+worker/restore_data.py; this module is the job: targets, the two modes, the commit.
+
 What a restore sets up is saved in a journal before it is created
 (worker/restore_cleanup.py); a failing restore undoes it from there, and so does the
 next restore (or the worker's reaper) when the restore died: no half-written image is
@@ -31,21 +34,19 @@ import logging
 import os
 import shutil
 import stat
-import subprocess
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import DomainConfig, FleetConfig, LaunchConfig
-from storage.errors import StorageError
-from storage.repository import Manifest, Repository
-from worker.checkpoints import bitmap_name
-from worker.cleanup import qemu_id
-from worker.errors import WorkerError
-from worker.launch import (
+from vmvault.storage.progress import Progress
+from vmvault.storage.repository import Manifest, Repository
+from vmvault.worker import qemu_img, qemu_nbd
+from vmvault.worker.cleanup import qemu_id
+from vmvault.worker.config import DomainConfig, FleetConfig, LaunchConfig
+from vmvault.worker.errors import RestoreError
+from vmvault.worker.launch import (
     LaunchError,
     QemuProcess,
     connect_qmp,
@@ -53,12 +54,10 @@ from worker.launch import (
     render_argv,
     start_qemu,
 )
-from worker.locks import domain_lock
-from worker.memory import chunk_friendly_malloc
-from worker.nbd_write import NbdDiskWriter, VerifyError
-from worker.progress import Progress
-from worker.qmp import QmpSession
-from worker.restore_cleanup import (
+from vmvault.worker.locks import domain_lock
+from vmvault.worker.memory import chunk_friendly_malloc
+from vmvault.worker.qmp import QmpSession
+from vmvault.worker.restore_cleanup import (
     COMMITTED,
     COMMITTING,
     RestoreCleanupError,
@@ -67,34 +66,35 @@ from worker.restore_cleanup import (
     remove_leftovers_locked,
     undo,
 )
-from worker.signals import critical, finishing
+from vmvault.worker.restore_data import (
+    DiskProgress,
+    RestoredDisk,
+    RestoreReadError,
+    restore_disk,
+)
+from vmvault.worker.restore_select import (
+    open_repo,
+    restore_checkpoint_name,
+    select_backup,
+    select_disks,
+)
+from vmvault.worker.signals import critical, finishing
 
 log = logging.getLogger(__name__)
 
-# Bounded parallel prefetch from the repository: enough chunks in flight to hide S3
-# latency, few enough that memory stays at a few dozen chunks per disk.
-PREFETCH = 16
-# Fetch threads. 8 GET as fast as 16 from the bench's SeaweedFS (843 vs 860 MiB/s) and
-# kept the restore's peak RSS at 315 instead of 380 MiB. For file:// decompression is
-# the work: a thread per core (up to 4).
-FETCH_THREADS = 8
-FILE_FETCH_THREADS = min(4, os.cpu_count() or 2)
-_QEMU_NBD_START_TIMEOUT = 15.0
 _QEMU_QUIT_TIMEOUT = 30.0
 # Granularity of the post-restore checkpoint bitmap, as QEMU picks for qcow2 (cluster size).
 _BITMAP_GRANULARITY = 64 * 1024
 
-
-class RestoreError(WorkerError):
-    """A restore could not be done as asked (bad request or a failed step). Not retryable."""
-
-
-class BackupNotFoundError(RestoreError):
-    """No backup matches the given id or time. Not retryable: pick another backup."""
-
-
-class RestoreReadError(RestoreError):
-    """The repository could not deliver a chunk (store unreachable). Retryable later."""
+__all__ = [
+    "RestoreError",
+    "RestoreReadError",
+    "RestoreResult",
+    "RestoreTargetExistsError",
+    "RestoredDisk",
+    "run_restore",
+    "select_backup",
+]
 
 
 class RestoreTargetExistsError(RestoreError):
@@ -103,30 +103,6 @@ class RestoreTargetExistsError(RestoreError):
 
 PARTIAL_SUFFIX = ".partial"
 ASIDE_SUFFIX = ".pre-restore"
-
-
-@dataclass
-class RestoredDisk:
-    """One disk written and verified."""
-
-    name: str
-    path: Path
-    virtual_size: int
-    bytes_written: int
-    verified: bool
-    bytes_zero: int = 0
-    duration_s: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "path": str(self.path),
-            "virtual_size": self.virtual_size,
-            "bytes_written": self.bytes_written,
-            "bytes_zero": self.bytes_zero,
-            "verified": self.verified,
-            "duration_s": round(self.duration_s, 3),
-        }
 
 
 @dataclass
@@ -162,86 +138,24 @@ class RestoreResult:
             doc["qemu_log"] = str(self.qemu_log)
         return doc
 
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RestoreResult:
+        """The result ``to_json`` gave (a queued restore's result, as the CLI receives it).
 
-# -- choosing what to restore ------------------------------------------------------------
-
-
-def open_repo(config: FleetConfig) -> Repository:
-    """The fleet's repository, opened for restoring."""
-    repo_cfg = config.repository
-    # Parallel GETs hide S3 latency; a local file system has none to hide, a thread per
-    # core decompresses. Fewer threads also mean fewer malloc arenas holding freed chunk
-    # buffers (see worker/memory.py).
-    local = repo_cfg.url.startswith("file:")
-    return repo_cfg.open(concurrency=FILE_FETCH_THREADS if local else FETCH_THREADS)
-
-
-def select_backup(
-    repo: Repository, domain: str, backup_id: str | None = None, at: datetime | None = None
-) -> Manifest:
-    """The manifest to restore: by id, the newest at or before ``at``, else the newest."""
-    if backup_id is not None and at is not None:
-        raise RestoreError("give either a backup id or a time (--backup or --at), not both")
-    scan = repo.scan_manifests(domain)
-    manifests = scan.manifests
-    if backup_id is not None:
-        for manifest in manifests:
-            if manifest.backup_id == backup_id:
-                return manifest
-        for damaged in scan.damaged:
-            if damaged.backup_id == backup_id:
-                raise RestoreError(
-                    f"domain {domain!r}: backup {backup_id} cannot be restored, its manifest"
-                    f" is damaged ({damaged.error}); restore another one ('vmvault list"
-                    f" {domain}') and run 'vmvault verify'"
-                )
-        known = ", ".join(m.backup_id for m in manifests[-3:]) or "none"
-        raise BackupNotFoundError(
-            f"domain {domain!r}: no backup {backup_id!r} in the repository"
-            f" (newest: {known}; list them with 'vmvault list {domain}')"
+        Without the QEMU handle: that process runs on the worker's host."""
+        incoming = doc["mode"] == "incoming"
+        return cls(
+            backup_id=doc["backup_id"],
+            domain=doc["domain"],
+            mode=doc["mode"],
+            disks=[RestoredDisk.from_json(d) for d in doc["disks"]],
+            duration_s=doc["duration_s"],
+            checkpoint=doc["checkpoint"],
+            qmp=Path(doc["qmp"]) if incoming else None,
+            qemu_pid=doc.get("qemu_pid"),
+            booted=doc.get("state") == "running",
+            qemu_log=Path(doc["qemu_log"]) if incoming else None,
         )
-    if not manifests:
-        raise BackupNotFoundError(
-            f"domain {domain!r}: the repository holds no backup of it yet (run 'vmvault backup"
-            f" {domain}' first)"
-        )
-    if at is None:
-        return manifests[-1]
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=UTC)
-    candidates = [m for m in manifests if m.created <= at]
-    if not candidates:
-        first = manifests[0]
-        raise BackupNotFoundError(
-            f"domain {domain!r}: no backup at or before {at.isoformat()}; the first one is"
-            f" {first.backup_id} from {first.created.isoformat()}"
-        )
-    return candidates[-1]
-
-
-def restore_checkpoint_name(manifest: Manifest) -> str | None:
-    """The bitmap that ties restored disks to ``manifest``: its checkpoint, starting a chain.
-
-    A restored disk equals the backup exactly, so the writes after the restore are the
-    changes since the backup's checkpoint; the bitmap has no ``^parent`` because no older
-    checkpoint exists on the fresh image (worker/checkpoints.py naming).
-    """
-    if manifest.checkpoint is None:
-        return None
-    return bitmap_name(manifest.checkpoint, None)
-
-
-def _select_disks(manifest: Manifest, wanted: list[str] | None) -> list[Any]:
-    by_name = {d.name: d for d in manifest.disks}
-    if not wanted:
-        return list(manifest.disks)
-    unknown = [name for name in wanted if name not in by_name]
-    if unknown:
-        raise RestoreError(
-            f"backup {manifest.backup_id} of domain {manifest.domain!r} has no disk"
-            f" {unknown[0]!r} (it has: {', '.join(by_name) or 'none'})"
-        )
-    return [by_name[name] for name in dict.fromkeys(wanted)]
 
 
 def partial_path(final: Path) -> Path:
@@ -310,13 +224,7 @@ def _check_targets(paths: list[Path], force: bool) -> None:
         )
     for path in existing:
         # Even --force must not replace the disk of a running VM: QEMU holds an image lock.
-        probe = subprocess.run(
-            ["qemu-img", "info", "--output=json", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.returncode != 0 and "lock" in probe.stderr.lower():
+        if qemu_img.is_locked(path):
             raise RestoreTargetExistsError(
                 f"{path} is in use (a QEMU holds its image lock): stop that VM first or"
                 " restore to another directory (--to)"
@@ -346,91 +254,25 @@ def _make_target_dir(path: Path) -> None:
         raise RestoreError(f"cannot create target directory {path}: {err.strerror or err}") from err
 
 
-# -- images and qemu-nbd -------------------------------------------------------------------
-
-
-def _run_tool(argv: list[str], what: str) -> None:
-    try:
-        # umask 077: an image qemu-img creates is 0600 (restored disks are private data).
-        subprocess.run(argv, check=True, capture_output=True, text=True, umask=0o077)
-    except FileNotFoundError as err:
-        raise RestoreError(f"{what}: {argv[0]} not found (install qemu-utils)") from err
-    except subprocess.CalledProcessError as err:
-        detail = (err.stderr or err.stdout or "").strip()
-        raise RestoreError(f"{what}: {' '.join(argv[:2])} failed: {detail}") from err
+# -- images (qemu-img and qemu-nbd live in worker/qemu_img.py, worker/qemu_nbd.py) ------
 
 
 def create_image(path: Path, size: int) -> None:
     """A fresh, empty (all-zero, unallocated) qcow2 image of ``size`` bytes, mode 0600."""
     path.unlink(missing_ok=True)
-    _run_tool(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=off",
-            str(path),
-            str(size),
-        ],
-        f"creating image {path}",
-    )
+    try:
+        # lazy_refcounts=off: refcounts written eagerly, no repair needed after a crash.
+        qemu_img.create(path, size, private=True, options="lazy_refcounts=off")
+    except qemu_img.QemuImgError as err:
+        raise RestoreError(str(err)) from err
 
 
 def add_bitmap_offline(path: Path, bitmap: str) -> None:
     """A persistent, enabled dirty bitmap in a qcow2 that no process has open."""
-    _run_tool(
-        ["qemu-img", "bitmap", "--add", "-g", str(_BITMAP_GRANULARITY), str(path), bitmap],
-        f"adding checkpoint bitmap {bitmap} to {path}",
-    )
-
-
-def supports_direct_io(path: Path) -> bool:
-    """True when ``path``'s file system takes ``O_DIRECT`` (tmpfs, for one, does not)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def qemu_nbd_argv(path: Path, socket: Path, export: str) -> list[str]:
-    """How restore serves a fresh image (bench/restore_bench.py gives nbdcopy the same).
-
-    ``--cache=none --aio=native`` (O_DIRECT) where the file system allows it: the data
-    goes to the file without a page-cache copy, and reading it back for verification
-    reads the file, not a cached copy. That took qemu-nbd from 1.2-1.8 to 0.9 CPU-seconds
-    per GiB restored here. Elsewhere (tmpfs) ``--cache=writeback``.
-    """
-    cache = ["--cache=none", "--aio=native"] if supports_direct_io(path) else ["--cache=writeback"]
-    return [
-        "qemu-nbd",
-        "--format=qcow2",
-        f"--socket={socket}",
-        f"--export-name={export}",
-        *cache,
-        "--discard=unmap",
-        str(path),
-    ]
-
-
-def qemu_nbd_env() -> dict[str, str]:
-    """qemu-nbd's environment: glibc malloc tuned for its per-request bounce buffers.
-
-    qemu-nbd allocates a buffer per request (4 MiB for a chunk). Above glibc's mmap
-    threshold every such buffer is a fresh mmap, so each request faults in and zeroes a
-    thousand pages, and munmaps them again. Serving them from the heap, and not trimming
-    it, lets the buffers be reused: qemu-nbd went from 1.0 to 0.4 CPU-seconds per GiB
-    restored here (bench/restore_bench.py gives nbdcopy's qemu-nbd the same).
-    """
-    return {
-        **os.environ,
-        "MALLOC_MMAP_THRESHOLD_": str(64 * 1024 * 1024),
-        "MALLOC_TRIM_THRESHOLD_": str(256 * 1024 * 1024),
-    }
+        qemu_img.add_bitmap(path, bitmap, _BITMAP_GRANULARITY)
+    except qemu_img.QemuImgError as err:
+        raise RestoreError(str(err)) from err
 
 
 def durable(path: Path) -> None:
@@ -445,189 +287,6 @@ def durable(path: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-@contextlib.contextmanager
-def serve_image(
-    path: Path, socket: Path, export: str, on_start: Callable[[int], None] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``qemu-nbd`` serving ``path`` writable on a 0600 unix socket, for one client.
-
-    Without ``--persistent`` qemu-nbd exits once its client disconnects, after closing the
-    image cleanly (qcow2 metadata written); we wait for that before the image is used.
-    ``on_start(pid)`` runs as soon as it is started (the restore journal records it).
-    """
-    argv = qemu_nbd_argv(path, socket, export)
-    try:
-        # umask 077: the socket is created 0600 (it lives in a 0700 directory anyway).
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            umask=0o077, start_new_session=True, env=qemu_nbd_env(),
-        )  # fmt: skip
-    except FileNotFoundError as err:
-        raise RestoreError("qemu-nbd not found: install qemu-utils") from err
-    try:
-        if on_start is not None:
-            on_start(proc.pid)
-        deadline = time.monotonic() + _QEMU_NBD_START_TIMEOUT
-        while not socket.exists():
-            if proc.poll() is not None:
-                stderr = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-                raise RestoreError(f"qemu-nbd for {path} exited early: {stderr}")
-            if time.monotonic() > deadline:
-                raise RestoreError(f"qemu-nbd for {path} did not create {socket} in time")
-            time.sleep(0.01)
-        os.chmod(socket, 0o600)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-
-
-# -- the data path -------------------------------------------------------------------------
-
-
-class _DiskProgress:
-    """Maps each disk's write and verify progress onto one job-wide byte counter."""
-
-    def __init__(self, progress: Progress | None, total: int) -> None:
-        self._progress = progress
-        self._total = max(1, 2 * total)  # every byte is written once and read back once
-        self._base = 0
-
-    def disk(self, name: str, size: int) -> Callable[[str, int, int], None]:
-        base = self._base
-        self._base += 2 * size
-        done = {"write": 0, "verify": 0}
-
-        def report(phase: str, value: int, total: int) -> None:
-            # Writing and verifying interleave: report their sum, so the bar only grows.
-            done[phase] = value
-            if self._progress is not None:
-                self._progress(
-                    f"restore {name}", base + done["write"] + done["verify"], self._total
-                )
-
-        return report
-
-
-def _reading(
-    chunks: Iterator[tuple[int, bytes | None]],
-    repo: Repository,
-    manifest: Manifest,
-    disk: Any,
-    expected: list[str | None],
-) -> Iterator[tuple[int, bytes | None]]:
-    """The reader's chunks; a failure below the storage layer still names disk and offset.
-
-    ``StorageError`` already says where (storage/repository.py ``read_disk``); a boto3 or
-    OS error that the backend does not map to it is turned into ``RestoreReadError`` here
-    rather than escaping as a traceback. The chunks come unchecked (``check=False``): a
-    data chunk of the wrong length is blamed on the repository here, before it is written
-    (it would overlap its neighbour); wrong content is caught by the read-back.
-    """
-    from botocore.exceptions import BotoCoreError
-
-    cs = manifest.chunk_size
-    offset = 0
-    while True:
-        try:
-            item = next(chunks)
-        except StopIteration:
-            return
-        except (BotoCoreError, OSError) as err:
-            raise RestoreReadError(
-                f"{manifest.domain} backup {manifest.backup_id} disk {disk.name} offset {offset}:"
-                f" cannot read from the repository: {err}"
-            ) from err
-        offset, data = item
-        if data is not None and len(data) != min(cs, disk.virtual_size - offset):
-            _blame_repository(repo, manifest, disk.name, expected, offset)
-            raise RestoreReadError(
-                f"{manifest.domain} backup {manifest.backup_id} disk {disk.name} offset"
-                f" {offset}: the repository gave a chunk of {len(data)} bytes"
-            )
-        offset += cs
-        yield item
-
-
-def _blame_repository(
-    repo: Repository, manifest: Manifest, disk: str, expected: list[str | None], offset: int
-) -> None:
-    """Raise the repository's own error when the chunk at ``offset`` is damaged there.
-
-    Chunks are written without re-hashing them first (the read-back compares every chunk
-    with the index anyway); when a chunk fails, fetching it again with the digest check
-    tells a damaged repository object (``CorruptObjectError``, a ``StorageError``, naming
-    disk and offset) from a disk that did not keep what was written (``VerifyError``).
-    """
-    index = offset // manifest.chunk_size
-    digest = expected[index] if 0 <= index < len(expected) else None
-    if digest is None:
-        return
-    try:
-        repo.read_chunk(digest)
-    except StorageError as err:
-        raise type(err)(
-            f"{manifest.domain} backup {manifest.backup_id} disk {disk} offset {offset}: {err}"
-        ) from err
-
-
-def _restore_disk(
-    repo: Repository,
-    manifest: Manifest,
-    disk: Any,
-    socket: Path,
-    export: str,
-    progress: _DiskProgress,
-) -> RestoredDisk:
-    """Write one disk through an NBD export, flush, read back and verify every chunk."""
-    started = time.monotonic()
-    expected = repo.index_digests(manifest, disk.name)
-    with NbdDiskWriter(socket, disk.name, export) as writer:
-        if writer.size != disk.virtual_size:
-            raise RestoreError(
-                f"disk {disk.name}: the NBD target is {writer.size} bytes but backup"
-                f" {manifest.backup_id} recorded {disk.virtual_size}"
-            )
-        # Written, flushed and read back in windows, so verification overlaps the writes.
-        # The reader does not re-hash chunks: the read-back compares every chunk on the
-        # disk with the index, which proves the repository's copy right as well (one
-        # BLAKE3 pass per byte instead of two; a failure is then blamed precisely).
-        chunks = repo.read_disk(manifest, disk.name, prefetch=PREFETCH, check=False)
-        try:
-            stats, _ = writer.write_and_verify(
-                _reading(chunks, repo, manifest, disk, expected),
-                manifest.chunk_size,
-                expected,
-                repo.chunk_digest,
-                target_is_zero=True,
-                progress=progress.disk(disk.name, disk.virtual_size),
-            )
-        except VerifyError as err:
-            _blame_repository(repo, manifest, disk.name, expected, err.offset)
-            raise
-        # A last flush: nothing is reported restored before the server says it is stable.
-        writer.flush()
-    return RestoredDisk(
-        name=disk.name,
-        path=Path(),
-        virtual_size=disk.virtual_size,
-        bytes_written=stats.bytes_written,
-        verified=True,
-        bytes_zero=stats.bytes_skipped + stats.bytes_zeroed,
-        duration_s=time.monotonic() - started,
-    )
 
 
 # -- the job ---------------------------------------------------------------------------------
@@ -698,7 +357,7 @@ def _run(
     started: float,
 ) -> RestoreResult:
     manifest = select_backup(repo, domain, backup_id, at)
-    chosen = _select_disks(manifest, disks)
+    chosen = select_disks(manifest, disks)
     if incoming:
         target_dir = to_dir or config.incoming_image_dir(domain)
     else:
@@ -712,7 +371,7 @@ def _run(
             manifest.backup_id,
             domain,
         )
-    meter = _DiskProgress(progress, sum(d.virtual_size for d in chosen))
+    meter = DiskProgress(progress, sum(d.virtual_size for d in chosen))
     with domain_lock(config.state_dir, domain, job="restore"):
         # A restore of this domain that died (SIGKILL, crash) left a journal: undo it first.
         # Holding the lock, we know it is dead.
@@ -814,7 +473,7 @@ def _restore_files(
     chosen: list[Any],
     paths: dict[str, Path],
     checkpoint: str | None,
-    meter: _DiskProgress,
+    meter: DiskProgress,
     journal: RestoreJournal,
 ) -> RestoreResult:
     """Each disk into ``<disk>.qcow2.partial`` via qemu-nbd; renamed only once all are verified."""
@@ -826,8 +485,8 @@ def _restore_files(
             partial = _new_partial(journal, disk.name, final, disk.virtual_size)
             socket = sockdir / f"d{index}.nbd"
             record = functools.partial(journal.add_process, "qemu-nbd")
-            with serve_image(partial, socket, disk.name, on_start=record):
-                done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
+            with qemu_nbd.serve(partial, socket, disk.name, on_start=record):
+                done = restore_disk(repo, manifest, disk, socket, disk.name, meter)
             socket.unlink(missing_ok=True)
             # The post-restore checkpoint: the image now equals the backup exactly.
             if checkpoint is not None:
@@ -874,7 +533,7 @@ def _restore_incoming(
     paths: dict[str, Path],
     checkpoint: str | None,
     boot: bool,
-    meter: _DiskProgress,
+    meter: DiskProgress,
     journal: RestoreJournal,
 ) -> RestoreResult:
     """Write the partial images in a paused QEMU of their own, commit, start the domain."""
@@ -909,7 +568,7 @@ def _restore_incoming(
             export_id = qemu_id("r", disk.name)
             # A writable export activates the node that -incoming left inactive (QEMU 7.2+).
             session.block_export_add(export_id, nodes[disk.name], disk.name, [], writable=True)
-            done = _restore_disk(repo, manifest, disk, socket, disk.name, meter)
+            done = restore_disk(repo, manifest, disk, socket, disk.name, meter)
             session.block_export_del(export_id)
             done.path = paths[disk.name]
             restored.append(done)

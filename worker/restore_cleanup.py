@@ -39,10 +39,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import FleetConfig
-from worker.errors import WorkerError
-from worker.locks import DomainBusyError, domain_lock
-from worker.qmp import socket_is_listening
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.locks import DomainBusyError, domain_lock
+from vmvault.worker.qmp import socket_is_listening
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,8 @@ _OLD_DIR_RE = re.compile(r"^vmvr[a-z0-9_]{8}$")
 
 class RestoreCleanupError(WorkerError):
     """Some leftovers of a dead restore could not be removed (named). Retryable."""
+
+    retryable = True
 
 
 def run_dir(state_dir: Path) -> Path:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.dispatch import add_wait_flag, run_job
-from worker.backup import MODES, BackupMode, BackupResult, run_backup
-from worker.progress import Progress
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.dispatch import add_wait_flag
+from vmvault.scheduler.progress_bars import byte_bar
+from vmvault.worker.routing import MODES
+
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.backup import BackupResult
 
 
 def register(commands: Any) -> None:
@@ -45,50 +46,23 @@ def register(commands: Any) -> None:
     parser.set_defaults(func=_demo)
 
 
-@contextmanager
-def _progress(ctx: CliContext, what: str) -> Iterator[Progress | None]:
-    """A rich progress bar when a person watches; otherwise nothing."""
-    if not ctx.interactive:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    from rich.progress import Progress as RichProgress
-
-    with RichProgress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=ctx.console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(what, total=None)
-
-        def report(phase: str, done: int, total: int) -> None:
-            bar.update(task, description=f"{what}: {phase}", completed=done, total=total)
-
-        yield report
-
-
 def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.scheduler.dispatch import run_job
+    from vmvault.worker.backup import BackupResult, run_backup
+    from vmvault.worker.job_requests import BackupRequest
+
     config = ctx.config
     config.domain(args.domain)  # unknown domain: exit 2 before anything else
-    mode: BackupMode = args.mode
-    with _progress(ctx, f"backup {args.domain}") as progress:
+    request = BackupRequest(args.domain, args.mode)
+    with byte_bar(ctx, f"backup {args.domain}") as progress:
         result = run_job(
             ctx,
             args,
             "backup",
-            {"domain": args.domain, "mode": mode},
+            request.to_job_kwargs(),
             progress,
-            lambda: run_backup(config, args.domain, mode, progress),
+            lambda: run_backup(config, request.domain, request.mode, progress),
+            BackupResult.from_json,
             domain=args.domain,
         )
     if ctx.json:
@@ -122,7 +96,7 @@ def _size(n: int) -> str:
 
 
 def _checkpoints(args: argparse.Namespace, ctx: CliContext) -> int:
-    from worker.chain_report import chain_report
+    from vmvault.worker.chain_report import chain_report
 
     report = chain_report(ctx.config, args.domain)
     if ctx.json:
@@ -152,7 +126,7 @@ def _checkpoints(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _demo(args: argparse.Namespace, ctx: CliContext) -> int:
-    from worker.demo import run_demo
+    from vmvault.scheduler.demo import run_demo
 
     def say(message: str) -> None:
         ctx.human.print(message, soft_wrap=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.config import FleetConfig
-from scheduler.redact import mask_url
+from vmvault.scheduler.cli import add_command
+
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.config import FleetConfig
 
 
 def register(commands: Any) -> None:
@@ -20,6 +21,8 @@ def register(commands: Any) -> None:
 
 
 def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.redact import mask_url
+
     config = ctx.config
     # The file names a passphrase file: it must be there, readable and not empty, or
     # every repository command would fail later (ConfigError: exit 2).
@@ -50,6 +53,8 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _broker_line(config: FleetConfig) -> str:
+    from vmvault.worker.redact import mask_url
+
     if config.broker is None:
         return "none: jobs run in-process"
     shown = mask_url(config.broker)

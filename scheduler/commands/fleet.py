@@ -11,18 +11,20 @@ import os
 import socket
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.dispatch import broker_hint
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.worker.redact import mask_url, redact
+from vmvault.worker.routing import STORAGE_QUEUE, host_queue
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.config import CONFIG_ENV, ConfigError, FleetConfig, config_path
-from scheduler.dispatch import broker_hint
-from scheduler.errors import SchedulerError
-from scheduler.jobs import JobRecord, JobStore
-from scheduler.planner import STORAGE_QUEUE, host_queue, overdue
-from scheduler.redact import mask_url, redact
+if TYPE_CHECKING:
+    import redis
+
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.config import FleetConfig
+    from vmvault.worker.jobs import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ _LOG_LEVELS = {0: "WARNING", 1: "INFO", 2: "DEBUG"}
 
 class BrokerUnavailableError(SchedulerError):
     """Redis did not answer. Retryable once it is reachable."""
+
+    retryable = True
 
 
 def register(commands: Any) -> None:
@@ -66,6 +70,8 @@ def register(commands: Any) -> None:
 
 def _broker(config: FleetConfig, ctx: CliContext, command: str) -> str:
     """The broker URL to connect with (password included: never print it, see _redis)."""
+    from vmvault.worker.config import ConfigError, config_path
+
     url = config.broker_url()
     if url is None:
         raise ConfigError(
@@ -78,6 +84,8 @@ def _broker(config: FleetConfig, ctx: CliContext, command: str) -> str:
 
 
 def _redis(url: str) -> redis.Redis:
+    import redis
+
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
     try:
         client.ping()
@@ -96,6 +104,8 @@ def _all_queues(config: FleetConfig) -> list[str]:
 
 
 def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.config import CONFIG_ENV, ConfigError, config_path
+
     config = ctx.config
     broker = _broker(config, ctx, "worker")
     host: str = args.host
@@ -111,20 +121,20 @@ def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
     client = _redis(broker)
     # Pool processes and anything they exec see the same config and know their host.
     os.environ[CONFIG_ENV] = str(config_path(ctx.config_file).resolve())
-    from worker.tasks import WORKER_HOST_ENV
+    from vmvault.worker.tasks import WORKER_HOST_ENV
 
     os.environ[WORKER_HOST_ENV] = host
-    from worker.celery_app import configure
+    from vmvault.worker.celery_app import configure
 
     app = configure(config)
     _clean_leftovers(config, host)
-    from worker.reaper import Reaper
+    from vmvault.worker.reaper import Reaper
 
     # The main process reaps: pool processes run jobs, and fork does not copy threads.
     Reaper(config, host, config.scheduler.reaper_interval_seconds).start()
     queues = [host_queue(host)] + ([STORAGE_QUEUE] if args.storage else [])
     if args.metrics_port:
-        from worker.metrics import serve
+        from vmvault.worker.metrics import serve
 
         serve(client, _all_queues(config), args.metrics_port)
     argv = [
@@ -150,7 +160,7 @@ def _worker(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _clean_leftovers(config: FleetConfig, host: str) -> None:
     """Before taking jobs, remove what a crashed worker left behind on this host's domains."""
-    from worker.reaper import reap_host
+    from vmvault.worker.reaper import reap_host
 
     cleaned = reap_host(config, host, thorough=True)
     if cleaned:
@@ -164,13 +174,13 @@ def _scheduler(args: argparse.Namespace, ctx: CliContext) -> int:
     config = ctx.config
     broker = _broker(config, ctx, "scheduler")
     client = _redis(broker)
-    from scheduler.scheduler_loop import Scheduler
-    from worker.celery_app import configure
+    from vmvault.scheduler.scheduler_loop import Scheduler
+    from vmvault.worker.celery_app import configure
 
     app = configure(config)
     scheduler = Scheduler(config, client, app)
     if args.metrics_port:
-        from worker.metrics import serve
+        from vmvault.worker.metrics import serve
 
         serve(client, _all_queues(config), args.metrics_port)
     if args.once:
@@ -218,6 +228,8 @@ def job_state(job: JobRecord, lock_ttl: float, now: float) -> str:
 
 
 def _jobs(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.jobs import JobStore
+
     config = ctx.config
     client = _redis(_broker(config, ctx, "jobs"))
     records = JobStore(client).recent(max(args.limit, 1))
@@ -266,12 +278,14 @@ def _jobs(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _status(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.scheduler.planner import overdue
+
     config = ctx.config
     now = datetime.now(UTC)
     last = _last_successes(config)
     leader = None
     if config.broker is not None:
-        from scheduler.leader import LEADER_KEY
+        from vmvault.worker.redis_keys import LEADER_KEY
 
         raw = _redis(_broker(config, ctx, "status")).get(LEADER_KEY)
         leader = raw.decode().rsplit(":", 1)[0] if isinstance(raw, bytes) else None

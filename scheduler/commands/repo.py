@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.dispatch import add_wait_flag, run_job
+from vmvault.scheduler.errors import SchedulerError
+from vmvault.scheduler.progress_bars import count_bars
+from vmvault.storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
+from vmvault.storage.locks import DEFAULT_GRACE
+from vmvault.storage.prune import KEEP_RULES
 
-from scheduler.cli import add_command
-from scheduler.cli_context import CliContext
-from scheduler.dispatch import add_wait_flag, run_job
-from scheduler.errors import SchedulerError
-from storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
-from storage.gc import DEFAULT_GRACE, GcReport, collect_garbage
-from storage.prune import KeepPolicy, plan_prune
-from storage.repository import Repository, init_repository
-from storage.verify import VerifyReport, verify
-
-_KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.storage.gc import GcReport
+    from vmvault.storage.repository import Repository
+    from vmvault.storage.verify import VerifyReport
 
 
 def register(commands: Any) -> None:
@@ -71,7 +69,7 @@ def register(commands: Any) -> None:
 
     p = add_command(commands, "prune", "remove backups that no retention rule keeps")
     p.add_argument("domain", nargs="?", help="only this domain (default: all)")
-    for rule in _KEEP_RULES:
+    for rule in KEEP_RULES:
         what = "newest backups" if rule == "last" else f"{rule} backups (newest per period)"
         p.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep N {what}")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
@@ -96,31 +94,6 @@ def register(commands: Any) -> None:
 
 def _open(ctx: CliContext) -> Repository:
     return ctx.config.repository.open()
-
-
-@contextmanager
-def _progress(ctx: CliContext) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A progress callback drawing rich bars on stderr, or None when nobody watches."""
-    if not ctx.interactive:
-        yield None
-        return
-    bars = Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        console=ctx.console,
-        transient=True,
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def update(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = bars.add_task(phase, total=total)
-        bars.update(tasks[phase], completed=done, total=total)
-
-    with bars:
-        yield update
 
 
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -180,6 +153,8 @@ def _summary(m: Manifest) -> dict[str, Any]:
 
 
 def _init(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.storage.repository import init_repository
+
     cfg = ctx.config.repository
     passphrase = cfg.read_passphrase()
     repo = init_repository(
@@ -296,13 +271,15 @@ def _show(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.storage.verify import VerifyReport, verify
+
     def local() -> VerifyReport:
         with _open(ctx) as repo:
             return verify(repo, args.backup_id, read_data=args.read_data, progress=progress)
 
-    with _progress(ctx) as progress:
+    with count_bars(ctx) as progress:
         job = {"backup_id": args.backup_id, "read_data": args.read_data}
-        report = run_job(ctx, args, "verify", job, progress, local)
+        report = run_job(ctx, args, "verify", job, progress, local, VerifyReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
     else:
@@ -317,8 +294,16 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
     return 0 if report.ok else 1
 
 
+def _removed_ids(doc: dict[str, Any]) -> list[str]:
+    # The prune handler plans locally for display and runs only the deletion remotely.
+    removed: list[str] = doc["removed"]
+    return removed
+
+
 def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
-    rules = {r: getattr(args, f"keep_{r}") for r in _KEEP_RULES}
+    from vmvault.storage.prune import KeepPolicy, plan_prune
+
+    rules = {r: getattr(args, f"keep_{r}") for r in KEEP_RULES}
     if all(v is None for v in rules.values()):
         ctx.note("vmvault prune: error: give at least one --keep-* rule (e.g. --keep-daily 7)")
         return 2
@@ -326,7 +311,7 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
     with _open(ctx) as repo:
         scan = repo.scan_manifests(args.domain)
         plan = plan_prune(policy, scan.manifests, scan.damaged)
-        with _progress(ctx) as progress:
+        with count_bars(ctx) as progress:
             job = {"policy": policy.to_json(), "domains": args.domain and [args.domain]}
             removed = run_job(
                 ctx,
@@ -335,6 +320,7 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
                 {**job, "dry_run": args.dry_run},
                 progress,
                 lambda: [] if args.dry_run else plan.execute(repo, progress),
+                _removed_ids,
             )
     if ctx.json:
         doc = plan.to_json()
@@ -354,13 +340,15 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.storage.gc import GcReport, collect_garbage
+
     def local() -> GcReport:
         with _open(ctx) as repo:
             return collect_garbage(repo, grace=args.grace, dry_run=args.dry_run, progress=progress)
 
-    with _progress(ctx) as progress:
+    with count_bars(ctx) as progress:
         job = {"grace": args.grace, "dry_run": args.dry_run}
-        report = run_job(ctx, args, "gc", job, progress, local)
+        report = run_job(ctx, args, "gc", job, progress, local, GcReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
         return 0

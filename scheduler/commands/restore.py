@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from scheduler.cli import EXIT_USAGE, add_command
-from scheduler.cli_context import CliContext
-from scheduler.dispatch import add_wait_flag, restore_job_kwargs, run_job
-from worker.progress import Progress
-from worker.restore import RestoreResult, run_restore
+from vmvault.scheduler.cli import EXIT_USAGE, add_command
+from vmvault.scheduler.dispatch import add_wait_flag, run_job
+from vmvault.scheduler.progress_bars import byte_bar
+
+if TYPE_CHECKING:
+    from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.restore import RestoreResult
 
 
 def register(commands: Any) -> None:
@@ -70,37 +70,6 @@ def _parse_time(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-@contextmanager
-def _progress(ctx: CliContext) -> Iterator[Progress | None]:
-    """A rich progress bar when a person watches; otherwise no progress reporting."""
-    if not ctx.interactive:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    from rich.progress import Progress as RichProgress
-
-    with RichProgress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=ctx.console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("restore", total=None)
-
-        def report(phase: str, done: int, total: int) -> None:
-            bar.update(task, description=phase, completed=done, total=total)
-
-        yield report
-
-
 def _usage_problem(args: argparse.Namespace) -> str | None:
     if args.to_text is not None and not args.to_text.strip():
         return "--to is empty: name a directory (--to . for the current one)"
@@ -112,6 +81,9 @@ def _usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.worker.job_requests import RestoreRequest
+    from vmvault.worker.restore import RestoreResult, run_restore
+
     args.to = Path(args.to_text) if args.to_text is not None else None
     problem = _usage_problem(args)
     if problem is not None:
@@ -119,25 +91,25 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
         return EXIT_USAGE
     config = ctx.config
     config.domain(args.domain)  # unknown domain → exit 2 before anything runs
-    with _progress(ctx) as progress:
+    request = RestoreRequest(
+        domain=args.domain,
+        backup_id=args.backup,
+        at=args.at,
+        to_dir=args.to.absolute() if args.to is not None else None,
+        incoming=args.incoming,
+        boot=args.boot,
+        force=args.force,
+        disks=args.disk,
+    )
+    with byte_bar(ctx) as progress:
         result = run_job(
             ctx,
             args,
             "restore",
-            restore_job_kwargs(args),
+            request.to_job_kwargs(),
             progress,
-            lambda: run_restore(
-                config,
-                args.domain,
-                backup_id=args.backup,
-                at=args.at,
-                to_dir=args.to.absolute() if args.to is not None else None,
-                incoming=args.incoming,
-                boot=args.boot,
-                force=args.force,
-                disks=args.disk,
-                progress=progress,
-            ),
+            lambda: run_restore(config, progress=progress, **request.run_kwargs()),
+            RestoreResult.from_json,
             domain=args.domain,
         )
     if ctx.json:

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.format import CHUNKS_PREFIX
-from storage.repository import Repository, init_repository, open_repository
 from tests.fixtures.common import VENV_BIN
 from tests.fixtures.qemu import KiB, MiB, QemuVm, VmFactory
-from worker.cleanup import has_leftovers
-from worker.reaper import reap_host
-from worker.restore_cleanup import journal_path
+from vmvault.storage.format import CHUNKS_PREFIX
+from vmvault.storage.repository import Repository, init_repository, open_repository
+from vmvault.worker.cleanup import has_leftovers
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.reaper import reap_host
+from vmvault.worker.restore_cleanup import journal_path
 
 DISKS = {"vda": 24 * MiB, "vdb": 16 * MiB}
 BLOCK = 64 * KiB

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.cli import main
-from scheduler.config import ConfigError, FleetConfig, UnknownDomainError, load_config
+from vmvault.scheduler.cli import main
+from vmvault.worker.config import ConfigError, FleetConfig, UnknownDomainError, load_config
 
 GOOD = """\
 repository:
@@ -160,7 +160,7 @@ def test_cli_flags_after_command_and_json(tmp_path: Path) -> None:
     (tmp_path / "pass").write_text("secret\n")
     path = _write(tmp_path, GOOD.replace("/etc/vmvault/pass", str(tmp_path / "pass")))
     proc = subprocess.run(
-        [sys.executable, "-m", "scheduler", "config", "--config", str(path), "--json"],
+        [sys.executable, "-m", "vmvault", "config", "--config", str(path), "--json"],
         capture_output=True,
         text=True,
         check=False,
@@ -172,10 +172,10 @@ def test_cli_flags_after_command_and_json(tmp_path: Path) -> None:
 
 def test_cli_version_and_help() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "scheduler", "--version"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "vmvault", "--version"], capture_output=True, text=True, check=True
     )
     assert proc.stdout.startswith("vmvault ")
     helptext = subprocess.run(
-        [sys.executable, "-m", "scheduler", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "vmvault", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "config" in helptext

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from celery import Celery
 
-from scheduler.config import FleetConfig, parse_config
-from scheduler.jobs import FINAL_STATES, JobRecord, JobStore
 from tests.fixtures.common import VENV_BIN, stop_process
 from tests.fixtures.redis import RedisServer
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.jobs import FINAL_STATES, JobRecord, JobStore
 
 
 def fleet_dict(tmp: Path, broker: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -72,7 +72,7 @@ class Fleet:
         return parse_config(self.data, "test")
 
     def app(self) -> Celery:
-        from worker.celery_app import configure
+        from vmvault.worker.celery_app import configure
 
         return configure(self.config)
 

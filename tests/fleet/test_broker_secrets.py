@@ -21,9 +21,6 @@ import pytest
 import redis
 import yaml
 
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import FINAL_STATES, JobStore
-from storage.repository import init_repository
 from tests.fixtures.common import (
     VENV_BIN,
     free_port,
@@ -33,6 +30,9 @@ from tests.fixtures.common import (
     wait_until,
 )
 from tests.fleet.conftest import Fleet
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.storage.repository import init_repository
+from vmvault.worker.jobs import FINAL_STATES, JobStore
 
 
 def _vmvault(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

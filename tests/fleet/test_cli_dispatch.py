@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 
-from storage.repository import init_repository, open_repository
 from tests.fixtures.common import VENV_BIN
 from tests.fixtures.qemu import MiB, VmFactory
 from tests.fleet.conftest import Fleet
+from vmvault.storage.repository import init_repository, open_repository
 
 
 def _run(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:

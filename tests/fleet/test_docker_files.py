@@ -15,8 +15,6 @@ import pytest
 import redis
 import yaml
 
-from scheduler.cli import build_parser
-from scheduler.config import load_config, parse_config
 from tests.fixtures.common import (
     free_port,
     port_open,
@@ -24,6 +22,8 @@ from tests.fixtures.common import (
     stop_process,
     wait_until,
 )
+from vmvault.scheduler.cli import build_parser
+from vmvault.worker.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -95,7 +95,15 @@ def test_dockerfile_parses_and_runs_make_setup() -> None:
                 assert (ROOT / src).exists(), f"COPY source {src} missing"
                 copied.add(src.rstrip("/"))
     # Everything `make setup` reads is in the image before it runs.
-    assert {"Makefile", "pyproject.toml", "scripts", "scheduler", "storage", "worker"} <= copied
+    assert {
+        "Makefile",
+        "pyproject.toml",
+        "scripts",
+        "vmvault",
+        "scheduler",
+        "storage",
+        "worker",
+    } <= copied
     assert any("install" in r and "make" in r for r in runs[:1])
     entry = next(args for word, args in instructions if word == "ENTRYPOINT")
     assert entry.startswith("[") and ".venv/bin/vmvault" in entry
@@ -140,7 +148,7 @@ def test_compose_commands_are_real_vmvault_commands(service: str) -> None:
     args = build_parser().parse_args(svc["command"])
     assert args.command == service
     # The handler is the fleet command itself, not a help fallback.
-    assert args.func.__module__ == "scheduler.commands.fleet"
+    assert args.func.__module__ == "vmvault.scheduler.commands.fleet"
     env = svc["environment"]
     config_mount = next(v for v in svc["volumes"] if v.split(":")[1] == env["VMVAULT_CONFIG"])
     assert config_mount.startswith("./vmvault.yaml:")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import ConfigError, parse_config
 from tests.fleet.conftest import fleet_dict, make_config
+from vmvault.worker.config import ConfigError, parse_config
 
 
 def test_defaults(tmp_path: Path) -> None:

@@ -14,14 +14,14 @@ from datetime import UTC, datetime, timedelta
 import redis
 from kombu.exceptions import OperationalError
 
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import JobStore
-from scheduler.scheduler_loop import Scheduler
-from storage.repository import init_repository, open_repository
-from storage.verify import verify
 from tests.fixtures.common import stop_process, wait_until
 from tests.fixtures.qemu import MiB, VmFactory
 from tests.fleet.conftest import Fleet
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.scheduler.scheduler_loop import Scheduler
+from vmvault.storage.repository import init_repository, open_repository
+from vmvault.storage.verify import verify
+from vmvault.worker.jobs import JobStore
 
 SLOT = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 

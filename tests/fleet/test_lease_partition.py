@@ -17,7 +17,7 @@ import redis
 
 from tests.fixtures.common import wait_until
 from tests.fixtures.redis import RedisServer
-from worker.redis_lock import LockLostError, RedisLease
+from vmvault.worker.redis_lock import LockLostError, RedisLease
 
 
 class _Relay:

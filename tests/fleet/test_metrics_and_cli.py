@@ -8,12 +8,12 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import JobStore
-from storage.repository import init_repository
 from tests.fixtures.common import VENV_BIN, free_port
 from tests.fleet.conftest import Fleet
-from worker.metrics import byte_counts, queue_depths, record_job, serve
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.storage.repository import init_repository
+from vmvault.worker.jobs import JobStore
+from vmvault.worker.metrics import byte_counts, queue_depths, record_job, serve
 
 
 def _vmvault(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:

@@ -9,19 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.planner import (
-    PRIORITY,
+from tests.fleet.conftest import make_config
+from vmvault.scheduler.planner import (
     PlannedBackup,
     due_slot,
     latest_slot,
     next_slot,
     overdue,
     plan_slot,
-    queue_for,
     select_ready,
     spread_offset,
 )
-from tests.fleet.conftest import make_config
+from vmvault.worker.routing import PRIORITY, queue_for
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 
@@ -186,7 +185,7 @@ def test_overdue_gives_one_slot_of_grace() -> None:
 
 
 def test_claims_outlive_their_slot_even_for_monthly_schedules() -> None:
-    from scheduler.scheduler_loop import CLAIM_MARGIN, claim_ttl
+    from vmvault.scheduler.scheduler_loop import CLAIM_MARGIN, claim_ttl
 
     monthly = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
     assert next_slot("0 2 1 * *", monthly) == datetime(2026, 4, 1, 2, 0, tzinfo=UTC)

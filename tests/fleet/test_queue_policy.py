@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from scheduler.enqueue import TASK_NAMES, JobRequest, enqueue
-from scheduler.jobs import JobRecord, JobStore
-from storage.repository import Repository, init_repository, open_repository
 from tests.fixtures.common import VENV_BIN
 from tests.fleet.conftest import Fleet
 from tests.storage.helpers import image, write_full
+from vmvault.scheduler.enqueue import TASK_NAMES, JobRequest, enqueue
+from vmvault.storage.repository import Repository, init_repository, open_repository
+from vmvault.worker.jobs import JobRecord, JobStore
 
 SIZE = 256 * 1024
 

@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import redis
 
-from scheduler.config import ConfigError, UnknownDomainError, parse_config
-from scheduler.redact import mask_url, redact
-from storage.gc import DEFAULT_GRACE
 from tests.fleet.conftest import fleet_dict
-from worker.job_policy import (
+from vmvault.storage.locks import DEFAULT_GRACE
+from vmvault.worker.config import ConfigError, UnknownDomainError, parse_config
+from vmvault.worker.job_policy import (
     JobRefusedError,
     check_gc,
     check_prune,
@@ -26,6 +25,7 @@ from worker.job_policy import (
     check_verify,
     keeps_at_least,
 )
+from vmvault.worker.redact import mask_url, redact
 
 BACKUP_ID = "20260301T020000.000000Z-1a2b3c4d"
 

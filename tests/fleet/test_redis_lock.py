@@ -6,10 +6,11 @@ import time
 
 import pytest
 
-from scheduler.leader import LEADER_KEY, Leadership
 from tests.fixtures.common import wait_until
 from tests.fixtures.redis import RedisServer
-from worker.redis_lock import LockBusyError, LockLostError, RedisLease, domain_lease
+from vmvault.scheduler.leader import Leadership
+from vmvault.worker.redis_keys import LEADER_KEY
+from vmvault.worker.redis_lock import LockBusyError, LockLostError, RedisLease, domain_lease
 
 
 def test_one_holder_at_a_time_and_release(redis_server: RedisServer) -> None:

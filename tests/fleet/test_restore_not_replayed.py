@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from scheduler.jobs import JobRecord, JobStore
 from tests.fleet.conftest import Fleet
+from vmvault.worker.jobs import JobRecord, JobStore
 
 
 def test_redelivered_restore_is_failed_not_replayed(fleet: Fleet) -> None:

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 import redis
 from kombu.exceptions import OperationalError
 
-from scheduler.scheduler_loop import Scheduler
 from tests.fixtures.common import wait_until
 from tests.fleet.conftest import Fleet
+from vmvault.scheduler.scheduler_loop import Scheduler
 
 FAST = {"fast": {"cron": "* * * * * */3", "domains": ["*"]}}
 SCHED = {"tick_seconds": 0.2, "lease_seconds": 1.5, "gc_interval_seconds": None}

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import JobStore
-from storage.locks import Lease
-from storage.repository import init_repository
 from tests.fleet.conftest import Fleet
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.storage.locks import Lease
+from vmvault.storage.repository import init_repository
+from vmvault.worker.jobs import JobStore
 
 
 def test_gc_on_a_locked_repository_waits(fleet: Fleet) -> None:

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scheduler.enqueue import JobRequest, enqueue
-from scheduler.jobs import JobStore
-from storage.repository import init_repository, open_repository
-from storage.verify import verify
 from tests.fixtures.common import wait_until
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.fleet.conftest import Fleet
-from worker.redis_lock import DOMAIN_LOCK_PREFIX
+from vmvault.scheduler.enqueue import JobRequest, enqueue
+from vmvault.storage.repository import init_repository, open_repository
+from vmvault.storage.verify import verify
+from vmvault.worker.jobs import JobStore
+from vmvault.worker.redis_keys import DOMAIN_LOCK_PREFIX
 
 
 def _restored(repo_url: str, domain: str, disk: str) -> bytes:

@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.format import Manifest
-from storage.repository import Repository, init_repository
+from vmvault.scheduler import blank_vm
+from vmvault.storage.format import Manifest
+from vmvault.storage.repository import Repository, init_repository
+from vmvault.worker import qemu_img
+from vmvault.worker.config import FleetConfig, parse_config
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -90,33 +92,15 @@ def fleet_config(tmp_path: Path) -> ConfigFactory:
     return make
 
 
-def _virtual_size(image: Path, fmt: str) -> int:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", "-f", fmt, str(image)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return int(json.loads(out)["virtual-size"])
-
-
 def images_equal(a: Path, b: Path, fmt_a: str = "raw", fmt_b: str = "qcow2") -> bool:
     """Same virtual size and ``qemu-img compare`` says identical content.
 
     ``-U`` lets it read an image a running QEMU holds. (Not ``-s``: that also compares
     allocation, and a sparse restore of written zeroes is allocated differently.)
     """
-    if _virtual_size(a, fmt_a) != _virtual_size(b, fmt_b):
+    if qemu_img.virtual_size(a, fmt_a) != qemu_img.virtual_size(b, fmt_b):
         return False
-    proc = subprocess.run(
-        ["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode not in (0, 1):
-        raise RuntimeError(f"qemu-img compare failed: {proc.stderr.strip()}")
-    return proc.returncode == 0
+    return qemu_img.identical(a, b, fmt_a, fmt_b)
 
 
 def allocated_bytes(image: Path) -> int:
@@ -137,10 +121,4 @@ def short_tmp() -> Path:
 
 def launch_argv() -> list[str]:
     """A launch description with one qcow2 disk ``vda``: TCG, no guest OS."""
-    return [
-        "qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
-        "-m", "64", "-qmp", "unix:{qmp},server=on,wait=off",
-        "-blockdev", "driver=file,filename={disk:vda},node-name=file-vda",
-        "-blockdev", "driver=qcow2,file=file-vda,node-name=fmt-vda",
-        "-device", "virtio-blk-pci,drive=fmt-vda,id=vda",
-    ]  # fmt: skip
+    return blank_vm.launch_argv(["vda"])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scheduler.cli import main
-from storage.repository import Repository
 from tests.restore.conftest import MiB, images_equal, make_image, short_tmp, write_backup
+from vmvault.scheduler.cli import main
+from vmvault.storage.repository import Repository
 
 
 @pytest.fixture

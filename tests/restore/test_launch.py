@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import ConfigError, LaunchConfig, parse_config
 from tests.fixtures.common import require_binary
-from worker.launch import LaunchError, render_argv, start_qemu
+from vmvault.worker.config import ConfigError, LaunchConfig, parse_config
+from vmvault.worker.launch import LaunchError, render_argv, start_qemu
 
 QMP_ARG = "unix:{qmp},server=on,wait=off"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.common import require_binary, stop_process, wait_until
-from worker.nbd_write import NbdDiskWriter, NbdWriteError, VerifyError, sha256_hex
+from vmvault.worker.nbd_write import NbdDiskWriter, NbdWriteError, VerifyError, sha256_hex
 
 MiB = 1024 * 1024
 CHUNK = 1 * MiB

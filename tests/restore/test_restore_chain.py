@@ -15,34 +15,23 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.repository import init_repository
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.fixtures.s3 import S3Bucket
 from tests.restore.conftest import CHUNK, images_equal, short_tmp
-from worker.backup import run_backup
-from worker.launch import LaunchError
-from worker.qmp import QmpSession, open_session
-from worker.restore import RestoreTargetExistsError, run_restore
+from vmvault.scheduler import blank_vm
+from vmvault.storage.repository import init_repository
+from vmvault.worker.backup import run_backup
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.launch import LaunchError
+from vmvault.worker.qmp import QmpSession, open_session
+from vmvault.worker.restore import RestoreTargetExistsError, run_restore
 
 KiB = 1024
 
 
 def launch_argv(ctl: Path, name: str = "web1") -> list[str]:
     """A launch description like the fixture's VM, plus a control QMP socket for the test."""
-    argv = [
-        "qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none",
-        "-m", "64", "-name", name,
-        "-qmp", "unix:{qmp},server=on,wait=off",
-        "-qmp", f"unix:{ctl},server=on,wait=off",
-    ]  # fmt: skip
-    for dev in ("vda", "vdb"):
-        argv += [
-            "-blockdev", f"driver=file,filename={{disk:{dev}}},node-name=file-{dev},discard=unmap",
-            "-blockdev", f"driver=qcow2,file=file-{dev},node-name=fmt-{dev},discard=unmap",
-            "-device", f"virtio-blk-pci,drive=fmt-{dev},id={dev}",
-        ]  # fmt: skip
-    return argv
+    return blank_vm.launch_argv(["vda", "vdb"], str(ctl), name=name)
 
 
 def make_config(repo_url: str, state: Path, vm: QemuVm, ctl: Path, **repo: Any) -> FleetConfig:

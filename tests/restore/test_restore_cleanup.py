@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.repository import Repository
 from tests.restore.conftest import CHUNK, MiB, images_equal, make_image, short_tmp, write_backup
-from worker.restore import RestoreError, create_image, run_restore
-from worker.restore_cleanup import (
+from vmvault.storage.repository import Repository
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.restore import RestoreError, create_image, run_restore
+from vmvault.worker.restore_cleanup import (
     COMMITTED,
     COMMITTING,
     JournalProcess,
@@ -239,7 +239,7 @@ def test_failed_commit_in_process_puts_the_old_images_back(
                 raise OSError(28, "No space left on device (injected)")
             real_replace(src, dst)
 
-        monkeypatch.setattr("worker.restore.os.replace", failing_replace)
+        monkeypatch.setattr("vmvault.worker.restore.os.replace", failing_replace)
         with pytest.raises(RestoreError, match=r"domain 'web1' \(backup .*\) failed: .*injected"):
             run_restore(config, "web1", to_dir=out, force=True)
         monkeypatch.undo()

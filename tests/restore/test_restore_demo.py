@@ -6,13 +6,13 @@ import os
 
 import pytest
 
-from worker import demo
-from worker.restore_demo import restore_newest_step
+from vmvault.scheduler import demo
+from vmvault.scheduler.restore_demo import restore_newest_step
 
 
 def test_demo_restore_step() -> None:
-    # worker/demo.py runs restore_newest_step after its own steps (``_extension_steps``).
-    assert restore_newest_step in demo._extension_steps()
+    # scheduler/demo.py runs restore_newest_step after its own steps.
+    assert demo.STEPS[-1] is restore_newest_step
     said: list[str] = []
     report = demo.run_demo(say=said.append)
     restore = report["restore"]

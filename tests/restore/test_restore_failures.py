@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from storage.repository import Repository
 from tests.restore.conftest import (
     CHUNK,
     ConfigFactory,
@@ -18,8 +17,9 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from worker.launch import LaunchError
-from worker.restore import RestoreError, run_restore
+from vmvault.storage.repository import Repository
+from vmvault.worker.launch import LaunchError
+from vmvault.worker.restore import RestoreError, run_restore
 
 
 def test_incoming_force_into_running_domain_keeps_existing_images(
@@ -63,7 +63,7 @@ def test_start_qemu_interrupted_while_waiting_leaves_no_process(tmp_path: Path) 
     import signal
     import time
 
-    from worker.launch import start_qemu
+    from vmvault.worker.launch import start_qemu
 
     pidfile = tmp_path / "pid"
     # Stands in for a QEMU that is slow to open its QMP socket.

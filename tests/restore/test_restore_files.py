@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -10,9 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import StorageError
-from storage.format import chunk_key
-from storage.repository import Repository
 from tests.restore.conftest import (
     CHUNK,
     ConfigFactory,
@@ -23,9 +21,12 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from worker.launch import LaunchError
-from worker.locks import DomainBusyError, domain_lock
-from worker.restore import BackupNotFoundError, RestoreTargetExistsError, run_restore
+from vmvault.storage.errors import BackupNotFoundError, StorageError
+from vmvault.storage.format import chunk_key
+from vmvault.storage.repository import Repository
+from vmvault.worker.launch import LaunchError
+from vmvault.worker.locks import DomainBusyError, domain_lock
+from vmvault.worker.restore import RestoreTargetExistsError, run_restore
 
 
 @pytest.fixture
@@ -46,6 +47,10 @@ def two_backups(
     return file_repo, refs, [b0.backup_id, b1.backup_id]
 
 
+def _record(seen: list[tuple[str, int, int]], phase: str, done: int, total: int) -> None:
+    seen.append((phase, done, total))
+
+
 def test_restore_each_backup_bit_exact_and_sparse(
     tmp_path: Path, two_backups: tuple[Repository, dict[str, dict[str, Path]], list[str]],
     fleet_config: ConfigFactory,
@@ -57,7 +62,7 @@ def test_restore_each_backup_bit_exact_and_sparse(
         seen: list[tuple[str, int, int]] = []
         result = run_restore(
             config, "web1", backup_id=backup_id, to_dir=out,
-            progress=lambda p, d, t, seen=seen: seen.append((p, d, t)),
+            progress=functools.partial(_record, seen),
         )  # fmt: skip
         assert result.backup_id == backup_id
         assert [d.name for d in result.disks] == ["vda", "vdb"]
@@ -227,7 +232,7 @@ def test_incoming_restore_with_failing_qemu_shows_stderr_and_cleans_up(
 
 def test_restore_from_encrypted_repository(tmp_path: Path, fleet_config: ConfigFactory) -> None:
     """Verification uses the repository's keyed digest, so it works on encrypted repos too."""
-    from storage.repository import init_repository
+    from vmvault.storage.repository import init_repository
 
     secret = tmp_path / "passphrase"
     secret.write_text("correct horse battery staple\n")

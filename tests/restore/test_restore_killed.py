@@ -1,6 +1,6 @@
 """A restore killed (SIGKILL) or stopped (SIGTERM) mid-write: final names untouched, no litter.
 
-Each test runs the real CLI (``python -m scheduler restore``) as a child process against a
+Each test runs the real CLI (``python -m vmvault restore``) as a child process against a
 file:// repository holding one 256 MiB backup, waits until the restore is visibly writing
 (the temporary image grows), and kills it. What must hold afterwards:
 
@@ -27,8 +27,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scheduler.config import FleetConfig, load_config
-from storage.repository import Repository
 from tests.restore.conftest import (
     MiB,
     images_equal,
@@ -36,8 +34,10 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from worker.locks import domain_lock
-from worker.restore_cleanup import journal_path, remove_restore_leftovers
+from vmvault.storage.repository import Repository
+from vmvault.worker.config import FleetConfig, load_config
+from vmvault.worker.locks import domain_lock
+from vmvault.worker.restore_cleanup import journal_path, remove_restore_leftovers
 
 # Big enough that the restore is still writing when the test sees the image grow.
 DISK_SIZE = 256 * MiB
@@ -105,7 +105,7 @@ def processes_naming(marker: str) -> list[int]:
 
 
 def cli(setup: Setup, *args: str) -> list[str]:
-    return [sys.executable, "-m", "scheduler", "restore", "web1", *args,
+    return [sys.executable, "-m", "vmvault", "restore", "web1", *args,
             "--config", str(setup.config_file)]  # fmt: skip
 
 

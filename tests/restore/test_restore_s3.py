@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from storage import backends
-from storage.errors import BackendUnavailableError
-from storage.repository import init_repository
 from tests.fixtures.s3 import S3Bucket
 from tests.restore.conftest import CHUNK, ConfigFactory, MiB, images_equal, make_image, write_backup
-from worker.restore import RestoreReadError, run_restore
+from vmvault.storage.backends import RetryPolicy
+from vmvault.storage.backends import s3 as backends
+from vmvault.storage.errors import BackendUnavailableError
+from vmvault.storage.repository import init_repository
+from vmvault.worker.restore import RestoreReadError, run_restore
 
 
 class Relay:
@@ -99,7 +100,7 @@ def test_restore_from_s3_bit_exact_then_store_unreachable(
         assert images_equal(ref, result.disks[0].path)
 
     # Few, quick retries: the point is the error, not riding out the outage.
-    quick = backends.RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.1)
+    quick = RetryPolicy(attempts=3, base_delay=0.05, max_delay=0.1)
     monkeypatch.setattr(backends, "RetryPolicy", lambda: quick)
 
     def cut_after_first_chunks(phase: str, done: int, total: int) -> None:

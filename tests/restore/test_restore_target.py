@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scheduler.cli import main
-from scheduler.config import load_config
-from storage.repository import Repository, init_repository
 from tests.restore.conftest import (
     CHUNK,
     MiB,
@@ -30,8 +27,11 @@ from tests.restore.conftest import (
     short_tmp,
     write_backup,
 )
-from worker.locks import domain_lock
-from worker.restore import run_restore
+from vmvault.scheduler.cli import main
+from vmvault.storage.repository import Repository, init_repository
+from vmvault.worker.config import load_config
+from vmvault.worker.locks import domain_lock
+from vmvault.worker.restore import run_restore
 
 
 def mode(path: Path) -> int:
@@ -96,7 +96,7 @@ def test_incoming_restore_images_are_private(
     ref = make_image(tmp_path / "vda.raw", 2 * MiB, 4, [(0, CHUNK)])
     write_backup(file_repo, "web1", {"vda": ref})
     short = short_tmp()
-    from scheduler.config import parse_config
+    from vmvault.worker.config import parse_config
 
     config = parse_config(
         {
@@ -187,7 +187,7 @@ def test_target_the_user_cannot_enter_is_refused_in_one_line(tmp_path: Path) -> 
     ):
         proc = subprocess.run(
             [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--",
-             sys.executable, "-m", "scheduler", "restore", "web1", "--to", str(target),
+             sys.executable, "-m", "vmvault", "restore", "web1", "--to", str(target),
              "--config", str(config)],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip

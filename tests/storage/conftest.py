@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from storage.backends import Backend, RetryPolicy, open_backend
-from storage.repository import Repository, init_repository, open_repository
+from vmvault.storage.backends import Backend, RetryPolicy, open_backend
+from vmvault.storage.backends.mem import forget
+from vmvault.storage.repository import Repository, init_repository, open_repository
 
 # Small chunks keep test disks tiny; cheap scrypt keeps unlocking fast (the default
 # cost is exercised by test_encryption).
@@ -45,12 +46,29 @@ class Target:
 
 @pytest.fixture(params=["file", "s3"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    """A place for one fresh repository: a temp dir, or a fresh bucket on SeaweedFS."""
+    """A place for one fresh repository: a temp dir, or a fresh bucket on SeaweedFS.
+
+    (Not ``mem://``: repository tests hand the repository to child processes.)
+    """
+    yield _target(request, tmp_path)
+
+
+@pytest.fixture(params=["mem", "file", "s3"])
+def backend_target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    """Every backend, for the shared backend suite (tests/storage/test_backends.py)."""
+    target = _target(request, tmp_path)
+    yield target
+    if target.kind == "mem":
+        forget(target.url)
+
+
+def _target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    if request.param == "mem":
+        return Target("mem", f"mem://{request.node.nodeid}")
     if request.param == "file":
-        yield Target("file", f"file://{tmp_path}/repo", root=tmp_path / "repo")
-    else:
-        s3 = request.getfixturevalue("s3_server")
-        yield Target("s3", s3.repo_url("repo"), endpoint_url=s3.endpoint_url)
+        return Target("file", f"file://{tmp_path}/repo", root=tmp_path / "repo")
+    s3 = request.getfixturevalue("s3_server")
+    return Target("s3", s3.repo_url("repo"), endpoint_url=s3.endpoint_url)
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from storage.format import Manifest
-from storage.repository import Repository
+from vmvault.storage.format import Manifest
+from vmvault.storage.repository import Repository
 
 
 def image(size: int, seed: int, zero_every: int = 3, chunk: int = 64 * 1024) -> bytes:

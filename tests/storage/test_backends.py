@@ -1,4 +1,5 @@
-"""The shared backend suite: every backend (file://, s3:// on SeaweedFS) passes the same tests."""
+"""The shared backend suite: every backend (mem://, file://, s3:// on SeaweedFS) passes the same
+tests."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from storage.backends import FileBackend
-from storage.errors import ObjectNotFoundError, StorageError
 from tests.storage.conftest import Target
+from vmvault.storage.backends import FileBackend, check_url, open_backend
+from vmvault.storage.backends.mem import forget
+from vmvault.storage.errors import ObjectNotFoundError, ObjectTooLargeError, StorageError
 
 
-def test_put_get_exists_delete(target: Target) -> None:
-    b = target.backend()
+def test_put_get_exists_delete(backend_target: Target) -> None:
+    b = backend_target.backend()
     assert not b.exists("a/b/c")
     assert b.put("a/b/c", b"hello")
     assert b.exists("a/b/c")
@@ -27,15 +29,15 @@ def test_put_get_exists_delete(target: Target) -> None:
         b.get("a/b/c")
 
 
-def test_conditional_create_never_overwrites(target: Target) -> None:
-    b = target.backend()
+def test_conditional_create_never_overwrites(backend_target: Target) -> None:
+    b = backend_target.backend()
     assert b.put("chunks/ab/x", b"first", if_absent=True) is True
     assert b.put("chunks/ab/x", b"second", if_absent=True) is False
     assert b.get("chunks/ab/x") == b"first"
 
 
-def test_list_prefix_sizes_and_times(target: Target) -> None:
-    b = target.backend()
+def test_list_prefix_sizes_and_times(backend_target: Target) -> None:
+    b = backend_target.backend()
     before = datetime.now(UTC) - timedelta(minutes=5)
     for key, body in [("chunks/aa/1", b"x"), ("chunks/ab/2", b"yy"), ("backups/d/m", b"zzz")]:
         b.put(key, body)
@@ -49,8 +51,8 @@ def test_list_prefix_sizes_and_times(target: Target) -> None:
     assert list(b.list("nothing/")) == []
 
 
-def test_binary_round_trip(target: Target) -> None:
-    b = target.backend()
+def test_binary_round_trip(backend_target: Target) -> None:
+    b = backend_target.backend()
     body = bytes(range(256)) * 4097
     b.put("bin", body)
     assert b.get("bin") == body
@@ -75,8 +77,8 @@ def test_file_backend_leaves_no_temp_files(file_target: Target) -> None:
     assert names == ["0", "1", "2", "3", "4"]
 
 
-def test_deferred_put_is_visible_and_flush_is_safe(target: Target) -> None:
-    b = target.backend()
+def test_deferred_put_is_visible_and_flush_is_safe(backend_target: Target) -> None:
+    b = backend_target.backend()
     assert b.put("chunks/cd/x", b"deferred", if_absent=True, defer_sync=True)
     assert not b.put("chunks/cd/x", b"other", if_absent=True, defer_sync=True)
     assert b.get("chunks/cd/x") == b"deferred"
@@ -85,8 +87,8 @@ def test_deferred_put_is_visible_and_flush_is_safe(target: Target) -> None:
     assert [o.key for o in b.list("chunks/cd/")] == ["chunks/cd/x"]
 
 
-def test_put_of_pieces_stores_their_concatenation(target: Target) -> None:
-    b = target.backend()
+def test_put_of_pieces_stores_their_concatenation(backend_target: Target) -> None:
+    b = backend_target.backend()
     pieces = (b"\x01", bytearray(b"middle" * 1000), memoryview(b"-end"))
     assert b.put("chunks/ef/p", pieces, if_absent=True, defer_sync=True)
     for i in range(20):  # many directories to sync at once
@@ -94,3 +96,31 @@ def test_put_of_pieces_stores_their_concatenation(target: Target) -> None:
     b.flush()
     assert b.get("chunks/ef/p") == b"\x01" + b"middle" * 1000 + b"-end"
     assert b.get("chunks/13/q") == b"ab"
+
+
+def test_too_large_objects_are_refused_unread(backend_target: Target) -> None:
+    b = backend_target.backend()
+    b.put("big", b"x" * 100)
+    assert b.get("big", max_size=100) == b"x" * 100
+    with pytest.raises(ObjectTooLargeError, match="big"):
+        b.get("big", max_size=99)
+
+
+def test_mem_repositories_are_shared_by_name_and_forgotten() -> None:
+    first, again = open_backend("mem://shared-test"), open_backend("mem://shared-test")
+    first.put("k", b"v")
+    assert again.get("k") == b"v"
+    assert not open_backend("mem://other-test").exists("k")
+    forget("mem://shared-test")
+    assert not open_backend("mem://shared-test").exists("k")
+
+
+def test_config_urls_are_file_or_s3_only() -> None:
+    assert check_url("file:///srv/backups") == "file:///srv/backups"
+    for url, message in [
+        ("mem://x", "unsupported repository URL"),
+        ("file://host/x", "bad file URL"),
+        ("s3://bad bucket/x", "bad bucket name"),
+    ]:
+        with pytest.raises(StorageError, match=message):
+            check_url(url)

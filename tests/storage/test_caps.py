@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import CorruptObjectError, RepositoryLockedError
-from storage.format import CONFIG_KEY, KEY_KEY, chunk_key
-from storage.gc import collect_garbage
-from storage.verify import verify
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import read_back, write_full
+from vmvault.storage.errors import CorruptObjectError, RepositoryLockedError
+from vmvault.storage.format import CONFIG_KEY, KEY_KEY, chunk_key
+from vmvault.storage.gc import collect_garbage
+from vmvault.storage.verify import verify
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from scheduler.cli import main
-from storage.repository import open_repository
 from tests.fixtures.s3 import S3Bucket
 from tests.storage.conftest import CHUNK
 from tests.storage.helpers import write_full
+from vmvault.scheduler.cli import main
+from vmvault.storage.repository import open_repository
 
 
 def _config(tmp_path: Path, passphrase: bytes | None = None) -> tuple[Path, str]:
@@ -129,8 +129,8 @@ def test_passwd_with_the_same_passphrase_binds_an_old_key_object(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The documented way to add the config binding to a repository made before it."""
-    from storage.format import CONFIG_KEY, KEY_KEY
     from tests.storage.test_config_binding import _legacy_key_object, _master
+    from vmvault.storage.format import CONFIG_KEY, KEY_KEY
 
     cfg, url = _config(tmp_path, b"pw")
     assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
@@ -169,8 +169,8 @@ def test_s3_bucket_name_with_a_space(tmp_path: Path, capsys: pytest.CaptureFixtu
     code, _, err = _run(capsys, "list", "--config", str(cfg))
     assert code == 2
     assert "bucket name 'my bucket'" in _one_line(err)
-    from storage.backends import open_backend
-    from storage.errors import StorageError
+    from vmvault.storage.backends import open_backend
+    from vmvault.storage.errors import StorageError
 
     with pytest.raises(StorageError, match="bucket name 'my bucket'"):
         open_backend("s3://my bucket/vm", endpoint_url="http://127.0.0.1:9")
@@ -209,7 +209,7 @@ def test_missing_bucket_is_not_answered_with_run_init(
 def test_bad_scrypt_parameters_in_the_key_object(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from storage.format import KEY_KEY
+    from vmvault.storage.format import KEY_KEY
 
     cfg, _ = _config(tmp_path, b"pw")
     assert main(["init", "--config", str(cfg), "--chunk-size", "64K"]) == 0
@@ -225,7 +225,7 @@ def test_bad_scrypt_parameters_in_the_key_object(
 def _forge_short_chunk(url: str, passphrase: bytes | None) -> tuple[str, int]:
     """A backup whose index names, at offset 0, a chunk of 100 bytes (its digest is right):
     what a buggy writer or, unencrypted, anyone with write access could leave."""
-    from storage.format import IndexEntry, chunk_key, encode_index
+    from vmvault.storage.format import IndexEntry, chunk_key, encode_index
 
     repo = open_repository(url, passphrase=passphrase)
     m = write_full(repo, "vm", {"vda": os.urandom(2 * CHUNK)})
@@ -239,7 +239,7 @@ def _forge_short_chunk(url: str, passphrase: bytes | None) -> tuple[str, int]:
     from dataclasses import replace
 
     forged = replace(m, disks=[replace(disk, index_digest=repo.chunk_digest(body))])
-    repo.backend.put(m.key, repo._manifest_bytes(forged))
+    repo.backend.put(m.key, repo.seal_manifest(forged))
     return m.backup_id, len(short)
 
 

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-import storage.backends as backends
-from storage.backends import Backend, Data, Litter, ObjectInfo
-from storage.errors import (
+import vmvault.storage.backends.file as backends
+from tests.storage.conftest import CHUNK, Target
+from vmvault.storage.backends import Backend, Data, Litter, ObjectInfo, open_backend
+from vmvault.storage.errors import (
     BackendUnavailableError,
     InvalidNameError,
     LeaseExpiredError,
     RepositoryLockedError,
     WriterError,
 )
-from storage.format import check_backup_id, check_digest, check_name, parse_backup_key
-from storage.gc import collect_garbage
-from tests.storage.conftest import CHUNK, Target
+from vmvault.storage.format import check_backup_id, check_digest, check_name, parse_backup_key
+from vmvault.storage.gc import collect_garbage
 
 
 @pytest.mark.parametrize("name", ["web1\n", "vda\n"])
@@ -100,7 +100,7 @@ def test_concurrent_flush_waits_for_the_fsyncs_it_relies_on(
 ) -> None:
     """Two writers flush at once: the second must not return before the first has made
     the shared chunk directories durable (it writes an index right after)."""
-    backend = backends.open_backend(f"file://{tmp_path}/repo")
+    backend = open_backend(f"file://{tmp_path}/repo")
     backend.put("chunks/aa/one", b"1", if_absent=True, defer_sync=True)
     entered, release = threading.Event(), threading.Event()
     synced: list[Path] = []

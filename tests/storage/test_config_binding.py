@@ -13,9 +13,11 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from storage.crypto import Codec
-from storage.errors import ConfigMismatchError, PassphraseError
-from storage.format import (
+from tests.storage.conftest import CHUNK, FAST_SCRYPT, Target
+from tests.storage.helpers import read_back, write_full
+from vmvault.storage.crypto import Codec
+from vmvault.storage.errors import ConfigMismatchError, PassphraseError
+from vmvault.storage.format import (
     CONFIG_KEY,
     KEY_KEY,
     IndexEntry,
@@ -25,9 +27,7 @@ from storage.format import (
     encode_index,
     index_key,
 )
-from storage.repository import Repository, open_repository
-from tests.storage.conftest import CHUNK, FAST_SCRYPT, Target
-from tests.storage.helpers import read_back, write_full
+from vmvault.storage.repository import Repository, open_repository
 
 
 def _edit_config(target: Target, edit: str) -> None:

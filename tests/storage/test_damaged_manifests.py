@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from scheduler.cli import main
-from storage.errors import CorruptObjectError
-from storage.format import Manifest, chunk_key
-from storage.gc import GcAbortedError, collect_garbage
-from storage.prune import KeepPolicy, plan_prune
-from storage.repository import Repository
-from storage.verify import verify
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, read_back, write_full
-from worker.restore import select_backup
+from vmvault.scheduler.cli import main
+from vmvault.storage.errors import CorruptObjectError
+from vmvault.storage.format import Manifest, chunk_key
+from vmvault.storage.gc import GcAbortedError, collect_garbage
+from vmvault.storage.prune import KeepPolicy, plan_prune
+from vmvault.storage.repository import Repository
+from vmvault.storage.verify import verify
+from vmvault.worker.restore import select_backup
 
 DAMAGES = ["truncate", "edit", "json", "garbage"]
 
@@ -166,7 +166,7 @@ def test_cli_list_prune_verify_show_the_damaged_manifest(
     cfg.write_text(f"repository:\n  url: {url}\n")
     c = str(cfg)
     assert main(["init", "--config", c, "--chunk-size", "64K"]) == 0
-    from storage.repository import open_repository
+    from vmvault.storage.repository import open_repository
 
     repo = open_repository(url)
     m1, m2, m3 = _three(repo)

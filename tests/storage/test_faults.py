@@ -7,12 +7,12 @@ import os
 
 import pytest
 
-from storage.crypto import SCRYPT_N
-from storage.errors import CorruptObjectError, ObjectNotFoundError, PassphraseError
-from storage.format import chunk_key
-from storage.verify import verify
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, read_back, write_full
+from vmvault.storage.crypto import SCRYPT_N
+from vmvault.storage.errors import CorruptObjectError, ObjectNotFoundError, PassphraseError
+from vmvault.storage.format import chunk_key
+from vmvault.storage.verify import verify
 
 
 def _flip(data: bytes, at: int) -> bytes:

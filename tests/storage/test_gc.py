@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import LeaseExpiredError, RepositoryLockedError
-from storage.format import chunk_key
-from storage.gc import GcAbortedError, collect_garbage
-from storage.locks import Lease
-from storage.repository import Repository
-from storage.verify import verify
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, read_back, write_full
+from vmvault.storage.errors import LeaseExpiredError, RepositoryLockedError
+from vmvault.storage.format import chunk_key
+from vmvault.storage.gc import GcAbortedError, collect_garbage
+from vmvault.storage.locks import Lease
+from vmvault.storage.repository import Repository
+from vmvault.storage.verify import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,7 +132,7 @@ def test_lapsed_lease_makes_commit_fail(file_target: Target) -> None:
 
 _WRITER = """
 import os, sys, time
-from storage.repository import open_repository
+from vmvault.storage.repository import open_repository
 repo = open_repository(sys.argv[1], endpoint_url=sys.argv[2] or None, lease_ttl=1.0)
 w = repo.open_backup("victim", None, "full", "test: will be killed", None)
 d = w.open_disk("vda", 8 * repo.chunk_size, "raw")

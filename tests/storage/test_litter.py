@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from storage.format import index_key, new_backup_id
-from storage.gc import collect_garbage
-from storage.verify import verify
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, read_back, write_full
+from vmvault.storage.format import index_key, new_backup_id
+from vmvault.storage.gc import collect_garbage
+from vmvault.storage.verify import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # file) until told to go on through stdin, or until it is killed.
 _SLOW_PUT = """
 import sys
-from storage.backends import open_backend
+from vmvault.storage.backends import open_backend
 
 class Pieces(list):
     def __iter__(self):

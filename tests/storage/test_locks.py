@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import RepositoryLockedError
-from storage.gc import collect_garbage
-from storage.locks import Lease
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import write_full
+from vmvault.storage.errors import RepositoryLockedError
+from vmvault.storage.gc import collect_garbage
+from vmvault.storage.locks import Lease
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _HOLDER = """
 import sys, time
-from storage.backends import open_backend
-from storage.locks import Lease
+from vmvault.storage.backends import open_backend
+from vmvault.storage.locks import Lease
 backend = open_backend(sys.argv[1], endpoint_url=sys.argv[2] or None)
 lease = Lease(backend, sys.argv[3], "test holder", 600).acquire()
 print(lease.key, flush=True)

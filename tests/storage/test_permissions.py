@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from storage.locks import Lease
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import write_full
+from vmvault.storage.locks import Lease
 
 
 @pytest.fixture

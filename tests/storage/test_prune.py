@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.errors import RepositoryLockedError, StorageError
-from storage.format import Manifest, new_backup_id
-from storage.gc import collect_garbage
-from storage.locks import Lease
-from storage.prune import PERIODS, KeepPolicy, plan_prune
-from storage.verify import verify
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import read_back, write_full
+from vmvault.storage.errors import RepositoryLockedError, StorageError
+from vmvault.storage.format import Manifest, new_backup_id
+from vmvault.storage.gc import collect_garbage
+from vmvault.storage.locks import Lease
+from vmvault.storage.prune import PERIODS, KeepPolicy, plan_prune
+from vmvault.storage.verify import verify
 
 EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 

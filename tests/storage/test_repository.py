@@ -7,8 +7,10 @@ import os
 
 import pytest
 
-from storage.backends import Data
-from storage.errors import (
+from tests.storage.conftest import CHUNK, Target
+from tests.storage.helpers import image, read_back, write_full
+from vmvault.storage.backends import Data
+from vmvault.storage.errors import (
     BackupNotFoundError,
     InvalidNameError,
     RepositoryExistsError,
@@ -16,9 +18,7 @@ from storage.errors import (
     UnsupportedVersionError,
     WriterError,
 )
-from storage.format import CONFIG_KEY
-from tests.storage.conftest import CHUNK, Target
-from tests.storage.helpers import image, read_back, write_full
+from vmvault.storage.format import CONFIG_KEY
 
 
 @pytest.mark.parametrize("passphrase", [None, b"correct horse"])
@@ -191,7 +191,7 @@ def test_newer_manifest_version_is_refused(file_target: Target) -> None:
     m = write_full(repo, "vm", {"vda": os.urandom(CHUNK)})
     doc = m.to_json()
     doc["version"] = 7
-    from storage.format import canonical_json
+    from vmvault.storage.format import canonical_json
 
     doc["checksum"] = repo.codec.digest(canonical_json(doc))
     repo.backend.put(m.key, json.dumps(doc).encode())

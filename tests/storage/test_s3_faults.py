@@ -9,13 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from storage.backends import RetryPolicy
-from storage.errors import BackendUnavailableError, StorageError
-from storage.repository import init_repository, open_repository
 from tests.fixtures.s3 import S3Bucket
 from tests.storage.conftest import CHUNK, FAST_SCRYPT
 from tests.storage.helpers import image, read_back, write_full
 from tests.storage.proxy import FlakyProxy
+from vmvault.storage.backends import RetryPolicy
+from vmvault.storage.errors import BackendUnavailableError, StorageError
+from vmvault.storage.repository import init_repository, open_repository
 
 # Enough attempts to outlast a 1 s outage whatever the jitter draws (>= 2.5 s of sleep).
 FAST_RETRY = RetryPolicy(attempts=30, base_delay=0.05, max_delay=0.3)

@@ -7,7 +7,7 @@ import secrets
 
 import pytest
 
-from storage.crypto import COMPRESSION_NONE, COMPRESSION_ZSTD, Codec, Keys
+from vmvault.storage.crypto import COMPRESSION_NONE, COMPRESSION_ZSTD, Codec, Keys
 
 MiB = 1024 * 1024
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.format import Manifest
-from storage.repository import Repository, init_repository, open_repository
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
+from vmvault.storage.format import Manifest
+from vmvault.storage.repository import Repository, init_repository, open_repository
+from vmvault.worker.config import FleetConfig, parse_config
 
 CHUNK = 1 * MiB
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from storage.repository import init_repository
 from tests.fixtures.qemu import KiB, MiB, VmFactory
 from tests.worker.conftest import CHUNK, BackupEnv, make_config
-from worker.backup import run_backup
-from worker.checkpoints import parse_chain
-from worker.cleanup import nbd_socket_path
-from worker.inspect import DiskSelectionError, list_disks
-from worker.qmp import open_session
+from vmvault.storage.repository import init_repository
+from vmvault.worker.backup import run_backup
+from vmvault.worker.checkpoints import parse_chain
+from vmvault.worker.cleanup import nbd_socket_path
+from vmvault.worker.disks import DiskSelectionError, list_disks
+from vmvault.worker.qmp import open_session
 
 
 def test_full_then_incrementals_are_bit_exact(backup_env: BackupEnv) -> None:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.cli import main as cli_main
-from scheduler.config import UnknownDomainError
-from storage.errors import StorageError
 from tests.fixtures.qemu import KiB, MiB
 from tests.worker.conftest import BackupEnv, make_config
-from worker.backup import BackupError, IncrementalUnavailableError, run_backup
-from worker.checkpoints import PREFIX
-from worker.locks import DomainBusyError, domain_lock
-from worker.qmp import QmpConnectError
+from vmvault.scheduler.cli import main as cli_main
+from vmvault.storage.errors import StorageError
+from vmvault.worker.backup import BackupError, IncrementalUnavailableError, run_backup
+from vmvault.worker.checkpoints import PREFIX
+from vmvault.worker.config import UnknownDomainError
+from vmvault.worker.locks import DomainBusyError, domain_lock
+from vmvault.worker.qmp import QmpConnectError
 
 DISKS = ("vda", "vdb")
 
@@ -301,8 +301,8 @@ def test_leftovers_of_a_sigkilled_worker_are_removed(backup_env: BackupEnv, tmp_
     script = textwrap.dedent(
         f"""
         import os, signal
-        from scheduler.config import load_config
-        from worker.backup import run_backup
+        from vmvault.worker.config import load_config
+        from vmvault.worker.backup import run_backup
         def die(phase, done, total):
             os.kill(os.getpid(), signal.SIGKILL)
         run_backup(load_config({str(cfg)!r}), "vm", progress=die)
@@ -346,7 +346,7 @@ def test_a_stale_qmp_socket_is_one_line_without_qemu_qmp_noise(
     cfg = tmp_path / "vmvault.yaml"
     cfg.write_text(json.dumps(env.config.model_dump(mode="json")))
     proc = subprocess.run(
-        [sys.executable, "-m", "scheduler", "backup", "vm", "--config", str(cfg)],
+        [sys.executable, "-m", "vmvault", "backup", "vm", "--config", str(cfg)],
         cwd=Path(__file__).parents[2],
         capture_output=True,
         text=True,

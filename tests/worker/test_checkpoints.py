@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.fixtures.qemu import KiB, MiB, QemuVm
-from worker.checkpoints import (
+from vmvault.worker.checkpoints import (
     DiskChain,
     begin_checkpoint_actions,
     bitmap_name,

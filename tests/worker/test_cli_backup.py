@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.cli import main as cli_main
 from tests.fixtures.qemu import MiB
 from tests.worker.conftest import BackupEnv
+from vmvault.scheduler.cli import main as cli_main
 
 
 def _config_file(env: BackupEnv, tmp_path: Path) -> str:
@@ -53,7 +53,7 @@ def test_backup_and_checkpoints_json(
 
 def test_demo_runs_end_to_end() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "scheduler", "demo", "--json"],
+        [sys.executable, "-m", "vmvault", "demo", "--json"],
         capture_output=True,
         text=True,
         timeout=120,

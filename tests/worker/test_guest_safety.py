@@ -21,15 +21,15 @@ from typing import Any
 
 import pytest
 
-from scheduler.config import FleetConfig, parse_config
-from storage.repository import init_repository, open_repository
 from tests.fixtures.common import wait_until
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
-from worker.backup import BackupError, FleeceBrokenError, StateDirError, run_backup
-from worker.checkpoints import PREFIX
-from worker.cleanup import job_marker, paused_marker
-from worker.qmp import QmpConnectError
-from worker.reaper import reap_host
+from vmvault.storage.repository import init_repository, open_repository
+from vmvault.worker.backup import BackupError, FleeceBrokenError, StateDirError, run_backup
+from vmvault.worker.checkpoints import PREFIX
+from vmvault.worker.cleanup import job_marker, paused_marker
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.qmp import QmpConnectError
+from vmvault.worker.reaper import reap_host
 
 ROOT = Path(__file__).parents[2]
 
@@ -160,7 +160,7 @@ def test_full_state_dir_refuses_before_touching_the_domain(
     cfg = tmp_path / "vmvault.yaml"
     cfg.write_text(json.dumps(config.model_dump(mode="json")))
     proc = subprocess.run(
-        [sys.executable, "-m", "scheduler", "backup", "vm", "--config", str(cfg)],
+        [sys.executable, "-m", "vmvault", "backup", "vm", "--config", str(cfg)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -205,8 +205,8 @@ _STOPPED_BACKUP = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from worker.qmp import QmpSession
-    from scheduler.cli import main
+    from vmvault.worker.qmp import QmpSession
+    from vmvault.scheduler.cli import main
 
     step, ready = sys.argv[1], Path(sys.argv[2])
 
@@ -221,13 +221,13 @@ _STOPPED_BACKUP = textwrap.dedent(
         return real(self, command, arguments, timeout)
     QmpSession.execute = execute
 
-    import worker.backup
-    real_pull = worker.backup._pull_disk
+    import vmvault.worker.backup
+    real_pull = vmvault.worker.backup._pull_disk
     def pull(job, *args):
         if step == "pull" and not ready.exists():
             hold()
         return real_pull(job, *args)
-    worker.backup._pull_disk = pull
+    vmvault.worker.backup._pull_disk = pull
     sys.exit(main(["backup", "vm", "--config", sys.argv[3]]))
     """
 )
@@ -365,10 +365,10 @@ def test_reaper_passes_leave_quiet_domains_alone(
     vm = qemu_vm_factory(disk_sizes=[16 * MiB], name="vm")
     config = _config(vm, _repo(tmp_path), state_dir)
     run_backup(config, "vm")
-    import worker.reaper
+    import vmvault.worker.reaper
 
     def no_lock(*args: object, **kwargs: object) -> None:
         raise AssertionError("the reaper took the domain lock of a quiet domain")
 
-    monkeypatch.setattr(worker.reaper, "domain_lock", no_lock)
+    monkeypatch.setattr(vmvault.worker.reaper, "domain_lock", no_lock)
     assert reap_host(config, "hv1") == 0

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from worker import memory
-from worker.memory import chunk_friendly_malloc
+from vmvault.worker import memory
+from vmvault.worker.memory import chunk_friendly_malloc
 
 
 class RecordingLibc:

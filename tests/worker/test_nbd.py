@@ -11,8 +11,9 @@ import pytest
 
 from tests.fixtures.common import require_binary, stop_process, wait_until
 from tests.fixtures.qemu import GiB, KiB, MiB
-from worker.nbd import BASE_ALLOCATION, STATE_ZERO, NbdError, NbdReader, chunks_touched
-from worker.qmp import socket_is_listening
+from vmvault.worker.nbd import BASE_ALLOCATION, STATE_ZERO, NbdError
+from vmvault.worker.nbd_read import NbdReader, chunks_touched
+from vmvault.worker.qmp import socket_is_listening
 
 SIZE = 5 * GiB  # more than one block_status request (2 GiB each) and past 32-bit lengths
 
@@ -85,7 +86,9 @@ def test_reads_split_at_the_server_limit_and_keep_order(nbd_socket: Path) -> Non
 def test_parallel_reads_cover_every_range_once_over_several_connections(
     nbd_socket: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.nbd.READ_PIECE", 256 * KiB)  # 4 MiB ranges: 16 pieces each
+    monkeypatch.setattr(
+        "vmvault.worker.nbd_read.READ_PIECE", 256 * KiB
+    )  # 4 MiB ranges: 16 pieces each
     ranges = [(offset, 4 * MiB) for offset in range(32 * MiB, 88 * MiB, 4 * MiB)]
     ranges.append((4608 * MiB, 1 * MiB))
     with NbdReader(nbd_socket, "") as reader:

@@ -24,14 +24,12 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
-from scheduler.redact import redact
+from vmvault.worker.redact import redact
+from vmvault.worker.redis_keys import INFLIGHT_PREFIX, JOB_PREFIX, JOBS_INDEX
 
 RECORD_TTL = 14 * 86400
 MAX_JOBS_LISTED = 100_000
 
-JOB_PREFIX = "vmvault:job:"
-JOBS_INDEX = "vmvault:jobs"
-INFLIGHT_PREFIX = "vmvault:inflight:"
 
 FINAL_STATES = frozenset({"succeeded", "failed"})
 

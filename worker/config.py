@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 import yaml
-from croniter import croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,15 +27,16 @@ from pydantic import (
     model_validator,
 )
 
+from vmvault.storage.format import NAME_PATTERN
+from vmvault.storage.locks import DEFAULT_GRACE
+
 if TYPE_CHECKING:
-    from storage.repository import Repository
+    from vmvault.storage.repository import Repository
 
 DEFAULT_CONFIG_NAME = "vmvault.yaml"
 CONFIG_ENV = "VMVAULT_CONFIG"
 
-# Domain, disk, host and schedule names become parts of object keys, queue names and
-# file names: keep them to a conservative alphabet so nothing can escape its key space.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# Names (domains, disks, hosts, schedules) use the repository's alphabet (storage/format.py).
 _NAME_RE = re.compile(NAME_PATTERN)
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -74,21 +74,14 @@ class RepositoryConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        parsed = urlparse(url)
-        if parsed.scheme == "file":
-            if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-                raise ValueError(f"bad file URL {url!r}: use file:///absolute/path")
-        elif parsed.scheme == "s3":
-            # storage.backends imports boto3 only when a backend is opened: cheap here.
-            from storage.backends import parse_s3_url
-            from storage.errors import StorageError
+        # storage.backends imports boto3 only when a backend is opened: cheap here.
+        from vmvault.storage.backends import check_url
+        from vmvault.storage.errors import StorageError
 
-            try:
-                parse_s3_url(url)
-            except StorageError as err:
-                raise ValueError(str(err)) from None
-        else:
-            raise ValueError(f"unsupported repository URL {url!r}: use file:// or s3://")
+        try:
+            check_url(url)
+        except StorageError as err:
+            raise ValueError(str(err)) from None
         return url
 
     @field_validator("endpoint_url")
@@ -133,7 +126,7 @@ class RepositoryConfig(_Strict):
     def open(self, concurrency: int | None = None) -> Repository:
         """Open the configured repository; ``concurrency`` sizes its thread and connection pool."""
         # Imported here: the storage stack (boto3) is not needed to validate a config.
-        from storage.repository import DEFAULT_CONCURRENCY, open_repository
+        from vmvault.storage.repository import DEFAULT_CONCURRENCY, open_repository
 
         return open_repository(
             self.url,
@@ -255,6 +248,9 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, expr: str) -> str:
+        # Imported here: only configs with schedules need it, and it costs CLI start-up.
+        from croniter import croniter
+
         if not croniter.is_valid(expr):
             raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
         return expr
@@ -310,11 +306,6 @@ class SchedulerSettings(_Strict):
         return self
 
 
-# The GC's own default grace (storage.gc.DEFAULT_GRACE, not imported: validating a config
-# must not load the storage stack); a test keeps the two equal.
-DEFAULT_GC_GRACE_SECONDS = 3600.0
-
-
 # The spellings Celery's Redis result backend accepts (celery.backends.redis).
 _SSL_CERT_REQS = ("required", "optional", "none", "CERT_REQUIRED", "CERT_OPTIONAL", "CERT_NONE")
 
@@ -333,7 +324,7 @@ class WorkerPolicy(_Strict):
     # Retention a queued prune may apply to any domain, besides each schedule's own.
     prune_policies: list[RetentionPolicy] = Field(default_factory=list)
     # The shortest GC grace window a queued gc may ask for (and what it gets by default).
-    gc_grace_seconds: float = Field(default=DEFAULT_GC_GRACE_SECONDS, ge=0, le=365 * 86400)
+    gc_grace_seconds: float = Field(default=DEFAULT_GRACE, ge=0, le=365 * 86400)
 
 
 class FleetConfig(_Strict):
@@ -356,7 +347,7 @@ class FleetConfig(_Strict):
         if url is None:
             return url
         # Masked: a mistyped URL does not make the password any less secret.
-        from scheduler.redact import mask_url
+        from vmvault.worker.redact import mask_url
 
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):

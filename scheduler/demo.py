@@ -1,8 +1,8 @@
 """``vmvault demo``: a QEMU VM with two disks, a full and an incremental backup, bit-exact check.
 
 Everything lives in one temporary directory (``/tmp/vmvault-demo-*``): disks, QMP socket,
-``file://`` repository and state dir. No Redis, no S3. Each step is a small function so
-other parts (restore) can append their own steps to :data:`STEPS`.
+``file://`` repository and state dir. No Redis, no S3. Each step is a small function in
+:data:`STEPS`; the last one (scheduler/restore_demo.py) restores the newest backup.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scheduler.config import FleetConfig, parse_config
-from storage.repository import init_repository, open_repository
-from worker.backup import BackupResult, run_backup
-from worker.errors import WorkerError
-from worker.qmp import QmpSession, socket_is_listening
+from vmvault.scheduler import blank_vm
+from vmvault.scheduler.restore_demo import restore_newest_step
+from vmvault.storage.repository import init_repository, open_repository
+from vmvault.worker import qemu_img
+from vmvault.worker.backup import BackupResult, run_backup
+from vmvault.worker.config import FleetConfig, parse_config
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.qmp import QmpSession, socket_is_listening
 
 MiB = 1024 * 1024
 DOMAIN = "demo"
@@ -36,7 +39,7 @@ class DemoError(WorkerError):
 
 @dataclass
 class DemoVm:
-    """A throwaway QEMU (TCG, no guest OS) with qcow2 disks, like the test fixture's."""
+    """The blank VM (scheduler/blank_vm.py, the test fixture's too) in a throwaway directory."""
 
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
@@ -48,21 +51,16 @@ class DemoVm:
         return self.workdir / "qmp.sock"
 
     def start(self) -> None:
-        qemu, qemu_img = shutil.which("qemu-system-x86_64"), shutil.which("qemu-img")
-        if qemu is None or qemu_img is None:
+        if shutil.which(blank_vm.QEMU_SYSTEM) is None or shutil.which(qemu_img.QEMU_IMG) is None:
             raise DemoError("qemu-system-x86_64 and qemu-img are needed: run 'make setup'")
-        args = [qemu, "-M", "q35", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
-                "-qmp", f"unix:{self.workdir / 'ctl.sock'},server=on,wait=off"]  # fmt: skip
         for name, size in DISKS.items():
             path = self.workdir / f"{name}.qcow2"
-            subprocess.run(
-                [qemu_img, "create", "-q", "-f", "qcow2", str(path), str(size)], check=True
-            )
+            qemu_img.create(path, size)
             self.disks[name] = path
-            args += ["-blockdev", f"driver=file,filename={path},node-name=file-{name}",
-                     "-blockdev", f"driver=qcow2,file=file-{name},node-name=fmt-{name}",
-                     "-device", f"virtio-blk-pci,drive=fmt-{name},id={name}"]  # fmt: skip
+        args = blank_vm.argv(
+            {name: str(path) for name, path in self.disks.items()},
+            [str(self.qmp_path), str(self.workdir / "ctl.sock")],
+        )
         log = (self.workdir / "qemu.log").open("wb")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 20
@@ -77,17 +75,13 @@ class DemoVm:
 
     def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
         assert self.ctl is not None
-        self.ctl.hmp(
-            f"qemu-io -d /machine/peripheral/{disk}/virtio-backend "
-            f'"write -P {pattern:#x} {offset} {length}"'
-        )
+        self.ctl.hmp(f'qemu-io -d {blank_vm.qdev(disk)} "write -P {pattern:#x} {offset} {length}"')
 
     def capture(self, disk: str) -> bytes:
         assert self.ctl is not None
-        self.ctl.hmp(f'qemu-io -d /machine/peripheral/{disk}/virtio-backend "flush"')
+        self.ctl.hmp(f'qemu-io -d {blank_vm.qdev(disk)} "flush"')
         out = self.workdir / f"{disk}.ref"
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(self.disks[disk]), str(out)],
-                       check=True)  # fmt: skip
+        qemu_img.to_raw(self.disks[disk], out)
         data = out.read_bytes()
         out.unlink()
         return data
@@ -175,16 +169,8 @@ def _list(demo: Demo) -> None:
 
 STEPS: list[Callable[[Demo], None]] = [
     _write_data, _backup("full"), _write_more, _backup("incremental"), _verify, _list,
+    restore_newest_step,
 ]  # fmt: skip
-
-
-def _extension_steps() -> list[Callable[[Demo], None]]:
-    """Steps other parts add to the demo (restore: the newest backup into a paused QEMU)."""
-    try:
-        from worker.restore_demo import restore_newest_step
-    except ImportError:
-        return []
-    return [restore_newest_step]
 
 
 def run_demo(keep: bool = False, say: Say | None = None) -> dict[str, Any]:
@@ -207,7 +193,7 @@ def run_demo(keep: bool = False, say: Say | None = None) -> dict[str, Any]:
         )
         out(f"started QEMU with disks vda (64 MiB) and vdb (32 MiB); repository {repo_url}")
         demo = Demo(vm, config, out)
-        for step in [*STEPS, *_extension_steps()]:
+        for step in STEPS:
             step(demo)
         demo.report["workdir"] = str(workdir) if keep else None
         demo.report["results"] = [b.to_json() for b in demo.backups]

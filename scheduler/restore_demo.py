@@ -8,16 +8,18 @@ command line. The restored images are compared with the VM's own disks
 
 from __future__ import annotations
 
-import subprocess
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from scheduler.config import LaunchConfig
-from worker.errors import WorkerError
-from worker.restore import RestoreResult, run_restore
+from vmvault.scheduler import blank_vm
+from vmvault.worker import qemu_img
+from vmvault.worker.config import LaunchConfig
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.restore import RestoreResult, run_restore
 
 if TYPE_CHECKING:
-    from worker.demo import Demo
+    from vmvault.scheduler.demo import Demo
 
 
 class RestoreDemoError(WorkerError):
@@ -25,31 +27,20 @@ class RestoreDemoError(WorkerError):
 
 
 def clone_launch(disks: list[str]) -> LaunchConfig:
-    """A launch description like the demo VM's: TCG, no guest OS, one qcow2 per disk."""
-    argv = ["qemu-system-x86_64", "-M", "q35", "-accel", "tcg", "-nodefaults",
-            "-display", "none", "-m", "64", "-qmp", "unix:{qmp},server=on,wait=off"]  # fmt: skip
-    for name in disks:
-        argv += ["-blockdev", f"driver=file,filename={{disk:{name}}},node-name=file-{name}",
-                 "-blockdev", f"driver=qcow2,file=file-{name},node-name=fmt-{name}",
-                 "-device", f"virtio-blk-pci,drive=fmt-{name},id={name}"]  # fmt: skip
-    return LaunchConfig(argv=argv)
+    """A launch description of the demo's blank VM, images and QMP socket as placeholders."""
+    return LaunchConfig(argv=blank_vm.launch_argv(disks))
 
 
-def _identical(source: Any, restored: Any) -> bool:
-    proc = subprocess.run(
-        ["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", str(source), str(restored)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode not in (0, 1):
-        raise RestoreDemoError(f"qemu-img compare failed: {proc.stderr.strip()}")
-    return proc.returncode == 0
+def _identical(source: Path, restored: Path) -> bool:
+    try:
+        return qemu_img.identical(source, restored)
+    except qemu_img.QemuImgError as err:
+        raise RestoreDemoError(str(err)) from err
 
 
 def restore_newest_step(demo: Demo) -> None:
     """Demo step: restore the newest backup into a paused incoming-mode QEMU and compare."""
-    from worker.demo import DOMAIN
+    from vmvault.scheduler.demo import DOMAIN
 
     workdir = demo.vm.workdir
     started = time.monotonic()

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from scheduler.config import is_valid_name
-from worker.errors import WorkerError
-from worker.qmp import DirtyBitmapInfo, QmpSession
+from vmvault.worker.config import is_valid_name
+from vmvault.worker.errors import WorkerError
+from vmvault.worker.qmp import DirtyBitmapInfo, QmpSession
 
 _PERIPHERAL = "/machine/peripheral/"
 

@@ -1,0 +1,59 @@
+"""What a backup or restore job is asked to do: one typed model per job, for both routes.
+
+The CLI builds a request from its flags and either runs it in-process or sends
+``to_job_kwargs()`` (JSON-safe) to the domain's host; the worker's queue policy
+(worker/job_policy.py) parses a queued job's arguments back into the same model. The
+field names are the keyword arguments of ``run_backup`` / ``run_restore`` and of the
+Celery tasks (a wire contract: they do not change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vmvault.worker.routing import BackupMode
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    """Back up ``domain`` now."""
+
+    domain: str
+    mode: BackupMode = "auto"
+
+    def to_job_kwargs(self) -> dict[str, Any]:
+        return {"domain": self.domain, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """Restore one backup of ``domain`` (by id, at a time, or the newest)."""
+
+    domain: str
+    backup_id: str | None = None
+    at: datetime | None = None
+    to_dir: Path | None = None
+    incoming: bool = False
+    boot: bool = False
+    force: bool = False
+    disks: list[str] | None = None
+
+    def to_job_kwargs(self) -> dict[str, Any]:
+        """The restore task's arguments (JSON-safe: time as ISO 8601, directory as text)."""
+        return {
+            "domain": self.domain,
+            "backup_id": self.backup_id,
+            "at": self.at.isoformat() if self.at is not None else None,
+            "to_dir": str(self.to_dir) if self.to_dir is not None else None,
+            "incoming": self.incoming,
+            "boot": self.boot,
+            "force": self.force,
+            "disks": self.disks,
+        }
+
+    def run_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``run_restore`` besides the config and progress."""
+        return asdict(self)
