@@ -55,6 +55,7 @@ from worker.fleece import (
     scratch_bytes,
     scratch_options,
 )
+from worker.freeze import FreezeOutcome, guest_frozen, thaw_leftover
 from worker.inspect import DiskInfo, list_disks, node_bitmaps
 from worker.locks import domain_lock
 from worker.memory import chunk_friendly_malloc
@@ -165,11 +166,17 @@ class BackupResult:
     leftovers_removed: bool = False
     paused_ms: float = 0.0
     fleece_bytes: int = 0
+    # application: guest file systems frozen through its agent (worker/freeze.py)
+    consistency: str = "crash"
+    consistency_reason: str = ""
+    frozen_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["duration_s"] = round(self.duration_s, 3)
         data["paused_ms"] = round(self.paused_ms, 1)
+        if self.frozen_ms is not None:
+            data["frozen_ms"] = round(self.frozen_ms, 1)
         return data
 
 
@@ -248,6 +255,7 @@ class _Job:
     disks: list[DiskInfo] = field(default_factory=list)
     results: dict[str, DiskResult] = field(default_factory=dict)
     paused_ms: float = 0.0
+    freeze: FreezeOutcome | None = None
     # Bytes each empty scratch image took (qcow2 metadata): not copied guest data.
     scratch_base: dict[str, int] = field(default_factory=dict)
 
@@ -348,6 +356,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
     _check_socket_dir(state_dir, domain)
     job.step = Step.CLEANUP
     leftovers = remove_leftovers(qmp, state_dir)
+    thaw_leftover(job.config, domain)  # a guest a dead job left frozen
     # From here on QEMU may hold this job's objects: a SIGKILL leaves the marker, which
     # tells the reaper to look (worker/reaper.py). Removed once the teardown is complete.
     marker = job_marker(state_dir, domain)
@@ -388,6 +397,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
                 "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
                 "paused_ms": round(job.paused_ms, 1),
                 "fleece_bytes": fleece_bytes,
+                **(job.freeze.to_manifest() if job.freeze else {}),
             },
         )
     except BaseException:
@@ -420,7 +430,18 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         leftovers_removed=bool(leftovers),
         paused_ms=job.paused_ms,
         fleece_bytes=fleece_bytes,
+        **_consistency(job.freeze),
     )
+
+
+def _consistency(freeze: FreezeOutcome | None) -> dict[str, Any]:
+    if freeze is None:
+        return {}
+    return {
+        "consistency": freeze.consistency,
+        "consistency_reason": freeze.reason,
+        "frozen_ms": freeze.frozen_ms,
+    }
 
 
 def _check_socket_dir(state_dir: Path, domain: str) -> None:
@@ -542,7 +563,11 @@ def _checkpoint_and_fleece(
         seal += cp.seal_checkpoint_actions(chains[disk.name])
         if temp is not None and plan.since is not None:
             seal += cp.export_bitmap_actions(chains[disk.name], plan.since, temp)
-    with paused_guest(qmp, job.config.state_dir) as paused_at:
+    # The guest's file systems are frozen (when its agent answers) just around the pause.
+    with (
+        guest_frozen(job.config, job.domain) as job.freeze,
+        paused_guest(qmp, job.config.state_dir) as paused_at,
+    ):
         qmp.transaction(begin)
         for disk in job.disks:
             nodes = FleeceNodes.of(disk.name)

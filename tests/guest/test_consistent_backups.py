@@ -1,0 +1,149 @@
+"""Backups of a Linux guest writing and fsyncing files: crash- and application-consistent.
+
+Every restored file system must pass ``e2fsck -fn`` and hold every file whose fsync had
+returned before the backup started, with its checksum. With the guest agent the file
+system is frozen for the checkpoint: it is clean without a journal replay.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.fixtures.guest import e2fsck_clean, ext4_files, needs_recovery, replay_journal
+from tests.guest.conftest import GuestEnv
+from worker.backup import BackupError, run_backup
+from worker.cleanup import frozen_marker, write_marker
+from worker.freeze import guest_frozen
+from worker.guest_agent import GuestAgent
+from worker.reaper import reap_host
+from worker.signals import Terminated, signals_as_exceptions
+
+
+def _check_restored(env: GuestEnv, backup_id: str, fsynced: dict[str, str], app: bool) -> None:
+    raw = env.restore_raw(backup_id, backup_id)
+    if app:
+        # Frozen: ext4 flushed its journal and cleared needs_recovery before the snapshot.
+        assert not needs_recovery(raw), backup_id
+    else:
+        replay_journal(raw)  # what mounting it would do
+    clean, report = e2fsck_clean(raw)
+    assert clean, f"{backup_id}: {report}"
+    files = ext4_files(raw, "/w")
+    missing = {name for name in fsynced if name not in files}
+    assert not missing, f"{backup_id}: fsynced before the backup but not in it: {missing}"
+    wrong = {name for name, digest in fsynced.items() if files[name] != digest}
+    assert not wrong, f"{backup_id}: wrong content: {wrong}"
+    raw.unlink()
+
+
+def test_writing_guest_full_and_incrementals_crash_and_application(guest_env: GuestEnv) -> None:
+    env, guest = guest_env, guest_env.guest
+    crash, application = env.config(agent=False), env.config()
+    guest.start_writer("w", pause=0.02)
+    guest.wait_fsynced(3)
+    for number, (config, app) in enumerate(
+        [(crash, False), (application, True), (crash, False), (application, True)]
+    ):
+        before = guest.fsynced()
+        result = run_backup(config, "vm")
+        assert result.kind == ("full" if number == 0 else "incremental"), result.reason
+        extra = env.manifest_extra(result.backup_id)
+        if app:
+            assert result.consistency == extra["consistency"] == "application"
+            assert result.frozen_ms is not None and result.frozen_ms > 0
+            assert extra["frozen_ms"] == round(result.frozen_ms, 1)
+            assert result.to_json()["frozen_ms"] == extra["frozen_ms"]
+            print(f"frozen window: {result.frozen_ms:.0f} ms, paused {result.paused_ms:.1f} ms")
+        else:
+            assert result.consistency == extra["consistency"] == "crash"
+            assert "no guest agent configured" in extra["consistency_reason"]
+            assert result.frozen_ms is None and extra["frozen_ms"] is None
+        _check_restored(env, result.backup_id, before, app)
+        guest.wait_fsynced(len(guest.fsynced()) + 2)  # the writer goes on
+    guest.stop_writer("w")
+    assert not frozen_marker(env.state_dir, "vm").exists()
+
+
+def test_agent_hung_or_slow_freeze_ends_as_configured_and_thawed(guest_env: GuestEnv) -> None:
+    env, guest = guest_env, guest_env.guest
+    guest.start_writer("w", pause=0.02)
+    guest.wait_fsynced(3)
+    # The freeze's answer does not come within the timeout (it flushes dirty data first):
+    # the backup goes on crash-consistent, and the guest is thawed all the same.
+    slow = env.config(freeze_timeout_seconds=0.001)
+    result = run_backup(slow, "vm")
+    assert result.consistency == "crash"
+    assert "freezing failed" in result.consistency_reason
+    with GuestAgent("vm", guest.qga_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+    with pytest.raises(BackupError, match="require_freeze is set"):
+        run_backup(env.config(freeze_timeout_seconds=0.001, require_freeze=True), "vm")
+    with GuestAgent("vm", guest.qga_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+    assert not frozen_marker(env.state_dir, "vm").exists()
+
+    # A hung agent (stopped in the guest): crash-consistent with the reason, or refused.
+    guest.shell("kill -STOP $(cat /run/qemu-ga.pid)")
+    result = run_backup(env.config(), "vm")
+    assert (result.consistency, result.kind) == ("crash", "incremental")
+    assert "did not answer" in result.consistency_reason
+    with pytest.raises(BackupError, match="require_freeze is set"):
+        run_backup(env.config(require_freeze=True), "vm")
+    # An agent that was killed: the same.
+    guest.shell("kill -KILL $(cat /run/qemu-ga.pid)")
+    result = run_backup(env.config(), "vm")
+    assert result.consistency == "crash" and "did not answer" in result.consistency_reason
+    n = len(guest.fsynced())
+    guest.wait_fsynced(n + 2)  # never left frozen: the writer goes on
+    guest.stop_writer("w")
+
+
+def test_thawed_after_an_exception_or_sigterm_in_the_frozen_window(guest_env: GuestEnv) -> None:
+    env, guest = guest_env, guest_env.guest
+    config = env.config()
+    marker = frozen_marker(env.state_dir, "vm")
+
+    def frozen_now() -> bool:
+        # The agent serves one client at a time: ask the guest's own view instead. A write
+        # to a frozen file system waits until the thaw.
+        guest.shell("rm -f /run/wrote; (touch /mnt/data/probe; touch /run/wrote) >/dev/null 2>&1 &")
+        return guest.shell("sleep 0.5; test -e /run/wrote || echo frozen").strip() == "frozen"
+
+    with pytest.raises(RuntimeError, match="boom"), guest_frozen(config, "vm") as outcome:
+        assert outcome.consistency == "application" and marker.exists()
+        assert frozen_now()
+        raise RuntimeError("boom")
+    assert outcome.frozen_ms is not None and not marker.exists()
+    assert not frozen_now()
+
+    with (
+        pytest.raises(Terminated),
+        signals_as_exceptions(),
+        guest_frozen(config, "vm") as outcome,
+    ):
+        os.kill(os.getpid(), signal.SIGTERM)  # waits for the thaw
+        assert frozen_now()
+    assert not marker.exists() and not frozen_now()
+
+
+def test_a_guest_a_dead_job_left_frozen_is_thawed(guest_env: GuestEnv) -> None:
+    """SIGKILL in the frozen window leaves the marker and a frozen guest: the reaper and the
+    next backup thaw it."""
+    env, guest = guest_env, guest_env.guest
+    config = env.config()
+    marker = frozen_marker(env.state_dir, "vm")
+    for thaw in ("reaper", "next backup"):
+        with GuestAgent("vm", guest.qga_path) as agent:
+            write_marker(marker)  # what the killed job wrote before its freeze
+            agent.fsfreeze_freeze()
+        if thaw == "reaper":
+            assert reap_host(config, "hv1") == 1
+        else:
+            result = run_backup(config, "vm")
+            assert result.consistency == "application"
+        assert not marker.exists()
+        with GuestAgent("vm", guest.qga_path) as agent:
+            assert agent.fsfreeze_status() == "thawed"
