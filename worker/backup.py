@@ -36,9 +36,12 @@ from storage.errors import StorageError
 from storage.format import Manifest
 from storage.repository import BackupWriter, DiskWriter, Repository
 from worker import checkpoints as cp
+from worker import offline
 from worker.cleanup import (
+    frozen_marker,
     job_marker,
     nbd_socket_path,
+    paused_marker,
     qemu_id,
     remove_leftovers,
     run_dir,
@@ -170,6 +173,7 @@ class BackupResult:
     consistency: str = "crash"
     consistency_reason: str = ""
     frozen_ms: float | None = None
+    state: str = "running"  # or "shut-off": backed up from its images (worker/offline.py)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -256,6 +260,8 @@ class _Job:
     results: dict[str, DiskResult] = field(default_factory=dict)
     paused_ms: float = 0.0
     freeze: FreezeOutcome | None = None
+    # A shut-off domain's images (worker/offline.py), opened by qemu-storage-daemon.
+    images: dict[str, Path] | None = None
     # Bytes each empty scratch image took (qcow2 metadata): not copied guest data.
     scratch_base: dict[str, int] = field(default_factory=dict)
 
@@ -329,10 +335,13 @@ def _run_backup(
         check_state_dir(config)
         with domain_lock(state_dir, domain, "backup"):
             job.step = Step.CONNECT
-            with (
-                open_session(domain, dom_cfg.qmp, config.backup.io_timeout_seconds) as session,
-                config.repository.open() as repo,
-            ):
+            timeout = config.backup.io_timeout_seconds
+            if offline.is_shut_off(dom_cfg):
+                job.images = offline.image_paths(dom_cfg, dom_cfg.disks)
+                connection = offline.storage_daemon(domain, job.images, state_dir, timeout)
+            else:
+                connection = open_session(domain, dom_cfg.qmp, timeout)
+            with connection as session, config.repository.open() as repo:
                 job.session = session
                 result = _backup(job, repo, dom_cfg.disks)
                 result.duration_s = time.monotonic() - started
@@ -347,6 +356,8 @@ def _run_backup(
 
 def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResult:
     qmp, domain, state_dir = job.qmp, job.domain, job.config.state_dir
+    if job.images is not None:
+        return _backup_shut_off(job, repo)
     status = qmp.query_status()
     if status in ("inmigrate", "postmigrate", "finish-migrate"):
         raise DomainStateError(
@@ -397,6 +408,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
                 "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
                 "paused_ms": round(job.paused_ms, 1),
                 "fleece_bytes": fleece_bytes,
+                "state": "running",
                 **(job.freeze.to_manifest() if job.freeze else {}),
             },
         )
@@ -442,6 +454,73 @@ def _consistency(freeze: FreezeOutcome | None) -> dict[str, Any]:
         "consistency_reason": freeze.reason,
         "frozen_ms": freeze.frozen_ms,
     }
+
+
+def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
+    """:func:`_backup` for a shut-off domain, its images opened by qemu-storage-daemon.
+
+    Nothing writes to them: no fleecing, no pause, no freeze; the checkpoint and the pull
+    are those of a running domain, so the chain continues (``worker/offline.py``).
+    """
+    qmp, domain, state_dir = job.qmp, job.domain, job.config.state_dir
+    assert job.images is not None
+    _check_socket_dir(state_dir, domain)
+    # The QEMU that a dead job's markers were about has gone, and its objects with it.
+    for marker in (job_marker, paused_marker, frozen_marker):
+        marker(state_dir, domain).unlink(missing_ok=True)
+    shutil.rmtree(scratch_dir(state_dir, domain), ignore_errors=True)
+    job.step = Step.PLAN
+    job.disks = disks = offline.list_images(qmp, job.images)
+    chains = {d.name: cp.parse_chain(d.node, d.bitmaps) for d in disks}
+    plan = plan_backup(domain, job.mode, disks, chains, repo.list_manifests(domain))
+    new_id = cp.new_checkpoint_id(owner=repo_owner(repo))
+    log.info("domain %s (shut off): %s backup (%s)", domain, plan.kind, plan.reason)
+    writer = repo.open_backup(domain, plan.parent, plan.kind, plan.reason, new_id)
+    job.on_undo("abort the repository backup", writer.abort)
+    job.freeze = FreezeOutcome(
+        "crash", "domain shut off: its disks as the guest left them (clean after a clean shutdown)"
+    )
+    try:
+        job.step = Step.CHECKPOINT
+        temp = offline.checkpoint_and_export(
+            qmp, disks, chains, new_id, plan.since,
+            nbd_socket_path(state_dir, domain), probe_export, job.on_undo,
+        )  # fmt: skip
+        job.step = Step.PULL
+        _pull(job, writer, repo.chunk_size, plan, temp)
+        job.step = Step.COMMIT
+        pulled = sum(r.virtual_size for r in job.results.values())
+        job.progress("commit", pulled, pulled)
+        manifest = writer.commit(
+            layout=_layout(disks),
+            extra={
+                "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
+                "state": "shut-off",
+                **job.freeze.to_manifest(),
+            },
+        )
+    except BaseException:
+        job.teardown()
+        raise
+    job.step = Step.TEARDOWN
+    failures = job.teardown()
+    if failures:
+        log.warning("domain %s: backup committed; teardown left: %s", domain, "; ".join(failures))
+    job.step = Step.TRIM
+    _trim(job, new_id, repo_owner(repo))
+    job.step = Step.DONE
+    return BackupResult(
+        backup_id=manifest.backup_id,
+        domain=domain,
+        kind=plan.kind,
+        reason=plan.reason,
+        parent=plan.parent.backup_id if plan.parent else None,
+        checkpoint=new_id,
+        disks=[job.results[d.name] for d in disks],
+        duration_s=0.0,
+        state="shut-off",
+        **_consistency(job.freeze),
+    )
 
 
 def _check_socket_dir(state_dir: Path, domain: str) -> None:

@@ -100,6 +100,8 @@ def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _say_result(ctx: CliContext, result: BackupResult) -> None:
     parent = f" on top of {result.parent}" if result.parent else ""
+    if getattr(result, "state", "running") == "shut-off":
+        parent += ", domain shut off (from its images)"
     ctx.say(
         f"backup {result.backup_id} of {result.domain}: {result.kind}{parent} "
         f"in {result.duration_s:.1f}s ({result.reason})"
