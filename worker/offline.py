@@ -14,12 +14,15 @@ says where its images are (``launch.image_dir``, the images ``<disk>.qcow2`` for
 
 So the chain goes on: the next backup, online or not, is incremental. An image that a
 running process holds (the domain started under another QMP socket, a ``qemu-img`` at
-work) cannot be locked: the backup is refused, naming the image.
+work) cannot be locked: the backup is refused, naming the image. The daemon gets SIGTERM
+when the backup's process dies, even by SIGKILL (``PR_SET_PDEATHSIG``): it closes the
+images cleanly instead of holding their locks with nobody to stop it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -43,6 +46,7 @@ from worker.qmp import QmpError, QmpSession, socket_is_listening
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT = 20.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _MAX_ID = 31
 
 
@@ -121,7 +125,7 @@ def storage_daemon(
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + _START_TIMEOUT
@@ -146,6 +150,16 @@ def storage_daemon(
         _stop(proc)
         sock.unlink(missing_ok=True)
         log_path.unlink(missing_ok=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the backup's process dies, even by SIGKILL.
+
+    A daemon left behind would hold the image locks, and the domain could not start.
+    SIGTERM makes it close the images cleanly (the bitmaps are stored).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _escape(path: Path) -> str:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
+import sys
 
 import pytest
 
+from tests.fixtures.common import wait_until
 from tests.fixtures.guest import e2fsck_clean, ext4_files, needs_recovery
 from tests.guest.conftest import GuestEnv
 from worker.backup import run_backup
-from worker.offline import ShutOffBackupError
+from worker.offline import ShutOffBackupError, monitor_path
+from worker.qmp import open_session, socket_is_listening
 from worker.restore import run_restore
 
 
@@ -72,3 +77,49 @@ def test_an_image_in_use_is_refused_by_name(guest_env: GuestEnv) -> None:
         holder.stdin.close()
         holder.wait(10)
     assert run_backup(config, "vm").state == "shut-off"
+
+
+def test_a_killed_shut_off_backup_leaves_no_daemon_holding_the_images(
+    guest_env: GuestEnv,
+) -> None:
+    env, guest = guest_env, guest_env.guest
+    launch = guest.launch()
+    config = env.config(launch=launch)
+    config_file = env.tmp / "vmvault.yaml"
+    config_file.write_text(
+        json.dumps(
+            {
+                "repository": {"url": env.repo_url},
+                "state_dir": str(env.state_dir),
+                "domains": {
+                    "vm": {"host": "hv1", "qmp": str(guest.qmp_path), "launch": launch},
+                },
+            }
+        )
+    )
+    guest.poweroff()
+    monitor = monitor_path(env.state_dir, "vm")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "scheduler", "--config", str(config_file), "backup", "vm"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: socket_is_listening(monitor), 60, "qemu-storage-daemon", job)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+    # The daemon got SIGTERM with its parent's death and let go of the image.
+    try:
+        wait_until(lambda: not socket_is_listening(monitor), 30, "the daemon to exit")
+    except TimeoutError:
+        with open_session("qsd", monitor) as daemon:  # do not leave it behind
+            daemon.execute("quit")
+        raise
+    subprocess.run(
+        ["qemu-img", "info", str(guest.disks["vda"].path)], check=True, capture_output=True
+    )  # fmt: skip  (fails while another process locks it)
+    result = run_backup(config, "vm")
+    assert result.state == "shut-off"
+    raw = env.restore_raw(result.backup_id, "after-kill")
+    assert e2fsck_clean(raw)[0]
