@@ -106,6 +106,9 @@ def guest_frozen(config: FleetConfig, domain: str) -> Iterator[FreezeOutcome]:
                 # the freeze may still complete: thaw either way.
                 _thaw(agent, marker, domain)
                 failure = f"freezing failed: {err}"
+            except BaseException:
+                _thaw(agent, marker, domain)
+                raise
             if failure is not None:
                 yield _not_frozen(dom, domain, failure)
                 return

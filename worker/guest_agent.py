@@ -52,6 +52,11 @@ class GuestAgentTimeoutError(GuestAgentError):
     """A command got no answer in time; the connection was dropped."""
 
 
+class GuestAgentProtocolError(GuestAgentError):
+    """The agent answered something that is not a valid answer to the command. The guest
+    is not trusted: whatever it sends ends as this error, never as another exception."""
+
+
 class GuestAgentCommandError(GuestAgentError):
     """The agent answered with an error; ``desc`` is the agent's own text."""
 
@@ -114,7 +119,7 @@ class GuestAgent:
         sync_id = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
         request = {"execute": "guest-sync-delimited", "arguments": {"id": sync_id}}
         try:
-            self._send(_DELIMITER + json.dumps(request).encode())
+            self._send(_DELIMITER + json.dumps(request).encode() + b"\n")
             # Everything before the agent's delimiter is a stale answer (or the parser's
             # complaint about our 0xFF): drop it.
             while True:
@@ -210,11 +215,24 @@ class GuestAgent:
                 ) from err
             raise
         if "error" in reply:
-            error = reply["error"]
+            error = reply["error"] if isinstance(reply["error"], dict) else {}
             raise GuestAgentCommandError(
-                self.domain, command, str(error.get("class")), str(error.get("desc"))
+                self.domain, command, str(error.get("class"))[:100], str(error.get("desc"))[:500]
             )
-        return reply.get("return")
+        if "return" not in reply:
+            raise self._bad(command, reply)
+        return reply["return"]
+
+    def _bad(self, command: str, answer: object) -> GuestAgentProtocolError:
+        return GuestAgentProtocolError(
+            f"domain {self.domain!r}: guest agent gave an unexpected answer to {command}: "
+            f"{json.dumps(answer)[:200]}"
+        )
+
+    def _int(self, command: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._bad(command, value)
+        return value
 
     # -- typed calls ----------------------------------------------------------------------------
 
@@ -222,9 +240,9 @@ class GuestAgent:
         self.call("guest-ping", timeout=timeout)
 
     def fsfreeze_status(self, timeout: float | None = None) -> FreezeStatus:
-        status = str(self.call("guest-fsfreeze-status", timeout=timeout))
+        status = self.call("guest-fsfreeze-status", timeout=timeout)
         if status not in ("thawed", "frozen"):
-            raise GuestAgentError(f"domain {self.domain!r}: unknown fsfreeze status {status!r}")
+            raise self._bad("guest-fsfreeze-status", status)
         return "frozen" if status == "frozen" else "thawed"
 
     def fsfreeze_freeze(
@@ -236,16 +254,16 @@ class GuestAgent:
         caller must thaw.
         """
         if mountpoints:
-            frozen = self.call(
-                "guest-fsfreeze-freeze-list", {"mountpoints": mountpoints}, timeout=timeout
-            )
+            command = "guest-fsfreeze-freeze-list"
+            frozen = self.call(command, {"mountpoints": mountpoints}, timeout=timeout)
         else:
-            frozen = self.call("guest-fsfreeze-freeze", timeout=timeout)
-        return int(frozen)
+            command = "guest-fsfreeze-freeze"
+            frozen = self.call(command, timeout=timeout)
+        return self._int(command, frozen)
 
     def fsfreeze_thaw(self, timeout: float | None = None) -> int:
         """Thaw every frozen file system; returns how many were thawed."""
-        return int(self.call("guest-fsfreeze-thaw", timeout=timeout))
+        return self._int("guest-fsfreeze-thaw", self.call("guest-fsfreeze-thaw", timeout=timeout))
 
     def exec(self, path: str, args: list[str], timeout: float | None = None) -> int:
         """Start ``path args...`` in the guest with its output captured; returns its pid."""
@@ -254,19 +272,26 @@ class GuestAgent:
             {"path": path, "arg": args, "capture-output": True},
             timeout=timeout,
         )
-        return int(reply["pid"])
+        if not isinstance(reply, dict):
+            raise self._bad("guest-exec", reply)
+        return self._int("guest-exec", reply.get("pid"))
 
     def exec_status(self, pid: int, timeout: float | None = None) -> ExecResult | None:
         """The process's result once it exited, else None."""
         reply = self.call("guest-exec-status", {"pid": pid}, timeout=timeout)
+        if not isinstance(reply, dict):
+            raise self._bad("guest-exec-status", reply)
         if not reply.get("exited"):
             return None
-        return ExecResult(
-            exitcode=reply.get("exitcode"),
-            signal=reply.get("signal"),
-            stdout=base64.b64decode(reply.get("out-data", "")),
-            stderr=base64.b64decode(reply.get("err-data", "")),
-        )
+        try:
+            return ExecResult(
+                exitcode=_optional_int(reply.get("exitcode")),
+                signal=_optional_int(reply.get("signal")),
+                stdout=base64.b64decode(str(reply.get("out-data", "")), validate=True),
+                stderr=base64.b64decode(str(reply.get("err-data", "")), validate=True),
+            )
+        except ValueError as err:  # binascii.Error is a ValueError
+            raise self._bad("guest-exec-status", reply) from err
 
     def run(self, path: str, args: list[str], timeout: float) -> ExecResult:
         """Run a command in the guest and wait for it, at most ``timeout`` seconds.
@@ -289,3 +314,11 @@ class GuestAgent:
                 return result
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.5)
+
+
+def _optional_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {value!r}")
+    return value

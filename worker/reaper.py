@@ -54,8 +54,9 @@ def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
                 domain_lock(config.state_dir, name, "cleanup"),
                 open_session(name, domain.qmp, config.backup.io_timeout_seconds) as session,
             ):
-                thawed = thaw_leftover(config, name)
-                if remove_leftovers(session, config.state_dir) or thawed:
+                # Resumed first (remove_leftovers): a paused guest's agent cannot thaw.
+                removed = bool(remove_leftovers(session, config.state_dir))
+                if thaw_leftover(config, name) or removed:
                     cleaned += 1
         except DomainBusyError:
             continue  # a live job: it cleans up after itself

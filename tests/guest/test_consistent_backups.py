@@ -15,7 +15,7 @@ import pytest
 from tests.fixtures.guest import e2fsck_clean, ext4_files, needs_recovery, replay_journal
 from tests.guest.conftest import GuestEnv
 from worker.backup import BackupError, run_backup
-from worker.cleanup import frozen_marker, write_marker
+from worker.cleanup import frozen_marker, paused_marker, write_marker
 from worker.freeze import guest_frozen
 from worker.guest_agent import GuestAgent
 from worker.reaper import reap_host
@@ -140,10 +140,39 @@ def test_a_guest_a_dead_job_left_frozen_is_thawed(guest_env: GuestEnv) -> None:
             write_marker(marker)  # what the killed job wrote before its freeze
             agent.fsfreeze_freeze()
         if thaw == "reaper":
+            # Killed in the pause inside the frozen window: the agent of a paused guest
+            # cannot answer, so the guest is resumed before the thaw.
+            write_marker(paused_marker(env.state_dir, "vm"))
+            guest.ctl.execute("stop")
             assert reap_host(config, "hv1") == 1
+            assert guest.ctl.query_status() == "running"
         else:
             result = run_backup(config, "vm")
             assert result.consistency == "application"
         assert not marker.exists()
         with GuestAgent("vm", guest.qga_path) as agent:
             assert agent.fsfreeze_status() == "thawed"
+
+
+# The guest is not trusted: an "agent" in it that answers the handshake, then garbage.
+_EVIL_AGENT = (
+    "kill -KILL $(cat /run/qemu-ga.pid); "
+    "for p in /sys/class/virtio-ports/*; do "
+    '[ "$(cat $p/name)" = org.qemu.guest_agent.0 ] && P=/dev/${p##*/}; done; '
+    "(while true; do exec 3<>$P; while read -r l <&3; do "
+    """id=$(echo "$l" | sed -n 's/.*"id": *\\([0-9]*\\).*/\\1/p'); """
+    """if [ -n "$id" ]; then printf '\\377{"return": %s}\\n' "$id" >&3; """
+    """else printf '{"return": {"pwned": [1e999]}}\\n' >&3; fi; done; """
+    "exec 3>&-; sleep 0.2; done) >/dev/null 2>&1 &"
+)
+
+
+def test_an_agent_answering_garbage_gives_a_crash_consistent_backup(guest_env: GuestEnv) -> None:
+    env, guest = guest_env, guest_env.guest
+    guest.shell(_EVIL_AGENT)
+    result = run_backup(env.config(), "vm")
+    assert result.consistency == "crash"
+    assert "unexpected answer to guest-fsfreeze-freeze" in result.consistency_reason
+    with pytest.raises(BackupError, match="require_freeze is set"):
+        run_backup(env.config(require_freeze=True), "vm")
+    guest.shell("touch /mnt/data/still-writable")
