@@ -644,7 +644,7 @@ def _checkpoint_and_fleece(
             seal += cp.export_bitmap_actions(chains[disk.name], plan.since, temp)
     # The guest's file systems are frozen (when its agent answers) just around the pause.
     with (
-        guest_frozen(job.config, job.domain) as job.freeze,
+        guest_frozen(job.config, job.domain, qmp.query_status() == "running") as job.freeze,
         paused_guest(qmp, job.config.state_dir) as paused_at,
     ):
         qmp.transaction(begin)

@@ -71,15 +71,19 @@ class FreezeOutcome:
 
 
 @contextmanager
-def guest_frozen(config: FleetConfig, domain: str) -> Iterator[FreezeOutcome]:
+def guest_frozen(config: FleetConfig, domain: str, running: bool = True) -> Iterator[FreezeOutcome]:
     """Freeze the domain's guest file systems for the block (see the module docstring).
 
     Yields the outcome; ``frozen_ms`` is filled in when the block has ended and the guest
-    is thawed.
+    is thawed. A guest that is not ``running`` (paused by its manager) cannot answer: it
+    is not asked.
     """
     dom = config.domain(domain)
     if dom.guest_agent is None:
         yield FreezeOutcome("crash", NO_AGENT)
+        return
+    if not running:
+        yield _not_frozen(dom, domain, "the guest is not running (paused): its agent cannot freeze")
         return
     agent = GuestAgent(domain, dom.guest_agent)
     marker = frozen_marker(config.state_dir, domain)

@@ -85,6 +85,12 @@ def test_agent_hung_or_slow_freeze_ends_as_configured_and_thawed(guest_env: Gues
         assert agent.fsfreeze_status() == "thawed"
     assert not frozen_marker(env.state_dir, "vm").exists()
 
+    # A paused guest's agent cannot answer: it is not asked.
+    guest.ctl.execute("stop")
+    result = run_backup(env.config(), "vm")
+    assert result.consistency == "crash" and "not running (paused)" in result.consistency_reason
+    guest.ctl.execute("cont")
+
     # A hung agent (stopped in the guest): crash-consistent with the reason, or refused.
     guest.shell("kill -STOP $(cat /run/qemu-ga.pid)")
     result = run_backup(env.config(), "vm")
