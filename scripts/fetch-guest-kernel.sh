@@ -6,8 +6,15 @@
 # they are. Idempotent: nothing is fetched when DIR already holds that package.
 set -eu
 dir=$1
-pkg=$(apt-cache depends linux-image-amd64 2>/dev/null \
-    | sed -n 's/^ *Depends: \(linux-image-[^ <>]*\).*/\1/p' | head -n 1)
+kernel_package() {
+    apt-cache depends linux-image-amd64 2>/dev/null \
+        | sed -n 's/^ *Depends: \(linux-image-[^ <>]*\).*/\1/p' | head -n 1
+}
+pkg=$(kernel_package)
+if [ -z "$pkg" ] && [ "$(id -u)" = 0 ]; then
+    apt-get update -q >/dev/null  # a fresh image may come without package lists
+    pkg=$(kernel_package)
+fi
 if [ -z "$pkg" ]; then
     echo "setup: cannot tell which kernel package linux-image-amd64 depends on (apt-get update?)" >&2
     exit 1
@@ -16,7 +23,17 @@ if ls "$dir/${pkg}_"*.deb >/dev/null 2>&1; then
     exit 0
 fi
 mkdir -p "$dir"
-rm -f "$dir"/linux-image-*.deb
 echo "setup: fetching $pkg for the test guest"
 # apt's sandbox user cannot write into a root-owned directory: download unsandboxed.
-(cd "$dir" && apt-get download -q -o APT::Sandbox::User=root "$pkg")
+if (cd "$dir" && apt-get download -q -o APT::Sandbox::User=root "$pkg"); then
+    for old in "$dir"/linux-image-*.deb; do
+        case "$old" in
+            "$dir/${pkg}_"*) ;;
+            *) rm -f "$old" ;;
+        esac
+    done
+elif ls "$dir"/linux-image-*.deb >/dev/null 2>&1; then
+    echo "setup: could not fetch $pkg; the test guest keeps the kernel package it has" >&2
+else
+    exit 1
+fi
