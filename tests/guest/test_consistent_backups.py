@@ -7,12 +7,18 @@ system is frozen for the checkpoint: it is clean without a journal replay.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from tests.fixtures.common import wait_until
 from tests.fixtures.guest import e2fsck_clean, ext4_files, needs_recovery, replay_journal
+from tests.fixtures.qemu import MiB
 from tests.guest.conftest import GuestEnv
 from worker.backup import BackupError, run_backup
 from worker.cleanup import frozen_marker, paused_marker, write_marker
@@ -182,3 +188,58 @@ def test_an_agent_answering_garbage_gives_a_crash_consistent_backup(guest_env: G
     with pytest.raises(BackupError, match="require_freeze is set"):
         run_backup(env.config(require_freeze=True), "vm")
     guest.shell("touch /mnt/data/still-writable")
+
+
+def test_worker_sigkilled_during_the_freeze_leaves_a_guest_the_reaper_thaws(
+    guest_env: GuestEnv,
+) -> None:
+    """A real SIGKILL while the freeze is in flight: nobody thaws but the reaper."""
+    env, guest = guest_env, guest_env.guest
+    config_file = env.tmp / "vmvault.yaml"
+    config_file.write_text(
+        json.dumps(
+            {
+                "repository": {"url": env.repo_url},
+                "state_dir": str(env.state_dir),
+                "domains": {
+                    "vm": {
+                        "host": "hv1",
+                        "qmp": str(guest.qmp_path),
+                        "guest_agent": str(guest.qga_path),
+                    }
+                },
+            }
+        )
+    )
+    # Dirty data the freeze must write out first, through a disk throttled to 1 MiB/s:
+    # the freeze takes seconds.
+    guest.shell("dd if=/dev/urandom of=/mnt/data/big bs=1M count=8 2>/dev/null")
+    guest.ctl.execute("block_set_io_throttle", _throttle(bps_wr=1 * MiB))
+    marker = frozen_marker(env.state_dir, "vm")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "scheduler", "--config", str(config_file), "backup", "vm"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(marker.exists, 120, "the freeze to start", job)
+        time.sleep(0.2)  # the freeze command is on its way
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+    with GuestAgent("vm", guest.qga_path, timeout=60) as agent:
+        assert agent.fsfreeze_status() == "frozen"  # answered once the freeze completed
+    assert marker.exists()
+    guest.ctl.execute("block_set_io_throttle", _throttle())
+    config = env.config()
+    assert reap_host(config, "hv1") == 1
+    assert not marker.exists()
+    with GuestAgent("vm", guest.qga_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+    guest.shell("touch /mnt/data/writable-again")
+
+
+def _throttle(bps_wr: int = 0) -> dict[str, object]:
+    """``block_set_io_throttle`` arguments for the guest's disk (0: no limit)."""
+    limits: dict[str, object] = {k: 0 for k in ("bps", "bps_rd", "iops", "iops_rd", "iops_wr")}
+    return {"id": "/machine/peripheral/vda/virtio-backend", **limits, "bps_wr": bps_wr}
