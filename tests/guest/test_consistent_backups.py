@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from storage.repository import open_repository
 from tests.fixtures.common import wait_until
 from tests.fixtures.guest import e2fsck_clean, ext4_files, needs_recovery, replay_journal
 from tests.fixtures.qemu import MiB
@@ -190,53 +191,77 @@ def test_an_agent_answering_garbage_gives_a_crash_consistent_backup(guest_env: G
     guest.shell("touch /mnt/data/still-writable")
 
 
-def test_worker_sigkilled_during_the_freeze_leaves_a_guest_the_reaper_thaws(
-    guest_env: GuestEnv,
-) -> None:
-    """A real SIGKILL while the freeze is in flight: nobody thaws but the reaper."""
-    env, guest = guest_env, guest_env.guest
+def _cli_backup_in_a_slow_freeze(env: GuestEnv) -> subprocess.Popen[bytes]:
+    """``vmvault backup`` in a child process, returned once its freeze is in flight.
+
+    Dirty data the freeze must write out first, through a disk throttled to 1 MiB/s:
+    the freeze takes seconds.
+    """
+    guest = env.guest
     config_file = env.tmp / "vmvault.yaml"
+    dom = {"host": "hv1", "qmp": str(guest.qmp_path), "guest_agent": str(guest.qga_path)}
     config_file.write_text(
         json.dumps(
             {
                 "repository": {"url": env.repo_url},
                 "state_dir": str(env.state_dir),
-                "domains": {
-                    "vm": {
-                        "host": "hv1",
-                        "qmp": str(guest.qmp_path),
-                        "guest_agent": str(guest.qga_path),
-                    }
-                },
+                "domains": {"vm": dom},
             }
         )
     )
-    # Dirty data the freeze must write out first, through a disk throttled to 1 MiB/s:
-    # the freeze takes seconds.
     guest.shell("dd if=/dev/urandom of=/mnt/data/big bs=1M count=8 2>/dev/null")
     guest.ctl.execute("block_set_io_throttle", _throttle(bps_wr=1 * MiB))
-    marker = frozen_marker(env.state_dir, "vm")
     job = subprocess.Popen(
         [sys.executable, "-m", "scheduler", "--config", str(config_file), "backup", "vm"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
-        wait_until(marker.exists, 120, "the freeze to start", job)
-        time.sleep(0.2)  # the freeze command is on its way
-    finally:
-        job.send_signal(signal.SIGKILL)
+        wait_until(frozen_marker(env.state_dir, "vm").exists, 120, "the freeze to start", job)
+    except BaseException:
+        job.kill()
         job.wait(10)
+        raise
+    time.sleep(0.2)  # the freeze command is on its way
+    return job
+
+
+def test_worker_sigkilled_during_the_freeze_leaves_a_guest_the_reaper_thaws(
+    guest_env: GuestEnv,
+) -> None:
+    """A real SIGKILL while the freeze is in flight: nobody thaws but the reaper."""
+    env, guest = guest_env, guest_env.guest
+    marker = frozen_marker(env.state_dir, "vm")
+    job = _cli_backup_in_a_slow_freeze(env)
+    job.send_signal(signal.SIGKILL)
+    job.wait(10)
     with GuestAgent("vm", guest.qga_path, timeout=60) as agent:
         assert agent.fsfreeze_status() == "frozen"  # answered once the freeze completed
     assert marker.exists()
     guest.ctl.execute("block_set_io_throttle", _throttle())
-    config = env.config()
-    assert reap_host(config, "hv1") == 1
+    assert reap_host(env.config(), "hv1") == 1
     assert not marker.exists()
     with GuestAgent("vm", guest.qga_path) as agent:
         assert agent.fsfreeze_status() == "thawed"
     guest.shell("touch /mnt/data/writable-again")
+
+
+def test_worker_sigtermed_during_the_freeze_thaws_then_stops(guest_env: GuestEnv) -> None:
+    """SIGTERM while the freeze is in flight waits for the thaw, then tears down: exit 143."""
+    env, guest = guest_env, guest_env.guest
+    job = _cli_backup_in_a_slow_freeze(env)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 143, stderr
+    assert not frozen_marker(env.state_dir, "vm").exists()
+    guest.ctl.execute("block_set_io_throttle", _throttle())
+    with GuestAgent("vm", guest.qga_path) as agent:
+        assert agent.fsfreeze_status() == "thawed"
+    nodes = [n.node_name for n in guest.ctl.named_block_nodes()]
+    assert not [n for n in nodes if n.startswith("vmv-")], nodes
+    assert guest.ctl.query_status() == "running"
+    with open_repository(env.repo_url) as repo:
+        assert repo.list_manifests("vm") == []  # stopped: nothing committed
 
 
 def _throttle(bps_wr: int = 0) -> dict[str, object]:
