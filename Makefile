@@ -5,15 +5,18 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server \
-             procps openssl
+             procps openssl busybox-static qemu-guest-agent kmod cpio e2fsprogs
+# The test guest's kernel package (downloaded only; tests/fixtures/guest_image.py).
+GUEST_DEBS := $(VENV)/guest-debs
 
 .PHONY: setup test lint demo bench clean
 
 setup: $(STAMP)
 
-$(STAMP): Makefile pyproject.toml scripts/setup-debian.sh
+$(STAMP): Makefile pyproject.toml scripts/setup-debian.sh scripts/fetch-guest-kernel.sh
 	sh scripts/setup-debian.sh $(DEB_PKGS)
 	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	sh scripts/fetch-guest-kernel.sh $(GUEST_DEBS)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
@@ -32,7 +35,7 @@ demo: setup
 
 # Speed and memory figures, each against a reference tool measured in the same run.
 bench: setup
-	for b in cli storage backup restore scheduler; do $(PY) bench/$${b}_bench.py || exit 1; done
+	for b in cli storage backup restore scheduler guest; do $(PY) bench/$${b}_bench.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

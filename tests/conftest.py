@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.qemu",
+    "tests.fixtures.guest",
     "tests.fixtures.redis",
     "tests.fixtures.s3",
 ]

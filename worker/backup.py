@@ -36,10 +36,12 @@ from vmvault.storage.progress import Progress, no_progress
 from vmvault.storage.repository import Repository
 from vmvault.storage.writer import BackupWriter, DiskWriter
 from vmvault.worker import checkpoints as cp
-from vmvault.worker import qemu_img
+from vmvault.worker import offline, qemu_img
 from vmvault.worker.cleanup import (
+    frozen_marker,
     job_marker,
     nbd_socket_path,
+    paused_marker,
     qemu_id,
     remove_leftovers,
     run_dir,
@@ -58,6 +60,7 @@ from vmvault.worker.fleece import (
     scratch_bytes,
     scratch_options,
 )
+from vmvault.worker.freeze import FreezeOutcome, guest_frozen, thaw_leftover
 from vmvault.worker.locks import domain_lock
 from vmvault.worker.memory import chunk_friendly_malloc
 from vmvault.worker.nbd import (
@@ -174,11 +177,18 @@ class BackupResult:
     leftovers_removed: bool = False
     paused_ms: float = 0.0
     fleece_bytes: int = 0
+    # application: guest file systems frozen through its agent (worker/freeze.py)
+    consistency: str = "crash"
+    consistency_reason: str = ""
+    frozen_ms: float | None = None
+    state: str = "running"  # or "shut-off": backed up from its images (worker/offline.py)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["duration_s"] = round(self.duration_s, 3)
         data["paused_ms"] = round(self.paused_ms, 1)
+        if self.frozen_ms is not None:
+            data["frozen_ms"] = round(self.frozen_ms, 1)
         return data
 
     @classmethod
@@ -262,6 +272,9 @@ class _Job:
     disks: list[DiskInfo] = field(default_factory=list)
     results: dict[str, DiskResult] = field(default_factory=dict)
     paused_ms: float = 0.0
+    freeze: FreezeOutcome | None = None
+    # A shut-off domain's images (worker/offline.py), opened by qemu-storage-daemon.
+    images: dict[str, Path] | None = None
     # Bytes each empty scratch image took (qcow2 metadata): not copied guest data.
     scratch_base: dict[str, int] = field(default_factory=dict)
 
@@ -335,10 +348,13 @@ def _run_backup(
         check_state_dir(config)
         with domain_lock(state_dir, domain, "backup"):
             job.step = Step.CONNECT
-            with (
-                open_session(domain, dom_cfg.qmp, config.backup.io_timeout_seconds) as session,
-                config.repository.open() as repo,
-            ):
+            timeout = config.backup.io_timeout_seconds
+            if offline.is_shut_off(dom_cfg):
+                job.images = offline.image_paths(dom_cfg, dom_cfg.disks)
+                connection = offline.storage_daemon(domain, job.images, state_dir, timeout)
+            else:
+                connection = open_session(domain, dom_cfg.qmp, timeout)
+            with connection as session, config.repository.open() as repo:
                 job.session = session
                 result = _backup(job, repo, dom_cfg.disks)
                 result.duration_s = time.monotonic() - started
@@ -353,6 +369,8 @@ def _run_backup(
 
 def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResult:
     qmp, domain, state_dir = job.qmp, job.domain, job.config.state_dir
+    if job.images is not None:
+        return _backup_shut_off(job, repo)
     status = qmp.query_status()
     if status in ("inmigrate", "postmigrate", "finish-migrate"):
         raise DomainStateError(
@@ -362,6 +380,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
     _check_socket_dir(state_dir, domain)
     job.step = Step.CLEANUP
     leftovers = remove_leftovers(qmp, state_dir)
+    thaw_leftover(job.config, domain)  # a guest a dead job left frozen
     # From here on QEMU may hold this job's objects: a SIGKILL leaves the marker, which
     # tells the reaper to look (worker/reaper.py). Removed once the teardown is complete.
     marker = job_marker(state_dir, domain)
@@ -402,6 +421,8 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
                 "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
                 "paused_ms": round(job.paused_ms, 1),
                 "fleece_bytes": fleece_bytes,
+                "state": "running",
+                **(job.freeze.to_manifest() if job.freeze else {}),
             },
         )
     except BaseException:
@@ -434,6 +455,84 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         leftovers_removed=bool(leftovers),
         paused_ms=job.paused_ms,
         fleece_bytes=fleece_bytes,
+        **_consistency(job.freeze),
+    )
+
+
+def _consistency(freeze: FreezeOutcome | None) -> dict[str, Any]:
+    if freeze is None:
+        return {}
+    return {
+        "consistency": freeze.consistency,
+        "consistency_reason": freeze.reason,
+        "frozen_ms": freeze.frozen_ms,
+    }
+
+
+def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
+    """:func:`_backup` for a shut-off domain, its images opened by qemu-storage-daemon.
+
+    Nothing writes to them: no fleecing, no pause, no freeze; the checkpoint and the pull
+    are those of a running domain, so the chain continues (``worker/offline.py``).
+    """
+    qmp, domain, state_dir = job.qmp, job.domain, job.config.state_dir
+    assert job.images is not None
+    _check_socket_dir(state_dir, domain)
+    # The QEMU that a dead job's markers were about has gone, and its objects with it.
+    for marker in (job_marker, paused_marker, frozen_marker):
+        marker(state_dir, domain).unlink(missing_ok=True)
+    shutil.rmtree(scratch_dir(state_dir, domain), ignore_errors=True)
+    job.step = Step.PLAN
+    job.disks = disks = offline.list_images(qmp, job.images)
+    chains = {d.name: cp.parse_chain(d.node, d.bitmaps) for d in disks}
+    plan = plan_backup(domain, job.mode, disks, chains, repo.list_manifests(domain))
+    new_id = cp.new_checkpoint_id(owner=repo_owner(repo))
+    log.info("domain %s (shut off): %s backup (%s)", domain, plan.kind, plan.reason)
+    writer = repo.open_backup(domain, plan.parent, plan.kind, plan.reason, new_id)
+    job.on_undo("abort the repository backup", writer.abort)
+    job.freeze = FreezeOutcome(
+        "crash", "domain shut off: its disks as the guest left them (clean after a clean shutdown)"
+    )
+    try:
+        job.step = Step.CHECKPOINT
+        temp = offline.checkpoint_and_export(
+            qmp, disks, chains, new_id, plan.since,
+            nbd_socket_path(state_dir, domain), probe_export, job.on_undo,
+        )  # fmt: skip
+        job.step = Step.PULL
+        _pull(job, writer, repo.chunk_size, plan, temp)
+        job.step = Step.COMMIT
+        pulled = sum(r.virtual_size for r in job.results.values())
+        job.progress("commit", pulled, pulled)
+        manifest = writer.commit(
+            layout=_layout(disks),
+            extra={
+                "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
+                "state": "shut-off",
+                **job.freeze.to_manifest(),
+            },
+        )
+    except BaseException:
+        job.teardown()
+        raise
+    job.step = Step.TEARDOWN
+    failures = job.teardown()
+    if failures:
+        log.warning("domain %s: backup committed; teardown left: %s", domain, "; ".join(failures))
+    job.step = Step.TRIM
+    _trim(job, new_id, repo_owner(repo))
+    job.step = Step.DONE
+    return BackupResult(
+        backup_id=manifest.backup_id,
+        domain=domain,
+        kind=plan.kind,
+        reason=plan.reason,
+        parent=plan.parent.backup_id if plan.parent else None,
+        checkpoint=new_id,
+        disks=[job.results[d.name] for d in disks],
+        duration_s=0.0,
+        state="shut-off",
+        **_consistency(job.freeze),
     )
 
 
@@ -551,7 +650,11 @@ def _checkpoint_and_fleece(
         seal += cp.seal_checkpoint_actions(chains[disk.name])
         if temp is not None and plan.since is not None:
             seal += cp.export_bitmap_actions(chains[disk.name], plan.since, temp)
-    with paused_guest(qmp, job.config.state_dir) as paused_at:
+    # The guest's file systems are frozen (when its agent answers) just around the pause.
+    with (
+        guest_frozen(job.config, job.domain, qmp.query_status() == "running") as job.freeze,
+        paused_guest(qmp, job.config.state_dir) as paused_at,
+    ):
         qmp.transaction(begin)
         for disk in job.disks:
             nodes = FleeceNodes.of(disk.name)

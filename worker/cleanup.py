@@ -13,6 +13,7 @@ and remove it:
     export bitmaps       vmvault.tmp-<job>[c]            block-dirty-bitmap-remove
     NBD server socket    <state_dir>/run/<domain>.nbd    nbd-server-stop
     paused guest         <state_dir>/run/<domain>.paused cont (when QEMU still says paused)
+    frozen guest FS      <state_dir>/run/<domain>.frozen guest-fsfreeze-thaw (worker/freeze.py)
     scratch files        <state_dir>/scratch/<domain>/*
 
 Checkpoint bitmaps (``vmvault-<id>^<parent>``) are not leftovers: they stay valid.
@@ -70,6 +71,11 @@ def paused_marker(state_dir: Path, domain: str) -> Path:
     return run_dir(state_dir) / f"{domain}.paused"
 
 
+def frozen_marker(state_dir: Path, domain: str) -> Path:
+    """Exists while a backup may have the guest's file systems frozen (``worker/freeze.py``)."""
+    return run_dir(state_dir) / f"{domain}.frozen"
+
+
 def job_marker(state_dir: Path, domain: str) -> Path:
     """Exists from before a backup changes anything in QEMU until its teardown is done:
     after a SIGKILL it tells the reaper that this domain has leftovers."""
@@ -91,7 +97,9 @@ def write_marker(path: Path) -> None:
 
 def has_leftovers(state_dir: Path, domain: str) -> bool:
     """Did a backup of ``domain`` end without its teardown (a marker is still there)?"""
-    return job_marker(state_dir, domain).exists() or paused_marker(state_dir, domain).exists()
+    return any(
+        marker(state_dir, domain).exists() for marker in (job_marker, paused_marker, frozen_marker)
+    )
 
 
 @dataclass

@@ -202,6 +202,20 @@ class LaunchConfig(_Strict):
         return [_LAUNCH_PLACEHOLDER_RE.sub(substitute, arg) for arg in self.argv]
 
 
+class GuestHook(_Strict):
+    """A command run in the guest through the agent's ``guest-exec`` (docs/backup.md)."""
+
+    argv: list[str] = Field(min_length=1)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+    @field_validator("argv")
+    @classmethod
+    def _absolute_command(cls, argv: list[str]) -> list[str]:
+        if not argv[0].startswith("/"):
+            raise ValueError(f"argv[0] must be an absolute path in the guest, got {argv[0]!r}")
+        return argv
+
+
 class DomainConfig(_Strict):
     """One VM: which host's worker owns it and how to reach its QEMU."""
 
@@ -209,6 +223,14 @@ class DomainConfig(_Strict):
     qmp: Path
     disks: list[Name] | None = None
     launch: LaunchConfig | None = None
+    # Application-consistent backups through qemu-guest-agent (worker/freeze.py).
+    guest_agent: AbsolutePath | None = None
+    freeze_mountpoints: list[str] | None = Field(default=None, min_length=1)
+    require_freeze: bool = False
+    # How long guest-fsfreeze-freeze may take (it flushes the guest's dirty data first).
+    freeze_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    pre_freeze: GuestHook | None = None
+    post_thaw: GuestHook | None = None
 
     @field_validator("qmp")
     @classmethod
@@ -216,6 +238,24 @@ class DomainConfig(_Strict):
         if not path.is_absolute():
             raise ValueError(f"QMP socket path must be absolute, got {str(path)!r}")
         return path
+
+    @field_validator("freeze_mountpoints")
+    @classmethod
+    def _absolute_mountpoints(cls, paths: list[str] | None) -> list[str] | None:
+        for path in paths or []:
+            if not path.startswith("/"):
+                raise ValueError(f"mountpoints must be absolute paths in the guest, got {path!r}")
+        return paths
+
+    @model_validator(mode="after")
+    def _freeze_needs_agent(self) -> DomainConfig:
+        if self.guest_agent is None:
+            for key in ("freeze_mountpoints", "pre_freeze", "post_thaw"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} needs guest_agent (the QGA socket path)")
+            if self.require_freeze:
+                raise ValueError("require_freeze needs guest_agent (the QGA socket path)")
+        return self
 
 
 class RetentionPolicy(_Strict):

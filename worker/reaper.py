@@ -2,7 +2,8 @@
 
 A job killed with SIGKILL (OOM killer, a second ``systemctl stop``, a crashed host agent)
 cannot tear down: its fleecing filters stay in front of the guest's disks and copy every
-first write to a scratch file, a guest it had paused stays paused. The next job on the
+first write to a scratch file, a guest it had paused stays paused, file systems it had
+frozen through the guest agent stay frozen (``worker/freeze.py``). The next job on the
 domain removes all that first, but a domain may have no job for a day. So the worker
 looks every ``scheduler.reaper_interval_seconds``.
 
@@ -21,6 +22,7 @@ import threading
 
 from vmvault.worker.cleanup import has_leftovers, remove_leftovers
 from vmvault.worker.config import FleetConfig
+from vmvault.worker.freeze import thaw_leftover
 from vmvault.worker.locks import DomainBusyError, domain_lock
 from vmvault.worker.qmp import open_session
 from vmvault.worker.restore_cleanup import remove_restore_leftovers
@@ -52,7 +54,9 @@ def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
                 domain_lock(config.state_dir, name, "cleanup"),
                 open_session(name, domain.qmp, config.backup.io_timeout_seconds) as session,
             ):
-                if remove_leftovers(session, config.state_dir):
+                # Resumed first (remove_leftovers): a paused guest's agent cannot thaw.
+                removed = bool(remove_leftovers(session, config.state_dir))
+                if thaw_leftover(config, name) or removed:
                     cleaned += 1
         except DomainBusyError:
             continue  # a live job: it cleans up after itself

@@ -74,10 +74,18 @@ def _backup(args: argparse.Namespace, ctx: CliContext) -> int:
 
 def _say_result(ctx: CliContext, result: BackupResult) -> None:
     parent = f" on top of {result.parent}" if result.parent else ""
+    if getattr(result, "state", "running") == "shut-off":
+        parent += ", domain shut off (from its images)"
     ctx.say(
         f"backup {result.backup_id} of {result.domain}: {result.kind}{parent} "
         f"in {result.duration_s:.1f}s ({result.reason})"
     )
+    # A worker of an older version reports no consistency (queued jobs' JSON results).
+    consistency = getattr(result, "consistency", None)
+    if consistency is not None:
+        frozen_ms = getattr(result, "frozen_ms", None)
+        frozen = f", guest file systems frozen {frozen_ms:.0f} ms" if frozen_ms is not None else ""
+        ctx.say(f"  {consistency}-consistent{frozen} ({result.consistency_reason})")
     for disk in result.disks:
         ctx.say(
             f"  {disk.name:<8} {_size(disk.virtual_size):>10}"
