@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from storage.errors import CorruptObjectError
 
@@ -32,8 +32,9 @@ DIGEST_SIZE = 32
 PACK_ID_SIZE = 16
 
 # The planning policy (not a decoding limit): a region is rewritten whole (REBASE) once a
-# restore of it would fetch more than REBASE_NUM/REBASE_DEN of its non-zero bytes, or
-# would need more than MAX_FRAGMENTS pieces besides its base. See plan_region.
+# restore of it would fetch more than REBASE_NUM/REBASE_DEN of its non-zero bytes; its
+# fragments are merged into one once there would be more than MAX_FRAGMENTS of them
+# (a restore then needs at most MAX_FRAGMENTS + 1 GETs per region). See plan_region.
 REBASE_NUM, REBASE_DEN = 5, 4
 MAX_FRAGMENTS = 4
 # Decoders accept up to this many fragments per region, so that a later writer may change
@@ -330,23 +331,7 @@ class Region:
 
     def kept(self) -> Region:
         """This entry as the child backup records it when the region did not change."""
-        return _replace(self, from_parent=True)
-
-
-def _replace(region: Region, **changes: object) -> Region:
-    fields = {
-        "kind": region.kind,
-        "length": region.length,
-        "digest": region.digest,
-        "base": region.base,
-        "base_length": region.base_length,
-        "base_zero": region.base_zero,
-        "zero": region.zero,
-        "fragments": region.fragments,
-        "from_parent": region.from_parent,
-    }
-    fields.update(changes)
-    return Region(**fields)  # type: ignore[arg-type]
+        return replace(self, from_parent=True)
 
 
 def zero_region(length: int) -> Region:
@@ -583,8 +568,13 @@ def plan_region(
     data = mask_bytes(length, full & ~now_zero)
     base = mask_bytes(parent.base_length, full_mask(parent.base_length) & ~parent.base_zero)
     fetch = base + sum(f.plain_length(length) for f in keep) + mask_bytes(length, read)
-    pieces = len(keep) + (1 if read else 0)
-    if not uses_base or pieces > MAX_FRAGMENTS or fetch * REBASE_DEN > data * REBASE_NUM:
+    if len(keep) + (1 if read else 0) > MAX_FRAGMENTS:
+        # Too many pieces: merge every fragment into the new one (re-read what they
+        # supply). Far cheaper than a rebase while the fragments are a small share.
+        read = (read | _union(keep)) & ~now_zero
+        keep = []
+        fetch = base + mask_bytes(length, read)
+    if not uses_base or fetch * REBASE_DEN > data * REBASE_NUM:
         return _rebase_or_zero(length, now_zero)
     return RegionPlan(Action.PATCH, length, read=read, zero=now_zero, keep=tuple(keep))
 
@@ -668,7 +658,7 @@ def patched_region(
             digests.append(fragments[s].digest_of(j))
         else:
             digests.append(base_digests[j])
-    return _replace(region, digest=hasher.region_digest(plan.length, digests))
+    return replace(region, digest=hasher.region_digest(plan.length, digests))
 
 
 # --------------------------------------------------------------------------- restoring
