@@ -292,3 +292,21 @@ def _region(
     return Region(
         kind, length, digest, base, base_length, base_zero, zero, tuple(fragments), parent
     )
+
+
+def from_v1_index(virtual_size: int, chunk_size: int, digests: Sequence[str | None]) -> DiskIndex:
+    """A version 1 index (``Repository.index_digests``: hex digest or None per chunk) as
+    format 2 regions: ZERO and LEGACY. How a v2 writer uses a v1 parent, and a v2 reader
+    a v1 backup; nothing is rewritten."""
+    count = chunk_count(virtual_size, chunk_size)
+    if len(digests) != count:
+        raise CorruptObjectError(f"{len(digests)} v1 index entries for {count} chunks")
+    regions = []
+    for i, d in enumerate(digests):
+        length = region_length(virtual_size, chunk_size, i)
+        regions.append(
+            Region(Kind.ZERO, length)
+            if d is None
+            else Region(Kind.LEGACY, length, bytes.fromhex(d))
+        )
+    return DiskIndex(virtual_size, chunk_size, tuple(regions), {})

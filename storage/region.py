@@ -125,12 +125,13 @@ def base_usable(base_length: int, length: int) -> Mask:
     return (1 << (min(base_length, length) // SUB_BLOCK)) - 1
 
 
-def zero_sub_blocks(data: bytes | bytearray | memoryview) -> Mask:
-    """The sub-blocks of ``data`` (a whole region) whose bytes are all zero."""
+def zero_sub_blocks(data: bytes | bytearray | memoryview, among: Mask | None = None) -> Mask:
+    """The sub-blocks of ``data`` (a whole region; only those in ``among`` if given) whose
+    bytes are all zero."""
     view = memoryview(data)
     zero = bytes(SUB_BLOCK)
     mask = 0
-    for j in range(sub_count(len(view))):
+    for j in bits(full_mask(len(view)) if among is None else among):
         piece = view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]
         if piece == zero[: len(piece)]:
             mask |= 1 << j

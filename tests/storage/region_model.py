@@ -47,6 +47,7 @@ from storage.region import (
     rebuild_region,
     split_chunk_object,
     zero_region,
+    zero_sub_blocks,
 )
 
 MASTER = bytes(range(64))
@@ -187,7 +188,17 @@ def backup(
         parent.regions[i] if parent and i < len(parent.regions) else None for i in range(count)
     ]
     masks = dirty if dirty is not None else [full_mask(n) for n in lengths]
-    plans = plan_disk(parents, lengths, masks, zero, parent.pack_sizes if parent else {})
+    packs = parent.pack_sizes if parent else {}
+    plans = plan_disk(parents, lengths, masks, zero, packs)
+    # Sub-blocks read and found all zero are recorded as zero (the spec's MUST): plan
+    # again with them, so no fragment or chunk carries zeros and the restore bound holds
+    # against the disk's true data.
+    found = [
+        zero[i] | zero_sub_blocks(disk[i * region_size : i * region_size + lengths[i]], p.read)
+        for i, p in enumerate(plans)
+    ]
+    if found != list(zero):
+        plans = plan_disk(parents, lengths, masks, found, packs)
     stats = BackupStats()
     packer = PackWriter(store, pack_target)
     regions: list[Region] = []

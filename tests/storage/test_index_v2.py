@@ -12,7 +12,7 @@ import pytest
 
 from storage import index_v2
 from storage.errors import CorruptObjectError, UnsupportedVersionError
-from storage.index_v2 import DiskIndex, decode_index_v2, encode_index_v2
+from storage.index_v2 import DiskIndex, decode_index_v2, encode_index_v2, from_v1_index
 from storage.region import (
     SUB_BLOCK,
     Fragment,
@@ -224,3 +224,12 @@ def test_masks_kinds_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     body[-1] = 0b100
     with pytest.raises(CorruptObjectError, match="bits past the region"):
         decode(bytes(body))
+
+
+def test_a_v1_index_becomes_zero_and_legacy_regions() -> None:
+    index = from_v1_index(2 * R + 5, R, ["ab" * 32, None, "cd" * 32])
+    assert [r.kind for r in index.regions] == [Kind.LEGACY, Kind.ZERO, Kind.LEGACY]
+    assert [r.length for r in index.regions] == [R, R, 5]
+    assert decode(encode_index_v2(index)) == index
+    with pytest.raises(CorruptObjectError, match="v1 index entries"):
+        from_v1_index(2 * R + 5, R, [None])
