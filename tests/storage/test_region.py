@@ -455,3 +455,29 @@ def test_mask_bytes_counts_a_short_tail() -> None:
     assert mask_bytes(2 * S + 7, 0b111) == 2 * S + 7
     assert mask_bytes(2 * S + 7, 0b011) == 2 * S
     assert mask_bytes(4 * S, 0b1010) == 2 * S
+
+
+def test_the_spec_example() -> None:
+    """docs/repository-format.md, section 23: A full, B patches sub-blocks 10 and 40, C
+    rewrites 40 and 41 and discards 63."""
+    region = 4 * MiB
+    disk = bytearray(rand(9, region))
+    store = Store()
+    a, _ = backup(store, None, bytes(disk), region, None, [0])
+    for j in (10, 40):
+        disk[j * S : j * S + 4 * KiB] = rand(j, 4 * KiB)
+    b, _ = backup(store, a, bytes(disk), region, [1 << 10 | 1 << 40], [0])
+    for j in (40, 41):
+        disk[j * S : j * S + 4 * KiB] = rand(100 + j, 4 * KiB)
+    disk[63 * S :] = bytes(S)
+    c, _ = backup(store, b, bytes(disk), region, [1 << 40 | 1 << 41 | 1 << 63], [1 << 63])
+    ra, rb, rc = a.regions[0], b.regions[0], c.regions[0]
+    assert ra.kind is Kind.CHUNK and rb.kind is rc.kind is Kind.PATCHED
+    assert rb.base == rc.base == ra.digest
+    assert [f.mask for f in rb.fragments] == [1 << 10 | 1 << 40]
+    assert [f.mask for f in rc.fragments] == [1 << 10 | 1 << 40, 1 << 40 | 1 << 41]
+    assert rc.zero == 1 << 63
+    assert (rc.fetch_bytes(), rc.data_bytes()) == (4 * MiB + 4 * S, 4 * MiB - S)
+    # Prune A and B: C still restores.
+    store.collect([c])
+    assert restore(store, c)[0] == disk
