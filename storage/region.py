@@ -534,7 +534,9 @@ def plan_region(
         return RegionPlan(Action.ZERO, length, zero=full)
     if parent.kind in (Kind.ZERO, Kind.LEGACY):
         # Nothing to patch onto: a zero region has no base, a v1 chunk no digest table.
-        if parent.kind is Kind.LEGACY and not dirty and not zero and parent.length == length:
+        # An unchanged v1 chunk is kept: zeros block status finds in it were in it
+        # already (every change of bytes, a grow after a shrink too, sets dirty bits).
+        if parent.kind is Kind.LEGACY and not dirty and parent.length == length:
             return RegionPlan(Action.KEEP, length)
         return _rebase_or_zero(length, now_zero)
 

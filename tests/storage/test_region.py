@@ -201,6 +201,8 @@ def test_legacy_regions_are_kept_or_rebased() -> None:
     with pytest.raises(CorruptObjectError):
         rebuild_region(HASHER, legacy, data[:-1] + b"x", [])
     assert plan_region(legacy, length, 0, 0).action is Action.KEEP
+    # Zeros inside an unchanged v1 chunk were there already: no rewrite for them.
+    assert plan_region(legacy, length, 0, 0b1010).action is Action.KEEP
     # A v1 chunk has no digest table to patch onto: the first change rewrites it whole.
     plan = plan_region(legacy, length, 0b1, 0)
     assert (plan.action, plan.read) == (Action.REBASE, full_mask(length))
