@@ -23,6 +23,7 @@ from storage.index_v2 import (
     DiskIndex,
     decode_index_v2,
     encode_index_v2,
+    from_v1_index,
     region_length,
 )
 from storage.region import (
@@ -83,6 +84,11 @@ class Store:
 
     chunks: dict[bytes, bytes] = field(default_factory=dict)
     packs: dict[PackId, bytes] = field(default_factory=dict)
+    v1_chunks: dict[bytes, bytes] = field(default_factory=dict)  # digest -> sealed chunk
+
+    def v1_chunk(self, digest: bytes) -> tuple[bytes, int]:
+        stored = self.v1_chunks[digest]
+        return CODEC.unseal(chunk_key(digest), stored, limit=1 << 26), len(stored)
 
     def chunk_table(self, name: bytes) -> tuple[bytes, ...]:
         table_sealed, _ = split_chunk_object(self.chunks[name], name.hex())
@@ -107,7 +113,11 @@ class Store:
             for r in index.regions:
                 if r.kind in (Kind.CHUNK, Kind.PATCHED):
                     chunks.add(r.base)
+                elif r.kind is Kind.LEGACY:
+                    chunks.add(r.digest)
                 packs.update(f.pack for f in r.fragments)
+        for c in [c for c in self.v1_chunks if c not in chunks]:
+            del self.v1_chunks[c]
         dead_chunks = [c for c in self.chunks if c not in chunks]
         dead_packs = [p for p in self.packs if p not in packs]
         for c in dead_chunks:
@@ -265,7 +275,11 @@ def restore(store: Store, index: DiskIndex) -> tuple[bytes, RestoreStats]:
     for r in index.regions:
         base = None
         bodies = []
-        if r.kind in (Kind.CHUNK, Kind.PATCHED):
+        if r.kind is Kind.LEGACY:
+            base, stored = store.v1_chunk(r.digest)
+            stats.stored += stored
+            stats.objects += 1
+        elif r.kind in (Kind.CHUNK, Kind.PATCHED):
             base, stored = store.chunk_body(r.base)
             stats.stored += stored
             stats.objects += 1
@@ -277,3 +291,19 @@ def restore(store: Store, index: DiskIndex) -> tuple[bytes, RestoreStats]:
         stats.data += r.data_bytes()
         out += rebuild_region(HASHER, r, base, bodies)
     return bytes(out), stats
+
+
+def backup_v1(store: Store, disk: bytes, chunk_size: int) -> DiskIndex:
+    """A full backup as version 1 wrote it (section 7), read the way a v2 reader reads a
+    v1 index: ZERO and LEGACY regions."""
+    size = len(disk)
+    digests: list[str | None] = []
+    for i in range(chunk_count(size, chunk_size)):
+        data = disk[i * chunk_size : (i + 1) * chunk_size]
+        if data == bytes(len(data)):
+            digests.append(None)
+            continue
+        d = HASHER.digest(data)
+        store.v1_chunks[d] = CODEC.seal(chunk_key(d), data, compress=False)
+        digests.append(d.hex())
+    return from_v1_index(size, chunk_size, digests)

@@ -47,6 +47,7 @@ from tests.storage.region_model import (
     HASHER,
     Store,
     backup,
+    backup_v1,
     dirty_masks,
     restore,
 )
@@ -293,12 +294,21 @@ class DiskChain(RuleBasedStateMachine):
         granularity=st.sampled_from([S, 2 * S, S, 16 * S]),
         sectors=st.integers(1, 24 * MiB // 512) | st.integers(8 * MiB // 512, 24 * MiB // 512),
         filled=st.sampled_from([True, True, False]),
+        upgraded=st.sampled_from([False, False, True]),
     )
-    def start(self, region: int, granularity: int, sectors: int, filled: bool) -> None:
+    def start(
+        self, region: int, granularity: int, sectors: int, filled: bool, upgraded: bool
+    ) -> None:
         self.region = region
         self.granularity = granularity
         self.disk = bytearray(rand(0, sectors * 512) if filled else sectors * 512)
         self.alloc = [filled] * sub_count(len(self.disk))
+        if upgraded:
+            # A repository upgraded from version 1: the chain starts at a v1 backup.
+            index = backup_v1(self.store, bytes(self.disk), region)
+            self.backups.append((index, bytes(self.disk)))
+            self.dirty_since.append(set())
+            self._check(index, bytes(self.disk))
 
     # -- guest activity --------------------------------------------------------
 
@@ -389,6 +399,8 @@ class DiskChain(RuleBasedStateMachine):
         )
         for action in stats.actions:
             event(f"backup {'incremental' if parent else 'full'} with {action}")
+        if parent and any(r.kind is Kind.LEGACY for r in parent.regions):
+            event("backup with a v1 parent")
         if any(r.kind is Kind.PATCHED and len(r.fragments) > 1 for r in index.regions):
             event("a region with several fragments")
         self.backups.append((index, bytes(self.disk)))
@@ -445,7 +457,7 @@ def _pack_use(index: DiskIndex, pack: bytes) -> int:
 
 
 DiskChain.TestCase.settings = settings(
-    max_examples=80,
+    max_examples=120,
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
