@@ -305,13 +305,6 @@ class Region:
         the base chunk."""
         return self._sources[j]
 
-    def from_base(self) -> Mask:
-        """Sub-blocks read from the base chunk (PATCHED and CHUNK)."""
-        if self.kind is Kind.CHUNK:
-            return full_mask(self.length) & ~self.zero
-        k = len(self.fragments)
-        return sum(1 << j for j, s in enumerate(self._sources) if s == k)
-
     def data_bytes(self) -> int:
         """Non-zero bytes of the region (at sub-block granularity)."""
         if self.kind is Kind.ZERO:
@@ -727,16 +720,7 @@ def _positions(length: int, mask: Mask) -> dict[int, int]:
     return out
 
 
-# --------------------------------------------------------------------------- packs
-
-
-def pack_references(regions: Iterable[Region]) -> dict[PackId, int]:
-    """Stored bytes of each pack that ``regions`` (one or more indexes) reference."""
-    out: dict[PackId, int] = {}
-    for region in regions:
-        for frag in region.fragments:
-            out[frag.pack] = out.get(frag.pack, 0) + frag.stored_length
-    return out
+# --------------------------------------------------------------------------- a whole disk
 
 
 def plan_disk(
