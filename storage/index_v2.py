@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from storage.errors import CorruptObjectError, UnsupportedVersionError
-from storage.format import MAX_INDEX_ENTRIES, check_chunk_size, chunk_count, stored_limit
-from storage.region import (
+from vmvault.storage.errors import CorruptObjectError, UnsupportedVersionError
+from vmvault.storage.format import MAX_INDEX_ENTRIES, check_chunk_size, chunk_count, stored_limit
+from vmvault.storage.region import (
     DIGEST_SIZE,
     FORMAT_MAX_FRAGMENTS,
     PACK_ID_SIZE,

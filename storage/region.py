@@ -25,7 +25,7 @@ import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from storage.errors import CorruptObjectError
+from vmvault.storage.errors import CorruptObjectError
 
 SUB_BLOCK = 64 * 1024
 DIGEST_SIZE = 32

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from storage.crypto import Codec, Keys
-from storage.format import chunk_count
-from storage.index_v2 import (
+from vmvault.storage.crypto import Codec, Keys
+from vmvault.storage.format import chunk_count
+from vmvault.storage.index_v2 import (
     PACK_HEADER,
     PACK_MAGIC,
     PACK_VERSION,
@@ -26,7 +26,7 @@ from storage.index_v2 import (
     from_v1_index,
     region_length,
 )
-from storage.region import (
+from vmvault.storage.region import (
     CHUNK_TABLE_SUFFIX,
     Action,
     Fragment,

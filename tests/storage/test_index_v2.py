@@ -10,10 +10,11 @@ from dataclasses import replace
 
 import pytest
 
-from storage import index_v2
-from storage.errors import CorruptObjectError, UnsupportedVersionError
-from storage.index_v2 import DiskIndex, decode_index_v2, encode_index_v2, from_v1_index
-from storage.region import (
+from tests.storage.region_model import Store, backup, dirty_masks
+from vmvault.storage import index_v2
+from vmvault.storage.errors import CorruptObjectError, UnsupportedVersionError
+from vmvault.storage.index_v2 import DiskIndex, decode_index_v2, encode_index_v2, from_v1_index
+from vmvault.storage.region import (
     SUB_BLOCK,
     Fragment,
     Kind,
@@ -22,7 +23,6 @@ from storage.region import (
     legacy_region,
     zero_region,
 )
-from tests.storage.region_model import Store, backup, dirty_masks
 
 MiB = 1024 * 1024
 R = MiB  # region size of the hand-made index

@@ -19,9 +19,17 @@ from hypothesis.stateful import (
     rule,
 )
 
-from storage.errors import CorruptObjectError
-from storage.index_v2 import DiskIndex
-from storage.region import (
+from tests.storage.region_model import (
+    HASHER,
+    Store,
+    backup,
+    backup_v1,
+    dirty_masks,
+    restore,
+)
+from vmvault.storage.errors import CorruptObjectError
+from vmvault.storage.index_v2 import DiskIndex
+from vmvault.storage.region import (
     MAX_FRAGMENTS,
     SUB_BLOCK,
     Action,
@@ -42,14 +50,6 @@ from storage.region import (
     sub_count,
     zero_region,
     zero_sub_blocks,
-)
-from tests.storage.region_model import (
-    HASHER,
-    Store,
-    backup,
-    backup_v1,
-    dirty_masks,
-    restore,
 )
 
 KiB = 1024
