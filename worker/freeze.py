@@ -47,6 +47,8 @@ class FreezeRequiredError(WorkerError):
     """``require_freeze`` is set and the guest's file systems could not be frozen (agent
     absent or not answering, a hook or the freeze failed). Retryable once the agent answers."""
 
+    retryable = True
+
 
 class HookError(WorkerError):
     """A pre_freeze/post_thaw command failed in the guest or did not end in time."""

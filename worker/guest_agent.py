@@ -42,6 +42,8 @@ FreezeStatus = Literal["thawed", "frozen"]
 class GuestAgentError(WorkerError):
     """Base of guest agent errors. Retryable (the agent may be starting or busy)."""
 
+    retryable = True
+
 
 class GuestAgentUnavailableError(GuestAgentError):
     """No agent answers on the socket: missing socket, QEMU not listening, or no reply to

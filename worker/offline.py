@@ -54,6 +54,8 @@ class ShutOffBackupError(WorkerError):
     """A shut-off domain's images cannot be opened (missing, locked by a running process,
     qemu-storage-daemon failing). The message names the image; retryable once it is free."""
 
+    retryable = True
+
 
 def is_shut_off(dom: DomainConfig) -> bool:
     """Back up from the images: nothing listens on the QMP socket and the images are known."""
