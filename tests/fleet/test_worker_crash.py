@@ -47,13 +47,20 @@ class _PullingBackup:
     job_id: str
 
 
+PULLED = 256 * MiB
+
+
 def _backup_caught_pulling(
     fleet: Fleet, qemu_vm_factory: VmFactory, pattern: int, scheduler: dict[str, Any]
 ) -> _PullingBackup:
-    """Start a worker and a backup of a 32 MiB VM; return once the job reports pulling."""
-    vm = qemu_vm_factory(disk_sizes=[32 * MiB], name="web1")
-    for off in range(0, 32 * MiB, 4 * MiB):
-        vm.write("vda", off, 4 * MiB, pattern=pattern + off // MiB)
+    """Start a worker and a backup of a VM; return once the job reports pulling.
+
+    The disk is large enough (``PULLED`` of data) that an idle machine's pull still lasts
+    long past the poll that catches it: a 32 MiB pull ended before the first poll.
+    """
+    vm = qemu_vm_factory(disk_sizes=[PULLED], name="web1")
+    for off in range(0, PULLED, 16 * MiB):
+        vm.write("vda", off, 16 * MiB, pattern=(pattern + off // MiB) % 256)
     repo_url = f"file://{fleet.tmp / 'repo'}"
     init_repository(repo_url, chunk_size=1 * MiB).close()
     fleet.write(
@@ -91,7 +98,7 @@ def test_worker_killed_mid_backup(fleet: Fleet, qemu_vm_factory: VmFactory) -> N
     # Progress is in Celery's task state too (update_state), for any Celery client.
     state = fleet.app().AsyncResult(job_id)
     assert state.state == "PROGRESS"
-    assert state.info["phase"] == "pull vda" and state.info["total"] == 32 * MiB
+    assert state.info["phase"] == "pull vda" and state.info["total"] == PULLED
     try:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.wait(10)
