@@ -440,33 +440,44 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
             manifest.backup_id,
             "; ".join(failures),
         )
+    return _trim_and_report(
+        job, repo, manifest, plan, new_id,
+        leftovers_removed=bool(leftovers), paused_ms=job.paused_ms, fleece_bytes=fleece_bytes,
+    )  # fmt: skip
+
+
+def _trim_and_report(
+    job: _Job,
+    repo: Repository,
+    manifest: Manifest,
+    plan: Plan,
+    new_id: str,
+    **extra: Any,
+) -> BackupResult:
+    """The steps after a committed backup, the same for running and shut-off domains:
+    trim the checkpoint chain, then the result (``extra``: what only one kind reports)."""
     job.step = Step.TRIM
     _trim(job, new_id, repo_owner(repo))
     job.step = Step.DONE
+    consistency: dict[str, Any] = {}
+    if job.freeze is not None:
+        consistency = {
+            "consistency": job.freeze.consistency,
+            "consistency_reason": job.freeze.reason,
+            "frozen_ms": job.freeze.frozen_ms,
+        }
     return BackupResult(
         backup_id=manifest.backup_id,
-        domain=domain,
+        domain=job.domain,
         kind=plan.kind,
         reason=plan.reason,
         parent=plan.parent.backup_id if plan.parent else None,
         checkpoint=new_id,
-        disks=[job.results[d.name] for d in disks],
+        disks=[job.results[d.name] for d in job.disks],
         duration_s=0.0,
-        leftovers_removed=bool(leftovers),
-        paused_ms=job.paused_ms,
-        fleece_bytes=fleece_bytes,
-        **_consistency(job.freeze),
+        **consistency,
+        **extra,
     )
-
-
-def _consistency(freeze: FreezeOutcome | None) -> dict[str, Any]:
-    if freeze is None:
-        return {}
-    return {
-        "consistency": freeze.consistency,
-        "consistency_reason": freeze.reason,
-        "frozen_ms": freeze.frozen_ms,
-    }
 
 
 def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
@@ -519,21 +530,7 @@ def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
     failures = job.teardown()
     if failures:
         log.warning("domain %s: backup committed; teardown left: %s", domain, "; ".join(failures))
-    job.step = Step.TRIM
-    _trim(job, new_id, repo_owner(repo))
-    job.step = Step.DONE
-    return BackupResult(
-        backup_id=manifest.backup_id,
-        domain=domain,
-        kind=plan.kind,
-        reason=plan.reason,
-        parent=plan.parent.backup_id if plan.parent else None,
-        checkpoint=new_id,
-        disks=[job.results[d.name] for d in disks],
-        duration_s=0.0,
-        state="shut-off",
-        **_consistency(job.freeze),
-    )
+    return _trim_and_report(job, repo, manifest, plan, new_id, state="shut-off")
 
 
 def _check_socket_dir(state_dir: Path, domain: str) -> None:
