@@ -20,8 +20,11 @@ from vmvault.storage.errors import (
     UnsupportedVersionError,
 )
 
-FORMAT_VERSION = 1
-MANIFEST_VERSION = 1
+# The newest versions this code reads; ``init`` writes FORMAT_VERSION (sections 15, 20).
+FORMAT_VERSION = 2
+MANIFEST_VERSION = 2
+# Format 2's sub-block size, the only value section 20 defines.
+SUB_BLOCK_SIZE = 64 * 1024
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MIN_CHUNK_SIZE = 64 * 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
@@ -38,6 +41,8 @@ MAX_JSON_DEPTH = 64
 # cap (2^25 entries, 1.1 GB: 128 TiB disks at 4 MiB chunks) only bounds a manifest that
 # lies about its disk size, and indexes read without a manifest.
 MAX_INDEX_ENTRIES = 2**25
+# A version 2 index body is at most this large (section 28).
+MAX_INDEX_V2_BYTES = 2**30
 # Sealing adds a kind byte and, encrypted, nonce and tag; a zstd frame can be slightly
 # larger than its input. A stored object beyond this is refused unread.
 SEAL_OVERHEAD = 1024
@@ -209,7 +214,7 @@ class RepoConfig:
     compression: str = "zstd"
 
     def to_bytes(self) -> bytes:
-        doc = {
+        doc: dict[str, Any] = {
             "format": "vmvault-repository",
             "version": self.version,
             "id": self.id,
@@ -219,6 +224,8 @@ class RepoConfig:
             "encryption": "aes-256-gcm" if self.encrypted else "none",
             "created": iso(self.created),
         }
+        if self.version >= 2:
+            doc["sub_block"] = SUB_BLOCK_SIZE
         return json.dumps(doc, indent=2).encode() + b"\n"
 
     @classmethod
@@ -252,6 +259,13 @@ class RepoConfig:
                 f"{url}: hash {cfg.hash!r}/compression {cfg.compression!r} not supported"
             )
         check_chunk_size(cfg.chunk_size)
+        if version < 1:
+            raise CorruptObjectError(f"{url}: config object has version {version}")
+        if version >= 2 and doc.get("sub_block") != SUB_BLOCK_SIZE:
+            raise CorruptObjectError(
+                f"{url}: config object has sub_block {doc.get('sub_block')!r}, "
+                f"not {SUB_BLOCK_SIZE}"
+            )
         return cfg
 
 
@@ -350,6 +364,11 @@ class DiskStats:
     chunks_parent: int = 0  # unchanged since the parent (keep_parent)
     bytes_read: int = 0  # plaintext bytes given to put_chunk
     bytes_uploaded: int = 0  # stored (compressed, encrypted) bytes of new chunks
+    # Version 2 only (section 26): regions patched with a fragment, bytes the dirty
+    # bitmap named, objects written (chunks, packs, the index).
+    chunks_patched: int = 0
+    bytes_dirty: int = 0
+    objects_put: int = 0
 
     def to_json(self) -> dict[str, int]:
         return asdict(self)
@@ -366,9 +385,11 @@ class ManifestDisk:
     index_digest: str
     chunks: int
     stats: DiskStats = field(default_factory=DiskStats)
+    # Version 2: the index body's exact size, the reader's unsealing limit (section 26).
+    index_size: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "virtual_size": self.virtual_size,
             "format": self.format,
@@ -377,6 +398,9 @@ class ManifestDisk:
             "chunks": self.chunks,
             "stats": self.stats.to_json(),
         }
+        if self.index_size is not None:
+            doc["index_size"] = self.index_size
+        return doc
 
 
 @dataclass(frozen=True)
@@ -456,6 +480,7 @@ class Manifest:
                     index_digest=str(d["index_digest"]),
                     chunks=int(d["chunks"]),
                     stats=DiskStats(**{k: int(v) for k, v in d.get("stats", {}).items()}),
+                    index_size=None if d.get("index_size") is None else int(d["index_size"]),
                 )
                 for d in doc["disks"]
             ]
@@ -485,6 +510,12 @@ class Manifest:
                 raise CorruptObjectError(f"manifest {what}: disk {d.name} points elsewhere")
             if d.virtual_size <= 0:
                 raise CorruptObjectError(f"manifest {what}: disk {d.name} has no size")
+            if (version >= 2) != (d.index_size is not None) or not 0 < (
+                d.index_size or 1
+            ) <= MAX_INDEX_V2_BYTES:
+                raise CorruptObjectError(
+                    f"manifest {what}: disk {d.name} has a bad or misplaced index_size"
+                )
         return m
 
 

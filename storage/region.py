@@ -26,8 +26,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from vmvault.storage.errors import CorruptObjectError
+from vmvault.storage.format import SUB_BLOCK_SIZE
 
-SUB_BLOCK = 64 * 1024
+SUB_BLOCK = SUB_BLOCK_SIZE
 DIGEST_SIZE = 32
 PACK_ID_SIZE = 16
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from vmvault.storage.errors import ObjectTooLargeError
+from vmvault.storage.errors import CorruptObjectError, ObjectTooLargeError
 
 # An object body: one bytes-like object (chunks come straight from NBD reads), or pieces
 # stored as their concatenation.
@@ -44,6 +44,12 @@ class Backend(Protocol):
 
     def get(self, key: str, max_size: int | None = None) -> bytes: ...
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset + length)`` of an object; ``CorruptObjectError`` when the
+        object is shorter (format 2 reads a chunk's table, a chunk's body or one fragment
+        of a pack this way)."""
+        ...
+
     def put(
         self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False
     ) -> bool: ...
@@ -74,6 +80,13 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+def short_range(key: str, url: str, offset: int, length: int, got: int) -> CorruptObjectError:
+    return CorruptObjectError(
+        f"object {key!r} in {url} is truncated: {got} bytes at offset {offset}, "
+        f"expected {length}"
+    )
 
 
 def too_large(key: str, url: str, size: int, limit: int) -> ObjectTooLargeError:

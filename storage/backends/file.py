@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from vmvault.storage.backends.base import Backend, Data, Litter, ObjectInfo, too_large
+from vmvault.storage.backends.base import (
+    Backend,
+    Data,
+    Litter,
+    ObjectInfo,
+    short_range,
+    too_large,
+)
 from vmvault.storage.errors import ObjectNotFoundError, StorageError
 
 _FLUSH_THREADS = 8
@@ -73,6 +80,23 @@ class FileBackend:
             raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
         except OSError as err:
             raise StorageError(f"cannot read {key!r} in {self.url}: {err.strerror}") from err
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
+        except OSError as err:
+            raise StorageError(f"cannot read {key!r} in {self.url}: {err.strerror}") from err
+        try:
+            data = os.pread(fd, length, offset)
+        except OSError as err:
+            raise StorageError(f"cannot read {key!r} in {self.url}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise short_range(key, self.url, offset, length, len(data))
+        return data
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         path = self._path(key)

@@ -14,7 +14,14 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
 
-from vmvault.storage.backends.base import Backend, Data, Litter, ObjectInfo, too_large
+from vmvault.storage.backends.base import (
+    Backend,
+    Data,
+    Litter,
+    ObjectInfo,
+    short_range,
+    too_large,
+)
 from vmvault.storage.errors import ObjectNotFoundError, StorageError
 
 _STORES: dict[str, dict[str, tuple[bytes, datetime]]] = {}
@@ -38,6 +45,13 @@ class MemBackend:
         if max_size is not None and len(body) > max_size:
             raise too_large(key, self.url, len(body), max_size)
         return body
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        body = self.get(key)
+        data = body[offset : offset + length]
+        if len(data) != length:
+            raise short_range(key, self.url, offset, length, len(data))
+        return data
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         if not key:

@@ -16,6 +16,7 @@ from vmvault.storage.backends.base import (
     Data,
     Litter,
     ObjectInfo,
+    short_range,
     RetryPolicy,
     too_large,
 )
@@ -170,6 +171,30 @@ class S3Backend:
             if _status(err) == 404 or _code(err) in ("NoSuchKey", "NotFound"):
                 raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
             raise _client_error(f"GET {key!r}", self.url, err) from err
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        from botocore.exceptions import ClientError
+
+        def op() -> bytes:
+            resp = self._client.get_object(
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{offset + length - 1}",
+            )
+            data: bytes = resp["Body"].read(length + 1)
+            return data
+
+        try:
+            data = self._call(f"GET {key} (range)", op)
+        except ClientError as err:
+            if _status(err) == 404 or _code(err) in ("NoSuchKey", "NotFound"):
+                raise ObjectNotFoundError(f"object {key!r} not found in {self.url}") from None
+            if _status(err) == 416:  # the range starts past the end
+                raise short_range(key, self.url, offset, length, 0) from None
+            raise _client_error(f"GET {key!r} (range)", self.url, err) from err
+        if len(data) != length:
+            raise short_range(key, self.url, offset, length, len(data))
+        return data
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         """``defer_sync`` is moot: S3 acknowledges a PUT once the object is durable."""

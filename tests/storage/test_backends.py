@@ -11,7 +11,12 @@ import pytest
 from tests.storage.conftest import Target
 from vmvault.storage.backends import FileBackend, check_url, open_backend
 from vmvault.storage.backends.mem import forget
-from vmvault.storage.errors import ObjectNotFoundError, ObjectTooLargeError, StorageError
+from vmvault.storage.errors import (
+    CorruptObjectError,
+    ObjectNotFoundError,
+    ObjectTooLargeError,
+    StorageError,
+)
 
 
 def test_put_get_exists_delete(backend_target: Target) -> None:
@@ -96,6 +101,22 @@ def test_put_of_pieces_stores_their_concatenation(backend_target: Target) -> Non
     b.flush()
     assert b.get("chunks/ef/p") == b"\x01" + b"middle" * 1000 + b"-end"
     assert b.get("chunks/13/q") == b"ab"
+
+
+def test_ranged_reads_return_exactly_the_range(backend_target: Target) -> None:
+    b = backend_target.backend()
+    body = bytes(range(256)) * 64
+    b.put("packs/ab/p", body)
+    assert b.get_range("packs/ab/p", 0, 4) == body[:4]
+    assert b.get_range("packs/ab/p", 1000, 3000) == body[1000:4000]
+    assert b.get_range("packs/ab/p", len(body) - 1, 1) == body[-1:]
+    # A range past the end is a truncated object, named; a missing object is not found.
+    with pytest.raises(CorruptObjectError, match="packs/ab/p.*truncated"):
+        b.get_range("packs/ab/p", len(body) - 10, 20)
+    with pytest.raises(CorruptObjectError, match="truncated"):
+        b.get_range("packs/ab/p", len(body) + 5, 20)
+    with pytest.raises(ObjectNotFoundError, match="packs/ab/q"):
+        b.get_range("packs/ab/q", 0, 1)
 
 
 def test_too_large_objects_are_refused_unread(backend_target: Target) -> None:
