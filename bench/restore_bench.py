@@ -194,7 +194,7 @@ def s3_get_rate(url: str, endpoint: str) -> str:
 
     with open_repository(url, endpoint_url=endpoint, concurrency=16) as repo:
         manifest = repo.list_manifests("bench")[-1]
-        keys = sorted({chunk_key(d) for d in repo.index_digests(manifest, "vda") if d})
+        keys = sorted({chunk_key(d) for d in repo.chunk_names(manifest, "vda") if d})
         started = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             stored = sum(pool.map(lambda key: len(repo.backend.get(key)), keys))

@@ -86,6 +86,15 @@ def _compressible(body: Blob) -> bool:
     return len(_zstd().compress(sample)) < len(sample) * _SAMPLE_RATIO
 
 
+def _compressed(body: Blob, compress: bool) -> tuple[int, Blob]:
+    """The compression byte and payload of a sealed body: zstd only when it is smaller."""
+    if compress and _compressible(body):
+        packed = _zstd().compress(body)
+        if len(packed) < len(body):
+            return COMPRESSION_ZSTD, packed
+    return COMPRESSION_NONE, body
+
+
 def _unzstd() -> zstandard.ZstdDecompressor:
     d = getattr(_local, "d", None)
     if d is None:
@@ -156,6 +165,15 @@ class Codec:
         out: str = h.hexdigest()
         return out
 
+    def raw_digest(self, data: Blob) -> bytes:
+        """``digest`` as 32 raw bytes (format 2's sub-block and region digests)."""
+        if self.keys is not None:
+            h = blake3.blake3(data, key=self.keys.hashing, max_threads=1)
+        else:
+            h = blake3.blake3(data, max_threads=1)
+        out: bytes = h.digest()
+        return out
+
     def seal(self, key: str, body: Blob, compress: bool = True) -> bytes:
         """Stored bytes of a binary object: compression byte + payload, then encryption.
 
@@ -170,14 +188,20 @@ class Codec:
         Unencrypted, the payload is not copied behind its compression byte: a backend
         writes the pieces as they are (a 4 MiB copy per chunk saved).
         """
-        kind, payload = COMPRESSION_NONE, body
-        if compress and _compressible(body):
-            packed = _zstd().compress(body)
-            if len(packed) < len(body):
-                kind, payload = COMPRESSION_ZSTD, packed
+        kind, payload = _compressed(body, compress)
         if self._aead is None:
             return bytes([kind]), payload
         return (self.encrypt(key, bytes([kind]) + payload),)
+
+    def frame(self, body: Blob, compress: bool = True) -> bytes:
+        """The compression byte and payload of ``seal``, before encryption: the costly half,
+        which needs no key (``seal_frame`` finishes it once the object key is known)."""
+        kind, payload = _compressed(body, compress)
+        return bytes([kind]) + bytes(payload)
+
+    def seal_frame(self, key: str, frame: bytes) -> bytes:
+        """``seal(key, body)`` from ``frame(body)``."""
+        return self.encrypt(key, frame)
 
     def unseal(self, key: str, stored: bytes, limit: int) -> bytes:
         """Inverse of ``seal``; the body may have at most ``limit`` bytes (a chunk: the chunk

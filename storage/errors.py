@@ -75,3 +75,8 @@ class ConfigMismatchError(StorageError):
 class ObjectTooLargeError(CorruptObjectError):
     """An object is larger than anything of its kind may be; it was not read. Not retryable:
     data damage or tampering."""
+
+
+class FormatUpgradeNeededError(StorageError):
+    """A version 1 repository was asked to take a new backup. Not retryable: run
+    ``vmvault upgrade`` (existing backups stay readable)."""

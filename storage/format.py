@@ -263,8 +263,7 @@ class RepoConfig:
             raise CorruptObjectError(f"{url}: config object has version {version}")
         if version >= 2 and doc.get("sub_block") != SUB_BLOCK_SIZE:
             raise CorruptObjectError(
-                f"{url}: config object has sub_block {doc.get('sub_block')!r}, "
-                f"not {SUB_BLOCK_SIZE}"
+                f"{url}: config object has sub_block {doc.get('sub_block')!r}, not {SUB_BLOCK_SIZE}"
             )
         return cfg
 

@@ -1,4 +1,7 @@
-"""Garbage collection: mark every chunk the manifests reference, sweep the rest.
+"""Garbage collection: mark every chunk and pack the manifests reference, sweep the rest.
+
+Packs (format 2) are deleted whole, once no index references any fragment in them;
+nothing is ever rewritten to free space (docs/repository-format.md section 25).
 
 Safety against backups in flight has two layers (docs/repository-format.md, "GC safety"):
 
@@ -26,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from vmvault.storage.backends import ObjectInfo
+from vmvault.storage.disk_reader import load_index_object, referenced_objects
 from vmvault.storage.errors import CorruptObjectError, StorageError
 from vmvault.storage.format import (
     BACKUPS_PREFIX,
@@ -36,6 +40,7 @@ from vmvault.storage.format import (
 )
 from vmvault.storage.locks import DEFAULT_GRACE, Lease, list_locks
 from vmvault.storage.progress import Progress
+from vmvault.storage.region_store import PACKS_PREFIX
 from vmvault.storage.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,10 @@ class GcReport:
     chunks_deleted: int = 0
     bytes_deleted: int = 0
     chunks_in_grace: int = 0
+    packs_total: int = 0
+    packs_referenced: int = 0
+    packs_deleted: int = 0
+    packs_in_grace: int = 0
     orphan_objects_deleted: int = 0
     orphan_objects_in_grace: int = 0
     locks_removed: int = 0
@@ -105,7 +114,7 @@ def _mark_damaged(
         if not o.key.endswith(INDEX_SUFFIX):
             continue
         try:
-            entries = repo.load_index_object(o.key)
+            index = load_index_object(repo, o.key)
         except StorageError as err:
             raise GcAbortedError(
                 f"gc stopped, nothing deleted: the manifest of backup {backup_id} of {domain} "
@@ -113,7 +122,7 @@ def _mark_damaged(
                 "the chunks it may still need are unknown. Run 'vmvault verify'; if the "
                 f"backup is beyond repair, delete backups/{domain}/{backup_id}/ by hand"
             ) from err
-        marked.update(e.digest for e in entries if e.digest)
+        marked.update(referenced_objects(index))
 
 
 def _run(
@@ -152,7 +161,7 @@ def _run(
                 _mark_damaged(repo, domain, backup_id, groups[(domain, backup_id)], marked, err)
             else:
                 for disk in manifest.disks:
-                    marked.update(d for d in repo.index_digests(manifest, disk.name) if d)
+                    marked.update(referenced_objects(repo.disk_reader(manifest, disk.name).index))
         except GcAbortedError:
             raise
         except StorageError as err:
@@ -163,7 +172,8 @@ def _run(
         if progress:
             progress("mark", n, len(committed))
     report.backups = len(committed)
-    report.chunks_referenced = len(marked)
+    report.chunks_referenced = sum(1 for k in marked if k.startswith(CHUNKS_PREFIX))
+    report.packs_referenced = len(marked) - report.chunks_referenced
 
     # --- sweep -----------------------------------------------------------------
     doomed: list[str] = []
@@ -180,8 +190,7 @@ def _run(
     chunk_sizes: dict[str, int] = {}
     for info in backend.list(CHUNKS_PREFIX):
         report.chunks_total += 1
-        digest = info.key.rsplit("/", 1)[-1]
-        if digest in marked:
+        if info.key in marked:
             continue
         if info.modified >= cutoff:
             report.chunks_in_grace += 1
@@ -189,7 +198,18 @@ def _run(
         chunk_sizes[info.key] = info.size
         doomed.append(info.key)
     report.chunks_deleted = len(chunk_sizes)
-    report.bytes_deleted = sum(chunk_sizes.values())
+    pack_sizes: dict[str, int] = {}
+    for info in backend.list(PACKS_PREFIX):
+        report.packs_total += 1
+        if info.key in marked:
+            continue
+        if info.modified >= cutoff:
+            report.packs_in_grace += 1
+            continue
+        pack_sizes[info.key] = info.size
+        doomed.append(info.key)
+    report.packs_deleted = len(pack_sizes)
+    report.bytes_deleted = sum(chunk_sizes.values()) + sum(pack_sizes.values())
 
     if not dry_run:
 

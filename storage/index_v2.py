@@ -294,8 +294,13 @@ def _region(
     )
 
 
-def from_v1_index(virtual_size: int, chunk_size: int, digests: Sequence[str | None]) -> DiskIndex:
-    """A version 1 index (``Repository.index_digests``: hex digest or None per chunk) as
+def from_v1_index(
+    virtual_size: int,
+    chunk_size: int,
+    digests: Sequence[str | None],
+    from_parent: Sequence[bool] | None = None,
+) -> DiskIndex:
+    """A version 1 index (hex digest or None per chunk, and its "from parent" flags) as
     format 2 regions: ZERO and LEGACY. How a v2 writer uses a v1 parent, and a v2 reader
     a v1 backup; nothing is rewritten."""
     count = chunk_count(virtual_size, chunk_size)
@@ -304,9 +309,10 @@ def from_v1_index(virtual_size: int, chunk_size: int, digests: Sequence[str | No
     regions = []
     for i, d in enumerate(digests):
         length = region_length(virtual_size, chunk_size, i)
+        kept = bool(from_parent[i]) if from_parent is not None else False
         regions.append(
-            Region(Kind.ZERO, length)
+            Region(Kind.ZERO, length, from_parent=kept)
             if d is None
-            else Region(Kind.LEGACY, length, bytes.fromhex(d))
+            else Region(Kind.LEGACY, length, bytes.fromhex(d), from_parent=kept)
         )
     return DiskIndex(virtual_size, chunk_size, tuple(regions), {})

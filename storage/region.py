@@ -666,12 +666,15 @@ def rebuild_region(
     region: Region,
     base_body: bytes | None,
     fragment_bodies: Sequence[bytes],
+    check: bool = True,
 ) -> bytes:
     """A region's bytes from its pieces (unsealed), checked against the index's digest.
 
     ``base_body``: CHUNK/PATCHED the base chunk's body, LEGACY the v1 chunk, ZERO None.
     ``CorruptObjectError`` if a piece has the wrong size or the result does not hash to
     the entry's RD (v1 digest for LEGACY): what lands on the disk is what was backed up.
+    ``check=False`` skips that final hash (the piece size checks stay), for a caller that
+    hashes the bytes later anyway (a restore's read-back compares them with the RD).
     """
     length = region.length
     if region.kind is Kind.ZERO:
@@ -706,7 +709,7 @@ def rebuild_region(
         else:
             p = frag_pos[s][j]
             out[at : at + size] = fragment_bodies[s][p : p + size]
-    if hasher.region_digest(length, hasher.sub_digests(out, zero)) != region.digest:
+    if check and hasher.region_digest(length, hasher.sub_digests(out, zero)) != region.digest:
         raise CorruptObjectError("rebuilt region does not match its digest in the index")
     return bytes(out)
 
@@ -732,7 +735,19 @@ def plan_disk(
     pack_sizes: dict[PackId, int],
 ) -> list[RegionPlan]:
     """``plan_region`` for every region of a disk, with packs re-homed until every old pack
-    the new index still uses is at least REHOME_LIVE referenced by it.
+    the new index still uses is at least REHOME_LIVE referenced by it."""
+    return plan_disk_rehome(parents, lengths, dirty, zero, pack_sizes)[0]
+
+
+def plan_disk_rehome(
+    parents: Sequence[Region | None],
+    lengths: Sequence[int],
+    dirty: Sequence[Mask],
+    zero: Sequence[Mask],
+    pack_sizes: dict[PackId, int],
+) -> tuple[list[RegionPlan], frozenset[PackId]]:
+    """``plan_disk``, and the packs it re-homes (a region planned again later, after its
+    read found zeros, must re-home the same ones).
 
     ``parents[i]``: the parent's entry for region i (None past the parent's end);
     ``pack_sizes``: stored size of every pack the parent's index names. Packs only ever
@@ -754,7 +769,7 @@ def plan_disk(
             if used * REHOME_LIVE_DEN < pack_sizes[pack] * REHOME_LIVE_NUM
         )
         if more <= rehome:
-            return plans
+            return plans, rehome
         rehome |= more
         for i, plan in enumerate(plans):
             if any(f.pack in more for f in plan.keep):

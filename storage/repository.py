@@ -18,9 +18,8 @@ import logging
 import os
 import secrets
 import threading
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from vmvault.storage.errors import (
     BackupNotFoundError,
     ConfigMismatchError,
     CorruptObjectError,
+    FormatUpgradeNeededError,
     ObjectNotFoundError,
     PassphraseError,
     RepositoryExistsError,
@@ -42,11 +42,11 @@ from vmvault.storage.format import (
     BACKUPS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
     KEY_KEY,
     LOCKS_PREFIX,
     MANIFEST_NAME,
     MAX_CONFIG_BYTES,
-    MAX_INDEX_ENTRIES,
     MAX_KEY_BYTES,
     MAX_MANIFEST_BYTES,
     DamagedManifest,
@@ -70,8 +70,10 @@ from vmvault.storage.format import (
     stored_limit,
 )
 from vmvault.storage.locks import DEFAULT_LEASE_TTL, Lease
+from vmvault.storage.region_store import RegionStore
 
 if TYPE_CHECKING:
+    from vmvault.storage.disk_reader import DiskReader
     from vmvault.storage.writer import BackupWriter
 
 __all__ = [
@@ -120,6 +122,8 @@ class Repository:
         self.concurrency = concurrency
         self.lease_ttl = lease_ttl
         self._master = master_key
+        # Format 2 objects (chunk tables and bodies, fragments, region rebuilds).
+        self.regions = RegionStore(backend, codec, config.chunk_size)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -314,24 +318,19 @@ class Repository:
             raise CorruptObjectError(f"index {what} disagrees with its manifest on sizes")
         return entries
 
-    def load_index_object(self, key: str) -> list[IndexEntry]:
-        """An index read without its manifest (GC, for a backup whose manifest is damaged).
+    def chunk_names(self, manifest: Manifest, disk_name: str) -> list[str | None]:
+        """Per region of the disk: the hex name of the chunk object its bytes are based on
+        (a v1 chunk's digest, a v2 chunk's RD, a patched region's base), None for zeros."""
+        from vmvault.storage.disk_reader import base_chunk_name
 
-        Only the object's own checks apply: decryption (which authenticates it in an
-        encrypted repository), magic, version, sizes and the repository's chunk size.
-        """
-        limit = index_body_limit(MAX_INDEX_ENTRIES * self.chunk_size, self.chunk_size)
-        body = self.codec.unseal(key, self.backend.get(key, max_size=stored_limit(limit)), limit)
-        _, chunk_size, entries = decode_index(body, key)
-        if chunk_size != self.chunk_size:
-            raise CorruptObjectError(
-                f"index {key} has chunk size {chunk_size}, not the repository's"
-            )
-        return entries
+        index = self.disk_reader(manifest, disk_name).index
+        return [base_chunk_name(r) for r in index.regions]
 
-    def index_digests(self, manifest: Manifest, disk_name: str) -> list[str | None]:
-        """Per chunk of the disk: its digest, or None for a zero chunk."""
-        return [e.digest for e in self.load_index(manifest, disk_name)]
+    def disk_reader(self, manifest: Manifest, disk_name: str) -> DiskReader:
+        """One disk of a backup, read region by region (either format version)."""
+        from vmvault.storage.disk_reader import DiskReader  # builds on this module
+
+        return DiskReader(self, manifest, disk_name)
 
     # ------------------------------------------------------------------ writing
 
@@ -342,9 +341,19 @@ class Repository:
         kind: Kind,
         reason: str,
         checkpoint: str | None,
+        allow_v1: bool = False,
     ) -> BackupWriter:
-        """Start a backup: takes a shared lease so GC cannot run until commit/abort."""
+        """Start a backup: takes a shared lease so GC cannot run until commit/abort.
+
+        A version 1 repository takes no new backups (section 27) unless ``allow_v1``:
+        compatibility tests and tools make version 1 repositories that way.
+        """
         check_name(domain, "domain")
+        if self.config.version < 2 and not allow_v1:
+            raise FormatUpgradeNeededError(
+                f"{self.url} is a format version 1 repository: run 'vmvault upgrade' to "
+                "write new backups (existing backups stay readable)"
+            )
         if kind not in ("full", "incremental"):
             raise WriterError(f"backup kind must be 'full' or 'incremental', not {kind!r}")
         if kind == "incremental" and parent is None:
@@ -353,6 +362,8 @@ class Repository:
             raise WriterError(f"parent {parent.backup_id} belongs to {parent.domain}, not {domain}")
         if parent is not None and parent.chunk_size != self.chunk_size:
             raise WriterError(f"parent {parent.backup_id} has another chunk size")
+        if parent is not None and parent.version > self.config.version:
+            raise WriterError(f"parent {parent.backup_id} is newer than the repository format")
         now = datetime.now(UTC)
         backup_id = new_backup_id(now)
         lease = Lease(self.backend, "shared", f"backup {domain}/{backup_id}", self.lease_ttl)
@@ -381,40 +392,10 @@ class Repository:
     def read_disk(
         self, manifest: Manifest, disk_name: str, prefetch: int = 8, check: bool = True
     ) -> Iterator[tuple[int, bytes | None]]:
-        """``(offset, plaintext)`` per chunk in order; None for zeros. At most ``prefetch``
-        chunks are fetched ahead, so memory stays bounded for any disk size.
-        ``check``: as for ``read_chunk``; without it the caller must check the digests."""
-        entries = self.load_index(manifest, disk_name)
-        prefetch = max(1, prefetch)
-        cs = manifest.chunk_size
-
-        def fetch(i: int) -> bytes:
-            digest = entries[i].digest
-            assert digest is not None
-            try:
-                return self.read_chunk(digest, check)
-            except StorageError as err:
-                raise type(err)(
-                    f"{manifest.domain} backup {manifest.backup_id} disk {disk_name} "
-                    f"offset {i * cs}: {err}"
-                ) from err
-
-        window: deque[tuple[int, Future[bytes] | None]] = deque()
-        next_i = 0
-        try:
-            while next_i < len(entries) or window:
-                while next_i < len(entries) and len(window) < prefetch:
-                    fut = (
-                        None if entries[next_i].digest is None else self.pool.submit(fetch, next_i)
-                    )
-                    window.append((next_i, fut))
-                    next_i += 1
-                i, fut = window.popleft()
-                yield i * cs, (None if fut is None else fut.result())
-        finally:
-            for _, fut in window:
-                if fut is not None:
-                    fut.cancel()
+        """``(offset, plaintext)`` per region in order; None for zeros. At most ``prefetch``
+        regions are fetched ahead, so memory stays bounded for any disk size.
+        ``check=False``: the caller compares the bytes with the index (see DiskReader)."""
+        return self.disk_reader(manifest, disk_name).regions(prefetch, check)
 
 
 # --------------------------------------------------------------------------- open / init
@@ -429,16 +410,26 @@ def init_repository(
     concurrency: int = DEFAULT_CONCURRENCY,
     retry: RetryPolicy | None = None,
     scrypt_n: int | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Repository:
-    """Create a repository (encrypted when ``passphrase`` is given); refuses an existing one."""
+    """Create a repository (encrypted when ``passphrase`` is given); refuses an existing one.
+
+    ``format_version`` 1 makes a repository that version 1 vmvault can still use (it
+    can be upgraded later: storage/upgrade.py).
+    """
     try:
         check_chunk_size(chunk_size)
     except CorruptObjectError as err:
         raise StorageError(str(err)) from None
+    if format_version not in (1, FORMAT_VERSION):
+        raise StorageError(
+            f"repository format version {format_version} is not one vmvault can create: "
+            f"use 1 or {FORMAT_VERSION}"
+        )
     backend = open_backend(url, endpoint_url, region, concurrency, retry)
     try:
         config, config_bytes, codec, master = _create_objects(
-            backend, url, passphrase, chunk_size, scrypt_n or SCRYPT_N
+            backend, url, passphrase, chunk_size, scrypt_n or SCRYPT_N, format_version
         )
     except BaseException:
         backend.close()
@@ -449,7 +440,12 @@ def init_repository(
 
 
 def _create_objects(
-    backend: Backend, url: str, passphrase: bytes | None, chunk_size: int, scrypt_n: int
+    backend: Backend,
+    url: str,
+    passphrase: bytes | None,
+    chunk_size: int,
+    scrypt_n: int,
+    format_version: int,
 ) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
     """Write ``key`` (if encrypted) and then ``config``, each only if absent."""
     # A listing fails on a missing bucket, where a PUT may quietly create one (SeaweedFS
@@ -462,6 +458,7 @@ def _create_objects(
         chunk_size=chunk_size,
         encrypted=passphrase is not None,
         created=datetime.now(UTC),
+        version=format_version,
     )
     config_bytes = config.to_bytes()
     codec = Codec(None)

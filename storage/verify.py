@@ -1,6 +1,7 @@
-"""Repository verification: structure (manifests, indexes, chunk presence) and, with
-``read_data``, every referenced chunk downloaded, decrypted, decompressed, re-hashed and
-measured (a chunk of the wrong length restores nowhere, whatever its digest).
+"""Repository verification: structure (manifests, indexes, chunk and pack presence) and,
+with ``read_data``, every referenced chunk downloaded, decrypted, decompressed, re-hashed
+and measured, and every patched region rebuilt from its pieces and checked against its
+digest: the bytes a restore would write, not only the pieces (sections 14 and 28).
 
 Every problem names the domain, backup id, disk and byte offset it affects.
 """
@@ -8,16 +9,20 @@ Every problem names the domain, backup id, disk and byte offset it affects.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vmvault.storage.disk_reader import DiskReader
 from vmvault.storage.errors import StorageError
-from vmvault.storage.format import CHUNKS_PREFIX, IndexEntry, Manifest, chunk_key
+from vmvault.storage.format import CHUNKS_PREFIX, Manifest
+from vmvault.storage.index_v2 import DiskIndex
 from vmvault.storage.progress import Progress
+from vmvault.storage.region import Kind, Region
+from vmvault.storage.region_store import PACKS_PREFIX, chunk_name_key, pack_key
 from vmvault.storage.repository import Repository
 
-# Per chunk, where it is used: (domain, backup_id, disk, offset, expected length).
-Ref = tuple[str, str, str, int, int]
+# Where an object is used: (domain, backup_id, disk, offset).
+Ref = tuple[str, str, str, int]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class VerifyReport:
     chunks_referenced: int = 0
     chunks_read: int = 0
     bytes_read: int = 0
+    packs_referenced: int = 0
+    regions_rebuilt: int = 0
     read_data: bool = False
     problems: list[Problem] = field(default_factory=list)
 
@@ -78,9 +85,54 @@ class VerifyReport:
             "chunks_referenced": self.chunks_referenced,
             "chunks_read": self.chunks_read,
             "bytes_read": self.bytes_read,
+            "packs_referenced": self.packs_referenced,
+            "regions_rebuilt": self.regions_rebuilt,
             "read_data": self.read_data,
             "problems": [p.to_json() for p in self.problems],
         }
+
+
+@dataclass
+class _Refs:
+    """Every object the checked backups need, and where each is used."""
+
+    # chunk key -> (hex name, region length it must hold, LEGACY?) and its users
+    chunks: dict[str, tuple[str, int, bool]] = field(default_factory=dict)
+    chunk_users: dict[str, list[Ref]] = field(default_factory=lambda: defaultdict(list))
+    # pack key -> stored size the indexes give, and its users
+    packs: dict[str, int] = field(default_factory=dict)
+    pack_users: dict[str, list[Ref]] = field(default_factory=lambda: defaultdict(list))
+    # patched regions to rebuild (kept ones repeat across backups: checked once)
+    patched: dict[Region, list[Ref]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, m: Manifest, disk: str, index: DiskIndex, report: VerifyReport) -> None:
+        for i, r in enumerate(index.regions):
+            ref = (m.domain, m.backup_id, disk, i * index.region_size)
+            if r.kind is Kind.ZERO:
+                continue
+            if r.kind is Kind.LEGACY:
+                self._chunk(chunk_name_key(r.digest), r.digest.hex(), r.length, True, ref, report)
+                continue
+            self._chunk(chunk_name_key(r.base), r.base.hex(), r.base_length, False, ref, report)
+            if r.kind is Kind.PATCHED:
+                self.patched[replace(r, from_parent=False)].append(ref)
+            for f in r.fragments:
+                key = pack_key(f.pack)
+                size = index.pack_sizes[f.pack]
+                if self.packs.setdefault(key, size) != size:
+                    report.problems.append(
+                        Problem(*ref, f"pack {f.pack.hex()}: indexes disagree on its size")
+                    )
+                self.pack_users[key].append(ref)
+
+    def _chunk(
+        self, key: str, name: str, length: int, legacy: bool, ref: Ref, report: VerifyReport
+    ) -> None:
+        if self.chunks.setdefault(key, (name, length, legacy)) != (name, length, legacy):
+            report.problems.append(
+                Problem(*ref, f"chunk {name} is used as regions of different sizes or formats")
+            )
+        self.chunk_users[key].append(ref)
 
 
 def verify(
@@ -105,68 +157,119 @@ def verify(
             report.problems.append(Problem(domain, bid, None, None, f"manifest: {err}"))
     report.backups = len(keys)
 
-    refs: dict[str, list[Ref]] = defaultdict(list)
-    indexes: dict[tuple[str, str], list[IndexEntry]] = {}
+    refs = _Refs()
+    indexes: dict[tuple[str, str], DiskIndex] = {}
     for m in manifests.values():
         for disk in m.disks:
             report.disks += 1
             try:
-                entries = repo.load_index(m, disk.name)
+                index = DiskReader(repo, m, disk.name).index
             except StorageError as err:
                 report.problems.append(Problem(m.domain, m.backup_id, disk.name, None, str(err)))
                 continue
-            indexes[(m.backup_id, disk.name)] = entries
-            cs = m.chunk_size
-            for i, e in enumerate(entries):
-                if e.digest:
-                    size = min(cs, disk.virtual_size - i * cs)
-                    refs[e.digest].append((m.domain, m.backup_id, disk.name, i * cs, size))
+            indexes[(m.backup_id, disk.name)] = index
+            refs.add(m, disk.name, index, report)
     _check_parents(repo, manifests, indexes, report)
-    report.chunks_referenced = len(refs)
+    report.chunks_referenced = len(refs.chunks)
+    report.packs_referenced = len(refs.packs)
 
-    # Presence: one listing for the whole repository; HEADs for a single backup.
-    digests = sorted(refs)
+    # Presence: one listing of chunks for the whole repository, HEADs for one backup;
+    # packs are listed (they are few, and their sizes must match the indexes).
+    chunk_keys = sorted(refs.chunks)
     if backup_id is None:
-        present = {i.key.rsplit("/", 1)[-1] for i in repo.backend.list(CHUNKS_PREFIX)}
-        missing = [d for d in digests if d not in present]
+        present = {i.key for i in repo.backend.list(CHUNKS_PREFIX)}
+        missing = [k for k in chunk_keys if k not in present]
     else:
-        exists = list(repo.pool.map(lambda d: repo.backend.exists(chunk_key(d)), digests))
-        missing = [d for d, ok in zip(digests, exists, strict=True) if not ok]
-    for d in missing:
-        for domain, bid, disk_name, offset, _ in refs[d]:
-            report.problems.append(Problem(domain, bid, disk_name, offset, f"chunk {d} is missing"))
+        exists = list(repo.pool.map(repo.backend.exists, chunk_keys))
+        missing = [k for k, ok in zip(chunk_keys, exists, strict=True) if not ok]
+    for k in missing:
+        for ref in refs.chunk_users[k]:
+            report.problems.append(Problem(*ref, f"chunk {refs.chunks[k][0]} is missing"))
+    bad_packs: set[str] = set()
+    if refs.packs:
+        sizes = {i.key: i.size for i in repo.backend.list(PACKS_PREFIX)}
+        for key, size in sorted(refs.packs.items()):
+            got = sizes.get(key)
+            if got == size:
+                continue
+            bad_packs.add(key)
+            what = "is missing" if got is None else f"has {got} bytes, the index says {size}"
+            for ref in refs.pack_users[key]:
+                report.problems.append(Problem(*ref, f"pack {key.rsplit('/', 1)[-1]} {what}"))
 
     if read_data:
-        gone = set(missing)
-        todo = [d for d in digests if d not in gone]
-
-        def check(digest: str) -> tuple[str, int, str | None]:
-            try:
-                return digest, len(repo.read_chunk(digest)), None
-            except StorageError as err:
-                return digest, 0, str(err)
-
-        for n, (digest, size, error) in enumerate(repo.pool.map(check, todo), 1):
-            report.chunks_read += 1
-            report.bytes_read += size
-            for domain, bid, disk_name, offset, expected in refs[digest]:
-                if error is None and size != expected:
-                    problem = f"chunk {digest} has {size} bytes, expected {expected}"
-                    report.problems.append(Problem(domain, bid, disk_name, offset, problem))
-                elif error is not None:
-                    report.problems.append(Problem(domain, bid, disk_name, offset, error))
-            if progress and (n % 16 == 0 or n == len(todo)):
-                progress("read-data", n, len(todo))
+        _read_data(repo, refs, set(missing), bad_packs, report, progress)
     return report
+
+
+def _read_data(
+    repo: Repository,
+    refs: _Refs,
+    missing: set[str],
+    bad_packs: set[str],
+    report: VerifyReport,
+    progress: Progress | None,
+) -> None:
+    """Fetch every chunk whole and check it; then rebuild every patched region."""
+    todo = [k for k in sorted(refs.chunks) if k not in missing]
+
+    def check(key: str) -> tuple[str, int, str | None]:
+        name, length, legacy = refs.chunks[key]
+        try:
+            if legacy:
+                data = repo.read_chunk(name)
+                if len(data) != length:
+                    return key, len(data), f"chunk {name} has {len(data)} bytes, expected {length}"
+                return key, len(data), None
+            return key, repo.regions.check_whole_chunk(bytes.fromhex(name), length)[2], None
+        except StorageError as err:
+            return key, 0, str(err)
+
+    steps = len(todo) + len(refs.patched)
+    done = 0
+    damaged: set[str] = set()
+    for key, size, error in repo.pool.map(check, todo):
+        report.chunks_read += 1
+        report.bytes_read += size
+        if error is not None:
+            damaged.add(key)
+            report.problems.extend(Problem(*ref, error) for ref in refs.chunk_users[key])
+        done += 1
+        if progress and (done % 16 == 0 or done == steps):
+            progress("read-data", done, steps)
+
+    # A patched region whose pieces are already known bad was reported through them.
+    def rebuild(region: Region) -> str | None:
+        try:
+            repo.regions.read_region(region, check=True)
+        except StorageError as err:
+            return str(err)
+        return None
+
+    def usable(r: Region) -> bool:
+        pieces = {chunk_name_key(r.base)} | {pack_key(f.pack) for f in r.fragments}
+        return not pieces & (missing | damaged | bad_packs)
+
+    regions = [r for r in refs.patched if usable(r)]
+    for region, error in zip(regions, repo.pool.map(rebuild, regions), strict=True):
+        report.regions_rebuilt += 1
+        if error is not None:
+            report.problems.extend(
+                Problem(*ref, f"region rebuilt from its pieces: {error}")
+                for ref in refs.patched[region]
+            )
+        done += 1
+        if progress and (done % 16 == 0 or done == steps):
+            progress("read-data", done, steps)
 
 
 def _check_parents(
     repo: Repository,
     manifests: dict[str, Manifest],
-    indexes: dict[tuple[str, str], list[IndexEntry]],
+    indexes: dict[tuple[str, str], DiskIndex],
     report: VerifyReport,
 ) -> None:
-    """An incremental's chunks marked "kept from parent" must equal the parent's entries."""
+    """An incremental's regions marked "kept from parent" must equal the parent's."""
     for m in manifests.values():
         if m.parent is None:
             continue
@@ -177,23 +280,26 @@ def _check_parents(
             except StorageError:
                 continue  # the parent was pruned: nothing left to compare with
         for disk in m.disks:
-            entries = indexes.get((m.backup_id, disk.name))
-            if entries is None or not any(e.from_parent for e in entries):
+            index = indexes.get((m.backup_id, disk.name))
+            if index is None or not any(r.from_parent for r in index.regions):
                 continue
-            pentries = indexes.get((parent.backup_id, disk.name))
-            if pentries is None:
+            pindex = indexes.get((parent.backup_id, disk.name))
+            if pindex is None:
                 try:
-                    pentries = repo.load_index(parent, disk.name)
+                    pindex = DiskReader(repo, parent, disk.name).index
                 except StorageError:
                     continue  # reported when the parent itself is checked
-            for i, e in enumerate(entries):
-                if e.from_parent and (i >= len(pentries) or pentries[i].digest != e.digest):
+            for i, r in enumerate(index.regions):
+                if not r.from_parent:
+                    continue
+                p = pindex.regions[i] if i < len(pindex.regions) else None
+                if p is None or replace(p, from_parent=True) != r:
                     report.problems.append(
                         Problem(
                             m.domain,
                             m.backup_id,
                             disk.name,
                             i * m.chunk_size,
-                            f"chunk kept from parent {m.parent} differs from the parent's index",
+                            f"region kept from parent {m.parent} differs from the parent's index",
                         )
                     )

@@ -1,9 +1,11 @@
 """Writing one backup into the repository: chunks, then each disk's index, then the manifest.
 
-The write order of docs/repository-format.md: chunks (deduplicated, in a thread pool),
-durably; then the disk's index; the manifest last, under the shared lease that keeps GC
-away until commit or abort. Reading is storage/repository.py; a writer is started with
-``Repository.open_backup`` and uses only the repository's public calls.
+The write order of docs/repository-format.md: chunks and packs (deduplicated, in a
+thread pool), durably; then the disk's index; the manifest last, under the shared lease
+that keeps GC away until commit or abort. A version 2 repository's disks are written by
+storage/region_writer.py; ``DiskWriter`` here writes version 1 indexes, which only
+``Repository.open_backup(..., allow_v1=True)`` asks for (compatibility tests and tools).
+Reading is storage/repository.py; a writer is started with ``Repository.open_backup``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from vmvault.storage.backends import Blob
+from vmvault.storage.disk_reader import load_disk_index
 from vmvault.storage.errors import StorageError, WriterError
 from vmvault.storage.format import (
     DiskStats,
@@ -29,10 +32,17 @@ from vmvault.storage.format import (
     encode_index,
     index_key,
 )
+from vmvault.storage.index_v2 import DiskIndex
 from vmvault.storage.locks import Lease
+from vmvault.storage.region import Kind as RegionKind
+from vmvault.storage.region_writer import RegionDiskWriter
 
 if TYPE_CHECKING:
     from vmvault.storage.repository import Repository
+
+
+# Region kinds whose base is a version 2 chunk object.
+_CHUNKED = (RegionKind.CHUNK, RegionKind.PATCHED)
 
 
 class KnownChunks:
@@ -79,7 +89,9 @@ class BackupWriter:
         self.checkpoint = checkpoint
         self.created = created
         self.lease = lease
-        self.disks: dict[str, DiskWriter] = {}
+        self.disks: dict[str, DiskWriter | RegionDiskWriter] = {}
+        # The manifest and index version this backup writes: the repository's.
+        self.version = repo.config.version
         self._done = False
         # Digests known to be stored: the parent's (GC cannot run while we hold the
         # lease) and every chunk this backup stored or found. Saves HEAD requests.
@@ -103,13 +115,15 @@ class BackupWriter:
         if self._done:
             raise WriterError(f"backup {self.backup_id} is already committed or aborted")
 
-    def open_disk(self, name: str, virtual_size: int, fmt: str) -> DiskWriter:
+    def open_disk(self, name: str, virtual_size: int, fmt: str) -> DiskWriter | RegionDiskWriter:
         self.check_open()
         check_name(name, "disk")
         if name in self.disks:
             raise WriterError(f"disk {name} opened twice in backup {self.backup_id}")
         if virtual_size <= 0:
             raise WriterError(f"disk {name}: virtual size must be positive, got {virtual_size}")
+        if self.version >= 2:
+            return self._open_region_disk(name, virtual_size, fmt)
         parent_entries: list[IndexEntry] | None = None
         if self.parent is not None:
             pdisk = next((d for d in self.parent.disks if d.name == name), None)
@@ -117,6 +131,16 @@ class BackupWriter:
                 parent_entries = self.repo.load_index(self.parent, name)
                 self.known.add_all(e.digest for e in parent_entries if e.digest)
         writer = DiskWriter(self, name, virtual_size, fmt, parent_entries)
+        self.disks[name] = writer
+        return writer
+
+    def _open_region_disk(self, name: str, virtual_size: int, fmt: str) -> RegionDiskWriter:
+        parent_index: DiskIndex | None = None
+        if self.parent is not None and any(d.name == name for d in self.parent.disks):
+            # Any size: a resized disk keeps every region whose extent did not change.
+            parent_index = load_disk_index(self.repo, self.parent, name)
+            self.known.add_all(r.base.hex() for r in parent_index.regions if r.kind in _CHUNKED)
+        writer = RegionDiskWriter(self, name, virtual_size, fmt, parent_index)
         self.disks[name] = writer
         return writer
 
@@ -146,6 +170,7 @@ class BackupWriter:
                 disks=[d.result for d in self.disks.values() if d.result is not None],
                 layout=dict(layout or {}),
                 extra=dict(extra or {}),
+                version=self.version,
             )
             data = self.repo.seal_manifest(manifest)
             if not self.repo.backend.put(manifest.key, data, if_absent=True):

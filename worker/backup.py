@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -33,8 +33,9 @@ from typing import Any, Literal
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import Manifest
 from vmvault.storage.progress import Progress, no_progress
+from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.storage.repository import Repository
-from vmvault.storage.writer import BackupWriter, DiskWriter
+from vmvault.storage.writer import BackupWriter
 from vmvault.worker import checkpoints as cp
 from vmvault.worker import offline, qemu_img
 from vmvault.worker.cleanup import (
@@ -65,14 +66,13 @@ from vmvault.worker.locks import domain_lock
 from vmvault.worker.memory import chunk_friendly_malloc
 from vmvault.worker.nbd import (
     BASE_ALLOCATION,
-    DIRTY,
-    STATE_ZERO,
     NbdError,
     NbdTimeoutError,
     dirty_context,
 )
-from vmvault.worker.nbd_read import NbdReader, chunks_touched
+from vmvault.worker.nbd_read import NbdReader
 from vmvault.worker.qmp import QmpDisconnectedError, QmpError, QmpSession, open_session
+from vmvault.worker.region_pull import pull_regions
 from vmvault.worker.routing import MODES, BackupMode
 from vmvault.worker.signals import critical
 
@@ -81,8 +81,6 @@ log = logging.getLogger(__name__)
 
 # Unix socket paths are limited to 108 bytes (sun_path), including the final NUL.
 _MAX_SOCKET_PATH = 107
-# NBD connections reading at once (each one request in flight; see worker/nbd_read.py).
-_READ_CONNECTIONS = 3
 _MIB = 1024 * 1024
 
 
@@ -160,6 +158,8 @@ class DiskResult:
     chunks_new: int = 0
     chunks_zero: int = 0
     chunks_parent: int = 0
+    chunks_patched: int = 0
+    objects_put: int = 0
 
 
 @dataclass
@@ -404,7 +404,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         job.step = Step.EXPORT
         _export(job, temp)
         job.step = Step.PULL
-        _pull(job, writer, repo.chunk_size, plan, temp)
+        _pull(job, writer, plan, temp)
         fleece_bytes = sum(
             max(0, scratch_bytes(_scratch_path(job, d.name)) - job.scratch_base[d.name])
             for d in job.disks
@@ -511,7 +511,7 @@ def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
             nbd_socket_path(state_dir, domain), probe_export, job.on_undo,
         )  # fmt: skip
         job.step = Step.PULL
-        _pull(job, writer, repo.chunk_size, plan, temp)
+        _pull(job, writer, plan, temp)
         job.step = Step.COMMIT
         pulled = sum(r.virtual_size for r in job.results.values())
         job.progress("commit", pulled, pulled)
@@ -697,25 +697,6 @@ def _export(job: _Job, temp: str | None) -> None:
         job.on_undo(f"block-export-del {probe_id}", partial(qmp.block_export_del, probe_id))
 
 
-def _runs(flags: Sequence[bool], want: bool) -> Iterator[tuple[int, int]]:
-    """``(first, count)`` of each run of consecutive chunk indexes whose flag is ``want``."""
-    start: int | None = None
-    for i, flag in enumerate(flags):
-        if flag == want and start is None:
-            start = i
-        elif flag != want and start is not None:
-            yield start, i - start
-            start = None
-    if start is not None:
-        yield start, len(flags) - start
-
-
-def _span(first: int, count: int, chunk: int, size: int) -> tuple[int, int]:
-    """``(offset, length)`` of ``count`` chunks from chunk ``first``; the tail may be short."""
-    offset = first * chunk
-    return offset, min(size, (first + count) * chunk) - offset
-
-
 @dataclass
 class _Meter:
     """Bytes of all disks accounted for so far, reported as the job's progress."""
@@ -729,15 +710,17 @@ class _Meter:
         self.job.progress(f"pull {disk}", self.done, self.total)
 
 
-def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | None) -> None:
+def _pull(job: _Job, writer: BackupWriter, plan: Plan, temp: str | None) -> None:
     """Pull every disk into the repository; a failed read names its likely cause."""
     meter = _Meter(job, sum(d.virtual_size for d in job.disks))
     for disk in job.disks:
         result = DiskResult(disk.name, disk.virtual_size)
         job.results[disk.name] = result
         dw = writer.open_disk(disk.name, disk.virtual_size, disk.format)
+        if not isinstance(dw, RegionDiskWriter):
+            raise BackupError(f"{writer.repo.url}: backups are written in format 2 only")
         try:
-            _pull_disk(job, disk, dw, chunk, temp, result, meter)
+            _pull_disk(job, disk, dw, temp, result, meter)
             # Every read of this disk came after its freeze, as long as the snapshot still
             # stands now: a copy that failed meanwhile would have let new data through.
             _probe_snapshot(job, disk)
@@ -748,55 +731,35 @@ def _pull(job: _Job, writer: BackupWriter, chunk: int, plan: Plan, temp: str | N
         result.chunks_new = stats.chunks_new
         result.chunks_zero = stats.chunks_zero
         result.chunks_parent = stats.chunks_parent
+        result.chunks_patched = stats.chunks_patched
+        result.objects_put = stats.objects_put
 
 
 def _pull_disk(
     job: _Job,
     disk: DiskInfo,
-    dw: DiskWriter,
-    chunk: int,
+    dw: RegionDiskWriter,
     temp: str | None,
     result: DiskResult,
     meter: _Meter,
 ) -> None:
-    """Classify one disk's chunks from its extents, read the needed ones, stream them."""
-    size = disk.virtual_size
+    """Plan the disk's regions from its extents, read what changed, stream it
+    (worker/region_pull.py)."""
     sock = nbd_socket_path(job.config.state_dir, job.domain)
     contexts = [BASE_ALLOCATION] + ([dirty_context(temp)] if temp else [])
     with NbdReader(sock, disk.name, contexts, job.config.backup.io_timeout_seconds) as reader:
-        if reader.size != size:
-            raise BackupError(f"disk {disk.name}: export has {reader.size} bytes, not {size}")
-        extents = reader.extents()
-        n = -(-size // chunk)
-        data = chunks_touched(extents[BASE_ALLOCATION], chunk, n, STATE_ZERO, want=False)
-        if temp is not None:
-            dirty_ext = extents[dirty_context(temp)]
-            dirty = chunks_touched(dirty_ext, chunk, n, DIRTY, want=True)
-            result.dirty_bytes = sum(e.length for e in dirty_ext if e.flags & DIRTY)
-        else:
-            dirty = [True] * n
-            result.dirty_bytes = sum(
-                e.length for e in extents[BASE_ALLOCATION] if not e.flags & STATE_ZERO
+        if reader.size != disk.virtual_size:
+            raise BackupError(
+                f"disk {disk.name}: export has {reader.size} bytes, not {disk.virtual_size}"
             )
-        span = partial(_span, chunk=chunk, size=size)
-
-        # Known-zero chunks store nothing, dirty or not: a disk shrunk and grown back
-        # to the parent's size reads zeros past the cut, but QEMU does not mark a
-        # truncation dirty, so the parent's data there is stale. Other clean chunks
-        # keep the parent's references.
-        keep = [not d and a for d, a in zip(dirty, data, strict=True)]
-        for first, count in _runs(keep, True):
-            dw.keep_parent(*span(first, count))
-            meter.add(disk.name, span(first, count)[1])
-        zero = [not a for a in data]
-        for first, count in _runs(zero, True):
-            dw.put_zero(*span(first, count))
-            meter.add(disk.name, span(first, count)[1])
-        reads = [span(i, 1) for i in range(n) if dirty[i] and data[i]]
-        for offset, payload in reader.read_parallel(reads, _READ_CONNECTIONS):
-            dw.put_chunk(offset, payload)  # the reader's own buffer: no copy
-            result.bytes_read += len(payload)
-            meter.add(disk.name, len(payload))
+        pulled = pull_regions(
+            reader,
+            dw,
+            dirty_context(temp) if temp else None,
+            partial(meter.add, disk.name),
+        )
+    result.dirty_bytes = pulled.dirty_bytes
+    result.bytes_read = pulled.bytes_read
 
 
 def _probe_snapshot(job: _Job, disk: DiskInfo) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmvault.storage.errors import StorageError
+from vmvault.storage.disk_reader import DiskReader
 from vmvault.storage.progress import Progress
 from vmvault.storage.repository import Manifest, Repository
 from vmvault.worker.errors import RestoreError
@@ -83,23 +83,19 @@ class DiskProgress:
 
 
 def _reading(
-    chunks: Iterator[tuple[int, bytes | None]],
-    repo: Repository,
-    manifest: Manifest,
-    disk: Any,
-    expected: list[str | None],
+    chunks: Iterator[tuple[int, bytes | None]], reader: DiskReader, disk: Any
 ) -> Iterator[tuple[int, bytes | None]]:
-    """The reader's chunks; a failure below the storage layer still names disk and offset.
+    """The reader's regions; a failure below the storage layer still names disk and offset.
 
-    ``StorageError`` already says where (storage/repository.py ``read_disk``); a boto3 or
-    OS error that the backend does not map to it is turned into ``RestoreReadError`` here
-    rather than escaping as a traceback. The chunks come unchecked (``check=False``): a
-    data chunk of the wrong length is blamed on the repository here, before it is written
-    (it would overlap its neighbour); wrong content is caught by the read-back.
+    ``StorageError`` already says where (storage/disk_reader.py); a boto3 or OS error that
+    the backend does not map to it is turned into ``RestoreReadError`` here rather than
+    escaping as a traceback. The regions come unchecked (``check=False``): a region of the
+    wrong length is blamed on the repository here, before it is written (it would overlap
+    its neighbour); wrong content is caught by the read-back.
     """
     from botocore.exceptions import BotoCoreError
 
-    cs = manifest.chunk_size
+    rs = reader.region_size
     offset = 0
     while True:
         try:
@@ -108,40 +104,16 @@ def _reading(
             return
         except (BotoCoreError, OSError) as err:
             raise RestoreReadError(
-                f"{manifest.domain} backup {manifest.backup_id} disk {disk.name} offset {offset}:"
-                f" cannot read from the repository: {err}"
+                f"{reader.where(offset // rs)}: cannot read from the repository: {err}"
             ) from err
         offset, data = item
-        if data is not None and len(data) != min(cs, disk.virtual_size - offset):
-            _blame_repository(repo, manifest, disk.name, expected, offset)
+        if data is not None and len(data) != min(rs, disk.virtual_size - offset):
+            reader.blame(offset // rs)
             raise RestoreReadError(
-                f"{manifest.domain} backup {manifest.backup_id} disk {disk.name} offset"
-                f" {offset}: the repository gave a chunk of {len(data)} bytes"
+                f"{reader.where(offset // rs)}: the repository gave a region of {len(data)} bytes"
             )
-        offset += cs
+        offset += rs
         yield item
-
-
-def _blame_repository(
-    repo: Repository, manifest: Manifest, disk: str, expected: list[str | None], offset: int
-) -> None:
-    """Raise the repository's own error when the chunk at ``offset`` is damaged there.
-
-    Chunks are written without re-hashing them first (the read-back compares every chunk
-    with the index anyway); when a chunk fails, fetching it again with the digest check
-    tells a damaged repository object (``CorruptObjectError``, a ``StorageError``, naming
-    disk and offset) from a disk that did not keep what was written (``VerifyError``).
-    """
-    index = offset // manifest.chunk_size
-    digest = expected[index] if 0 <= index < len(expected) else None
-    if digest is None:
-        return
-    try:
-        repo.read_chunk(digest)
-    except StorageError as err:
-        raise type(err)(
-            f"{manifest.domain} backup {manifest.backup_id} disk {disk} offset {offset}: {err}"
-        ) from err
 
 
 def restore_disk(
@@ -154,7 +126,7 @@ def restore_disk(
 ) -> RestoredDisk:
     """Write one disk through an NBD export, flush, read back and verify every chunk."""
     started = time.monotonic()
-    expected = repo.index_digests(manifest, disk.name)
+    reader = repo.disk_reader(manifest, disk.name)
     with NbdDiskWriter(socket, disk.name, export) as writer:
         if writer.size != disk.virtual_size:
             raise RestoreError(
@@ -162,21 +134,21 @@ def restore_disk(
                 f" {manifest.backup_id} recorded {disk.virtual_size}"
             )
         # Written, flushed and read back in windows, so verification overlaps the writes.
-        # The reader does not re-hash chunks: the read-back compares every chunk on the
+        # The reader does not re-hash regions: the read-back compares every region on the
         # disk with the index, which proves the repository's copy right as well (one
         # BLAKE3 pass per byte instead of two; a failure is then blamed precisely).
-        chunks = repo.read_disk(manifest, disk.name, prefetch=PREFETCH, check=False)
+        chunks = reader.regions(prefetch=PREFETCH, check=False)
         try:
             stats, _ = writer.write_and_verify(
-                _reading(chunks, repo, manifest, disk, expected),
+                _reading(chunks, reader, disk),
                 manifest.chunk_size,
-                expected,
-                repo.chunk_digest,
+                reader.expected,
+                reader.digest,
                 target_is_zero=True,
                 progress=progress.disk(disk.name, disk.virtual_size),
             )
         except VerifyError as err:
-            _blame_repository(repo, manifest, disk.name, expected, err.offset)
+            reader.blame(err.offset // manifest.chunk_size)
             raise
         # A last flush: nothing is reported restored before the server says it is stable.
         writer.flush()

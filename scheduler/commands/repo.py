@@ -353,14 +353,20 @@ def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
         ctx.emit(report.to_json())
         return 0
     verb = "would delete" if args.dry_run else "deleted"
+    young = (
+        report.chunks_in_grace
+        + report.packs_in_grace
+        + report.orphan_objects_in_grace
+        + report.temp_files_in_grace
+    )
     _say(
         ctx,
         f"gc: {report.backups} backups reference {report.chunks_referenced} of "
-        f"{report.chunks_total} chunks; {verb} {report.chunks_deleted} chunks "
+        f"{report.chunks_total} chunks and {report.packs_referenced} of {report.packs_total} "
+        f"packs; {verb} {report.chunks_deleted} chunks and {report.packs_deleted} packs "
         f"({_human(report.bytes_deleted)}), {report.orphan_objects_deleted} objects of "
         f"unfinished backups and {report.temp_files_deleted} temp files of killed writers; "
-        f"{report.chunks_in_grace + report.orphan_objects_in_grace + report.temp_files_in_grace}"
-        f" objects younger than the grace window kept",
+        f"{young} objects younger than the grace window kept",
     )
     if report.damaged_backups:
         _say(

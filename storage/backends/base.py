@@ -84,8 +84,7 @@ class RetryPolicy:
 
 def short_range(key: str, url: str, offset: int, length: int, got: int) -> CorruptObjectError:
     return CorruptObjectError(
-        f"object {key!r} in {url} is truncated: {got} bytes at offset {offset}, "
-        f"expected {length}"
+        f"object {key!r} in {url} is truncated: {got} bytes at offset {offset}, expected {length}"
     )
 
 

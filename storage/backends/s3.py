@@ -16,8 +16,8 @@ from vmvault.storage.backends.base import (
     Data,
     Litter,
     ObjectInfo,
-    short_range,
     RetryPolicy,
+    short_range,
     too_large,
 )
 from vmvault.storage.errors import BackendUnavailableError, ObjectNotFoundError, StorageError

@@ -196,7 +196,7 @@ def _assert_gc_left_no_old_garbage(repo_url: str, gc_started: float) -> None:
         referenced: set[str] = set()
         for manifest in repo.list_manifests():
             for disk in manifest.disks:
-                referenced.update(d for d in repo.index_digests(manifest, disk.name) if d)
+                referenced.update(d for d in repo.chunk_names(manifest, disk.name) if d)
         cutoff = gc_started - GRACE
         for info in repo.backend.list(CHUNKS_PREFIX):
             digest = info.key.rsplit("/", 1)[-1]

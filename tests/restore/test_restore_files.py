@@ -150,7 +150,7 @@ def test_corrupt_and_missing_chunk_fail_with_location(
     repo, _, ids = two_backups
     config = fleet_config(repo.url)
     manifest = repo.load_manifest("web1", ids[0])
-    digests = repo.index_digests(manifest, "vda")
+    digests = repo.chunk_names(manifest, "vda")
     root = Path(repo.url.removeprefix("file://"))
     # vda chunk 4 (offset 1 MiB) is data only in b0; damage it.
     victim = root / chunk_key(str(digests[4]))
@@ -180,7 +180,7 @@ def test_chunk_with_wrong_content_is_blamed_on_the_repository(
     repo, _, ids = two_backups
     config = fleet_config(repo.url)
     manifest = repo.load_manifest("web1", ids[0])
-    digests = repo.index_digests(manifest, "vda")
+    digests = repo.chunk_names(manifest, "vda")
     root = Path(repo.url.removeprefix("file://"))
     key = chunk_key(str(digests[4]))
     other = bytes([0x5A]) * (CHUNK // 2 if wrong_size else CHUNK)

@@ -26,8 +26,9 @@ def image(size: int, seed: int, zero_every: int = 3, chunk: int = 64 * 1024) -> 
 
 
 def write_full(repo: Repository, domain: str, disks: dict[str, bytes]) -> Manifest:
-    """A full backup of ``disks`` (name -> image), every chunk given as data."""
-    w = repo.open_backup(domain, None, "full", "test: first backup", "cp-1")
+    """A full backup of ``disks`` (name -> image), every chunk given as data (also into a
+    version 1 repository: compatibility tests make those)."""
+    w = repo.open_backup(domain, None, "full", "test: first backup", "cp-1", allow_v1=True)
     cs = repo.chunk_size
     for name, data in disks.items():
         d = w.open_disk(name, len(data), "qcow2")

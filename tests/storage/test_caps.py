@@ -81,10 +81,11 @@ def _deep(n: int) -> bytes:
     ],
 )
 def test_a_chunk_bomb_is_refused_by_restore_and_verify(target: Target, frame: bytes) -> None:
-    repo = target.init()
+    """Version 1 chunks (still read); format 2's pieces: tests/storage/test_format2.py."""
+    repo = target.init(format_version=1)
     data = os.urandom(3 * CHUNK)
     m = write_full(repo, "vm", {"vda": data})
-    digest = repo.index_digests(m, "vda")[1]
+    digest = repo.chunk_names(m, "vda")[1]
     assert digest is not None
     key = chunk_key(digest)
     repo.backend.put(key, b"\x01" + frame)
@@ -102,10 +103,10 @@ def test_a_chunk_bomb_is_refused_by_restore_and_verify(target: Target, frame: by
 def test_a_frame_that_fits_its_cap_still_reads(file_target: Target) -> None:
     """The caps refuse only what exceeds the expected size: an undeclared-size frame
     (legal zstd, which vmvault itself does not write) of exactly one chunk reads."""
-    repo = file_target.init()
+    repo = file_target.init(format_version=1)
     data = b"a" * CHUNK
     m = write_full(repo, "vm", {"vda": data})
-    digest = repo.index_digests(m, "vda")[0]
+    digest = repo.chunk_names(m, "vda")[0]
     assert digest is not None
     repo.backend.put(chunk_key(digest), b"\x01" + rle_frame(CHUNK, declare=False))
     assert read_back(repo, m, "vda") == data
@@ -199,9 +200,9 @@ def test_a_huge_manifest_is_not_read(file_target: Target) -> None:
 
 
 def test_a_huge_chunk_object_is_not_read(file_target: Target) -> None:
-    repo = file_target.init()
+    repo = file_target.init(format_version=1)
     m = write_full(repo, "vm", {"vda": os.urandom(CHUNK)})
-    digest = repo.index_digests(m, "vda")[0]
+    digest = repo.chunk_names(m, "vda")[0]
     assert digest is not None and file_target.root is not None
     with (file_target.root / chunk_key(digest)).open("r+b") as f:
         f.truncate(10 * 1000**3)

@@ -53,6 +53,9 @@ class _LockReadsFail:
             raise BackendUnavailableError(f"GET {key} kept failing (injected)")
         return self.inner.get(key, max_size)
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.inner.get_range(key, offset, length)
+
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         return self.inner.put(key, data, if_absent, defer_sync)
 
@@ -147,6 +150,9 @@ class _SlowDeletes:
 
     def get(self, key: str, max_size: int | None = None) -> bytes:
         return self.inner.get(key, max_size)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return self.inner.get_range(key, offset, length)
 
     def put(self, key: str, data: Data, if_absent: bool = False, defer_sync: bool = False) -> bool:
         if key.startswith("locks/") and self.deletes:

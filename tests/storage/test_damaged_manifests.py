@@ -121,7 +121,7 @@ def test_gc_marks_through_the_indexes_of_a_damaged_backup(
     needed = {
         chunk_key(d)
         for disk in ("vda", "vdb")
-        for d in repo.index_digests(m2, disk)
+        for d in repo.chunk_names(m2, disk)
         if d is not None
     }
     _damage(repo, m2, "garbage")

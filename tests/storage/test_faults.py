@@ -26,7 +26,7 @@ def test_corrupt_chunk_found_by_read_data_and_reader(
     repo = target.init(passphrase)
     data = image(6 * CHUNK, 7)
     m = write_full(repo, "db1", {"vda": data})
-    digest = repo.index_digests(m, "vda")[3]
+    digest = repo.chunk_names(m, "vda")[3]
     assert digest is not None
     key = chunk_key(digest)
     b = repo.backend
@@ -38,7 +38,7 @@ def test_corrupt_chunk_found_by_read_data_and_reader(
     assert [(p.domain, p.backup_id, p.disk, p.offset) for p in deep.problems] == [
         ("db1", m.backup_id, "vda", 3 * CHUNK)
     ]
-    assert deep.chunks_read == sum(1 for d in repo.index_digests(m, "vda") if d)
+    assert deep.chunks_read == sum(1 for d in repo.chunk_names(m, "vda") if d)
     with pytest.raises(
         CorruptObjectError, match=f"db1 backup {m.backup_id} disk vda offset {3 * CHUNK}"
     ):
@@ -50,7 +50,7 @@ def test_missing_chunk_found_by_structure_check(target: Target) -> None:
     data = image(4 * CHUNK, 8)
     m = write_full(repo, "db1", {"vda": data})
     m2 = write_full(repo, "db2", {"vdb": data})  # same chunks, second reference
-    digest = repo.index_digests(m, "vda")[0]
+    digest = repo.chunk_names(m, "vda")[0]
     assert digest is not None
     repo.backend.delete(chunk_key(digest))
     report = verify(repo)
@@ -105,7 +105,7 @@ def test_damaged_index_is_detected(
     else:
         repo.backend.put(key, raw[:-10] if damage == "truncate" else _flip(raw, len(raw) - 5))
     with pytest.raises((CorruptObjectError, ObjectNotFoundError), match="vda"):
-        repo.index_digests(m, "vda")
+        repo.chunk_names(m, "vda")
     report = verify(repo, read_data=True)
     assert [(p.backup_id, p.disk) for p in report.problems] == [(m.backup_id, "vda")]
     assert read_back(repo, m, "vdb")  # the other disk is still readable
@@ -149,7 +149,7 @@ def test_encrypted_objects_leak_no_plaintext_or_plain_digests(file_target: Targe
             assert b"first backup" not in blob
     # Moving a valid chunk object to another chunk's key fails authentication.
     other = write_full(repo, "vm", {"vda": os.urandom(CHUNK)})
-    a, b = repo.index_digests(m, "vda")[0], repo.index_digests(other, "vda")[0]
+    a, b = repo.chunk_names(m, "vda")[0], repo.chunk_names(other, "vda")[0]
     assert a and b
     repo.backend.put(chunk_key(b), repo.backend.get(chunk_key(a)))
     with pytest.raises(CorruptObjectError, match="failed authentication"):

@@ -9,6 +9,7 @@ import pytest
 
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, read_back, write_full
+from vmvault.storage.region import chunk_table_stored
 from vmvault.storage.backends import Data
 from vmvault.storage.errors import (
     BackupNotFoundError,
@@ -58,9 +59,10 @@ def test_full_then_incremental_round_trip(target: Target, passphrase: bytes | No
     assert again.find_backup(full.backup_id).disks[1].name == "vdb"
     assert again.load_manifest("web1", inc.backup_id).checkpoint == "cp-2"
     assert again.latest_manifest("other") is None
-    digests = again.index_digests(inc, "vda")
-    assert digests[1] == again.chunk_digest(bytes(new_vda[CHUNK : 2 * CHUNK]))
-    assert digests[4] is None and digests[0] == again.index_digests(full, "vda")[0]
+    digests = again.chunk_names(inc, "vda")
+    # Format 2 names a whole-region chunk by its region digest (a tree hash).
+    assert digests[1] == again.regions.region_digest_hex(bytes(new_vda[CHUNK : 2 * CHUNK]))
+    assert digests[4] is None and digests[0] == again.chunk_names(full, "vda")[0]
 
 
 def test_duplicate_data_is_stored_once(target: Target) -> None:
@@ -72,7 +74,7 @@ def test_duplicate_data_is_stored_once(target: Target) -> None:
     assert (st1.chunks_new, st1.chunks_dedup) == (1, 3)
     m2 = write_full(repo, "b", {"vda": data})
     assert m2.disk("vda").stats.chunks_new == 0
-    assert m2.disk("vda").stats.bytes_uploaded == 0
+    assert m2.disk("vda").stats.objects_put == 1  # its index, nothing else
     assert len(list(target.backend().list("chunks/"))) == 1
     assert read_back(repo, m2, "vda") == data
 
@@ -91,7 +93,8 @@ def test_compressible_chunks_shrink_random_ones_stay_raw(file_target: Target) ->
     m = write_full(repo, "c", {"vda": text + os.urandom(CHUNK)})
     sizes = sorted(o.size for o in file_target.backend().list("chunks/"))
     assert sizes[0] < CHUNK // 10  # zstd
-    assert sizes[1] == CHUNK + 1  # one compression byte + raw payload
+    # The chunk's table (its size fixed by the length), one compression byte, raw payload.
+    assert sizes[1] == 4 + chunk_table_stored(CHUNK, encrypted=False) + CHUNK + 1
     assert read_back(repo, m, "vda")[:CHUNK] == text
 
 
@@ -180,9 +183,9 @@ def test_newer_format_version_is_refused(target: Target) -> None:
     target.init()
     b = target.backend()
     doc = json.loads(b.get(CONFIG_KEY))
-    doc["version"] = 2
+    doc["version"] = 3
     b.put(CONFIG_KEY, json.dumps(doc).encode())
-    with pytest.raises(UnsupportedVersionError, match=r"version 2 is newer.*upgrade vmvault"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 3 is newer.*upgrade vmvault"):
         target.open()
 
 
