@@ -111,7 +111,7 @@ def test_ranged_reads_return_exactly_the_range(backend_target: Target) -> None:
     assert b.get_range("packs/ab/p", 1000, 3000) == body[1000:4000]
     assert b.get_range("packs/ab/p", len(body) - 1, 1) == body[-1:]
     # A range past the end is a truncated object, named; a missing object is not found.
-    with pytest.raises(CorruptObjectError, match="packs/ab/p.*truncated"):
+    with pytest.raises(CorruptObjectError, match=r"packs/ab/p.*truncated"):
         b.get_range("packs/ab/p", len(body) - 10, 20)
     with pytest.raises(CorruptObjectError, match="truncated"):
         b.get_range("packs/ab/p", len(body) + 5, 20)

@@ -119,10 +119,7 @@ def test_gc_marks_through_the_indexes_of_a_damaged_backup(
     m1 = write_full(repo, "vm", {"vda": os.urandom(2 * CHUNK)})
     m2 = write_full(repo, "vm", {"vda": os.urandom(2 * CHUNK), "vdb": os.urandom(CHUNK)})
     needed = {
-        chunk_key(d)
-        for disk in ("vda", "vdb")
-        for d in repo.chunk_names(m2, disk)
-        if d is not None
+        chunk_key(d) for disk in ("vda", "vdb") for d in repo.chunk_names(m2, disk) if d is not None
     }
     _damage(repo, m2, "garbage")
     caplog.set_level(logging.WARNING)

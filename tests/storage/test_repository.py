@@ -9,7 +9,6 @@ import pytest
 
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, read_back, write_full
-from vmvault.storage.region import chunk_table_stored
 from vmvault.storage.backends import Data
 from vmvault.storage.errors import (
     BackupNotFoundError,
@@ -20,6 +19,7 @@ from vmvault.storage.errors import (
     WriterError,
 )
 from vmvault.storage.format import CONFIG_KEY
+from vmvault.storage.region import chunk_table_stored
 
 
 @pytest.mark.parametrize("passphrase", [None, b"correct horse"])
