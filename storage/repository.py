@@ -42,6 +42,7 @@ from vmvault.storage.format import (
     BACKUPS_PREFIX,
     CONFIG_KEY,
     DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
     KEY_KEY,
     LOCKS_PREFIX,
     MANIFEST_NAME,
@@ -429,16 +430,26 @@ def init_repository(
     concurrency: int = DEFAULT_CONCURRENCY,
     retry: RetryPolicy | None = None,
     scrypt_n: int | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> Repository:
-    """Create a repository (encrypted when ``passphrase`` is given); refuses an existing one."""
+    """Create a repository (encrypted when ``passphrase`` is given); refuses an existing one.
+
+    ``format_version`` 1 makes a repository that version 1 vmvault can still use (it
+    can be upgraded later: storage/upgrade.py).
+    """
     try:
         check_chunk_size(chunk_size)
     except CorruptObjectError as err:
         raise StorageError(str(err)) from None
+    if format_version not in (1, FORMAT_VERSION):
+        raise StorageError(
+            f"repository format version {format_version} is not one vmvault can create: "
+            f"use 1 or {FORMAT_VERSION}"
+        )
     backend = open_backend(url, endpoint_url, region, concurrency, retry)
     try:
         config, config_bytes, codec, master = _create_objects(
-            backend, url, passphrase, chunk_size, scrypt_n or SCRYPT_N
+            backend, url, passphrase, chunk_size, scrypt_n or SCRYPT_N, format_version
         )
     except BaseException:
         backend.close()
@@ -449,7 +460,12 @@ def init_repository(
 
 
 def _create_objects(
-    backend: Backend, url: str, passphrase: bytes | None, chunk_size: int, scrypt_n: int
+    backend: Backend,
+    url: str,
+    passphrase: bytes | None,
+    chunk_size: int,
+    scrypt_n: int,
+    format_version: int,
 ) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
     """Write ``key`` (if encrypted) and then ``config``, each only if absent."""
     # A listing fails on a missing bucket, where a PUT may quietly create one (SeaweedFS
@@ -462,6 +478,7 @@ def _create_objects(
         chunk_size=chunk_size,
         encrypted=passphrase is not None,
         created=datetime.now(UTC),
+        version=format_version,
     )
     config_bytes = config.to_bytes()
     codec = Codec(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from vmvault.storage.format import Manifest
 from vmvault.storage.repository import Repository
@@ -44,3 +45,17 @@ def read_back(repo: Repository, manifest: Manifest, disk: str) -> bytes:
         size = manifest.disk(disk).virtual_size
         out += data if data is not None else bytes(min(repo.chunk_size, size - offset))
     return bytes(out)
+
+
+def write_v1_full(repo: Repository, domain: str, disks: dict[str, bytes]) -> Manifest:
+    """``write_full`` as a format version 1 writer leaves it: v1 indexes, a v1 manifest.
+
+    The writer on this branch writes v1 indexes but labels its manifest with the newest
+    manifest version; until it writes what its repository's version asks for, the
+    manifest is re-sealed here as the version 1 manifest it describes.
+    """
+    m = write_full(repo, domain, disks)
+    if m.version != 1:
+        m = replace(m, version=1)
+        repo.backend.put(m.key, repo.seal_manifest(m))
+    return m
