@@ -180,9 +180,9 @@ def test_newer_format_version_is_refused(target: Target) -> None:
     target.init()
     b = target.backend()
     doc = json.loads(b.get(CONFIG_KEY))
-    doc["version"] = 2
+    doc["version"] = 3
     b.put(CONFIG_KEY, json.dumps(doc).encode())
-    with pytest.raises(UnsupportedVersionError, match=r"version 2 is newer.*upgrade vmvault"):
+    with pytest.raises(UnsupportedVersionError, match=r"version 3 is newer.*upgrade vmvault"):
         target.open()
 
 
