@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import secrets
+import subprocess
+import sys
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -103,8 +106,9 @@ def test_init_makes_version_2_by_default_and_1_when_asked(target: Target) -> Non
     assert doc["version"] == 1 and "sub_block" not in doc
 
     third = Target(target.kind, target.url + "-v3", target.endpoint_url)
-    with pytest.raises(StorageError, match=r"format version 3 .*use 1 or 2"):
-        third.init(format_version=3)
+    for bad in (3, 0, True):
+        with pytest.raises(StorageError, match=rf"format version {bad} .*use 1 or 2"):
+            third.init(format_version=bad)
     assert list(third.backend().list("")) == []
 
 
@@ -117,12 +121,15 @@ def test_upgrade_keeps_every_backup_and_touches_only_config_and_key(
     before = _objects(target)
     old_config = RepoConfig.from_bytes(before[CONFIG_KEY], target.url)
 
+    seen: list[tuple[str, int, int]] = []
     with target.open(passphrase) as repo:
-        report = upgrade_repository(repo, passphrase)
+        report = upgrade_repository(repo, passphrase, lambda *p: seen.append(p))
     if encrypted:
         assert report.steps == [Step.BIND_BOTH, Step.CONFIG, Step.BIND_NEW]
     else:
         assert report.steps == [Step.CONFIG]
+    n = len(report.steps)
+    assert seen == [("upgrade", i, n) for i in range(n + 1)]
     assert (report.version_before, report.version, report.changed) == (1, 2, True)
 
     after = _objects(target)
@@ -235,6 +242,51 @@ def test_a_crash_before_the_last_key_then_a_rerun(
         assert mid.config.version == 2 and read_back(mid, m, "vda") == data
     assert _upgrade(target, PW) == [Step.BIND_NEW]
     _check_upgraded(target, PW, m, data)
+
+
+_KILLED_UPGRADE = """
+import os, sys
+from vmvault.storage.repository import open_repository
+from vmvault.storage.upgrade import upgrade_repository
+
+url, n, passphrase = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
+repo = open_repository(url, passphrase=passphrase)
+real_put, writes = repo.backend.put, []
+
+def put(key, *args, **kw):
+    if not key.startswith("locks/"):
+        writes.append(key)
+        if len(writes) == n:
+            os._exit(9)  # killed: no teardown, the exclusive lock stays behind
+    return real_put(key, *args, **kw)
+
+repo.backend.put = put
+upgrade_repository(repo, passphrase)
+"""
+
+
+def test_a_killed_upgrade_leaves_its_lock_and_a_rerun_breaks_it_and_finishes(
+    file_target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real process dies between steps 2 and 3: its exclusive lock stays, the next run on
+    this host sees its holder is dead, breaks the lock and writes the last step."""
+    m, data = _v1_repository(file_target, PW)
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_UPGRADE, file_target.url, "3", PW.decode()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == 9, child.stderr
+    locks = [o.key for o in file_target.backend().list(LOCKS_PREFIX)]
+    assert len(locks) == 1
+    with file_target.open(PW) as mid:
+        assert mid.config.version == 2 and read_back(mid, m, "vda") == data
+    caplog.set_level(logging.WARNING)
+    assert _upgrade(file_target, PW) == [Step.BIND_NEW]
+    assert any("breaking exclusive lock" in r.getMessage() for r in caplog.records)
+    _check_upgraded(file_target, PW, m, data)
+    assert list(file_target.backend().list(LOCKS_PREFIX)) == []
 
 
 def test_wrong_or_missing_passphrase_changes_nothing(file_target: Target) -> None:
