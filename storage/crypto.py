@@ -33,8 +33,13 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 MASTER_KEY_SIZE = 64  # 32 bytes AES-256-GCM key || 32 bytes BLAKE3 hashing key
 # Key object versions: 1 wraps the master key alone; 2 wraps master key || BLAKE3-256 of
-# the config object's bytes, which authenticates ``config`` under the passphrase.
+# the config object's bytes, which authenticates ``config`` under the passphrase; 3 wraps
+# master key || 1 to 4 such digests and accepts any of those configs: ``vmvault upgrade``
+# writes it for the moment between rewriting ``config`` and binding the new one alone
+# (docs/repository-format.md, section 27).
 KEY_FILE_VERSION = 2
+MULTI_CONFIG_KEY_VERSION = 3
+MAX_CONFIG_DIGESTS = 4
 _UNBOUND_KEY_VERSION = 1
 
 # First byte of every binary object body (after decryption): how the payload is stored.
@@ -309,12 +314,19 @@ def config_digest(config_bytes: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class UnwrappedKey:
-    """An unlocked key object: the keys, the raw master key (for re-wrapping), and
-    whether the key object authenticates ``config`` (version 2) or predates that."""
+    """An unlocked key object: the keys, the raw master key (for re-wrapping), its version,
+    and the config digests it binds (none for version 1, which predates the binding)."""
 
     keys: Keys
     master: bytes
-    config_bound: bool
+    version: int
+    digests: tuple[bytes, ...]
+    n: int  # scrypt cost it was made with, so re-wrapping it costs readers the same
+
+    @property
+    def config_bound(self) -> bool:
+        """Whether the key object authenticates ``config`` (version 2 or 3)."""
+        return bool(self.digests)
 
 
 def new_key_object(
@@ -325,16 +337,37 @@ def new_key_object(
     n: int = SCRYPT_N,
 ) -> tuple[bytes, Keys]:
     """A fresh ``key`` object (JSON) wrapping ``master`` (random if None) under ``passphrase``,
-    bound to the config object ``config_bytes``."""
+    bound to the config object ``config_bytes`` (version 2)."""
+    master = master if master is not None else secrets.token_bytes(MASTER_KEY_SIZE)
+    data = _wrap(passphrase, repo_id, KEY_FILE_VERSION, master + config_digest(config_bytes), n)
+    return data, Keys.from_master(master)
+
+
+def new_multi_config_key_object(
+    passphrase: bytes, repo_id: str, configs: list[bytes], master: bytes, n: int = SCRYPT_N
+) -> bytes:
+    """A version 3 ``key`` object wrapping ``master``, accepting each of the config objects
+    ``configs`` (1 to ``MAX_CONFIG_DIGESTS``): an upgrade's old and new config."""
+    if not 1 <= len(configs) <= MAX_CONFIG_DIGESTS:
+        raise ValueError(
+            f"a key object binds 1 to {MAX_CONFIG_DIGESTS} configs, not {len(configs)}"
+        )
+    if len(master) != MASTER_KEY_SIZE:
+        raise ValueError(f"a master key has {MASTER_KEY_SIZE} bytes, not {len(master)}")
+    plain = master + b"".join(config_digest(c) for c in configs)
+    return _wrap(passphrase, repo_id, MULTI_CONFIG_KEY_VERSION, plain, n)
+
+
+def _wrap(passphrase: bytes, repo_id: str, version: int, plaintext: bytes, n: int) -> bytes:
+    """The JSON of a key object of ``version`` wrapping ``plaintext`` (section 5)."""
     if not passphrase:
         raise PassphraseError("an empty passphrase is not allowed")
-    master = master if master is not None else secrets.token_bytes(MASTER_KEY_SIZE)
     salt = secrets.token_bytes(16)
     nonce = secrets.token_bytes(NONCE_SIZE)
     kek = _kek(passphrase, salt, n, SCRYPT_R, SCRYPT_P)
-    wrapped = AESGCM(kek).encrypt(nonce, master + config_digest(config_bytes), _aad(repo_id))
+    wrapped = AESGCM(kek).encrypt(nonce, plaintext, _aad(repo_id))
     doc = {
-        "version": KEY_FILE_VERSION,
+        "version": version,
         "kdf": "scrypt",
         "n": n,
         "r": SCRYPT_R,
@@ -344,26 +377,58 @@ def new_key_object(
         "nonce": _b64(nonce),
         "wrapped_key": _b64(wrapped),
     }
-    return json.dumps(doc, indent=2).encode() + b"\n", Keys.from_master(master)
+    return json.dumps(doc, indent=2).encode() + b"\n"
+
+
+def _split_wrapped(version: int, plain: bytes) -> tuple[bytes, tuple[bytes, ...]]:
+    """``(master key, config digests)`` of an unwrapped plaintext, its length checked."""
+    size = len(plain)
+    if version == _UNBOUND_KEY_VERSION:
+        count = 0
+        ok = size == MASTER_KEY_SIZE
+        want = f"{MASTER_KEY_SIZE}"
+    elif version == KEY_FILE_VERSION:
+        count = 1
+        ok = size == MASTER_KEY_SIZE + DIGEST_SIZE
+        want = f"{MASTER_KEY_SIZE + DIGEST_SIZE}"
+    else:
+        count, rest = divmod(size - MASTER_KEY_SIZE, DIGEST_SIZE)
+        ok = size > MASTER_KEY_SIZE and rest == 0 and 1 <= count <= MAX_CONFIG_DIGESTS
+        want = (
+            f"{MASTER_KEY_SIZE} + {DIGEST_SIZE} * k, k = 1 to {MAX_CONFIG_DIGESTS} config digests"
+        )
+    if not ok:
+        raise CorruptObjectError(
+            f"key object version {version}: wrapped key has {size} bytes, want {want}; "
+            "the 'key' object is damaged or forged (restore it from a copy)"
+        )
+    digests = plain[MASTER_KEY_SIZE:]
+    return plain[:MASTER_KEY_SIZE], tuple(
+        digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] for i in range(count)
+    )
 
 
 def unwrap_key_object(
     data: bytes, passphrase: bytes, repo_id: str, config_bytes: bytes
 ) -> UnwrappedKey:
-    """Unlock a ``key`` object and check that it binds ``config_bytes`` (version 2).
+    """Unlock a ``key`` object and check that it binds ``config_bytes`` (version 2, or one
+    of the configs of a version 3 key object).
 
     ``PassphraseError`` for a wrong passphrase; ``ConfigMismatchError`` when the
-    passphrase is right but the config object is not the one the key was made for.
+    passphrase is right but the config object is not one the key was made for;
+    ``CorruptObjectError`` naming the key object for anything malformed.
     """
     doc = parse_json(data, "key object", MAX_KEY_BYTES)
     version = doc.get("version") if isinstance(doc, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
         raise CorruptObjectError("key object is not a vmvault key (no integer version)")
-    if version > KEY_FILE_VERSION:
+    if version > MULTI_CONFIG_KEY_VERSION:
         raise UnsupportedVersionError(
             f"key object version {version} is newer than this vmvault supports "
-            f"({KEY_FILE_VERSION}): upgrade vmvault"
+            f"({MULTI_CONFIG_KEY_VERSION}): upgrade vmvault"
         )
+    if version < _UNBOUND_KEY_VERSION:
+        raise CorruptObjectError(f"key object has version {version}: not a vmvault key")
     if doc.get("kdf") != "scrypt" or doc.get("cipher") != "aes-256-gcm":
         raise CorruptObjectError(
             f"key object: unknown kdf/cipher {doc.get('kdf')}/{doc.get('cipher')}"
@@ -379,17 +444,14 @@ def unwrap_key_object(
         raise PassphraseError(
             "wrong passphrase for the repository (or its key object was altered)"
         ) from None
-    bound = version > _UNBOUND_KEY_VERSION
-    want = MASTER_KEY_SIZE + (DIGEST_SIZE if bound else 0)
-    if len(plain) != want:
-        raise CorruptObjectError(
-            f"key object version {version}: wrapped key has {len(plain)} bytes, want {want}"
-        )
-    master = plain[:MASTER_KEY_SIZE]
-    if bound and not secrets.compare_digest(plain[MASTER_KEY_SIZE:], config_digest(config_bytes)):
+    master, digests = _split_wrapped(version, plain)
+    mine = config_digest(config_bytes)
+    # Every digest is compared (no early exit), so timing says nothing about which matched.
+    matches = [secrets.compare_digest(d, mine) for d in digests]
+    if digests and not any(matches):
         raise ConfigMismatchError(
             "the repository's config object was altered after its key was made (it does "
             "not match the digest bound into the key object): refusing to use it; put the "
             "original config object back"
         )
-    return UnwrappedKey(Keys.from_master(master), master, bound)
+    return UnwrappedKey(Keys.from_master(master), master, version, digests, n)

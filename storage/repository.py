@@ -421,7 +421,7 @@ def init_repository(
         check_chunk_size(chunk_size)
     except CorruptObjectError as err:
         raise StorageError(str(err)) from None
-    if format_version not in (1, FORMAT_VERSION):
+    if isinstance(format_version, bool) or format_version not in (1, FORMAT_VERSION):
         raise StorageError(
             f"repository format version {format_version} is not one vmvault can create: "
             f"use 1 or {FORMAT_VERSION}"

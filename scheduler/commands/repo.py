@@ -1,4 +1,5 @@
-"""Repository commands: ``init``, ``passwd``, ``list``, ``show``, ``verify``, ``prune``, ``gc``.
+"""Repository commands: ``init``, ``upgrade``, ``passwd``, ``list``, ``show``, ``verify``,
+``prune``, ``gc``.
 
 They act on the repository named by the config's ``repository`` section (the
 passphrase comes from ``repository.passphrase_file``). Every command takes ``--json``.
@@ -15,7 +16,13 @@ from vmvault.scheduler.cli import add_command
 from vmvault.scheduler.dispatch import add_wait_flag, run_job
 from vmvault.scheduler.errors import SchedulerError
 from vmvault.scheduler.progress_bars import count_bars
-from vmvault.storage.format import DEFAULT_CHUNK_SIZE, DamagedManifest, Manifest, iso
+from vmvault.storage.format import (
+    DEFAULT_CHUNK_SIZE,
+    FORMAT_VERSION,
+    DamagedManifest,
+    Manifest,
+    iso,
+)
 from vmvault.storage.locks import DEFAULT_GRACE
 from vmvault.storage.prune import KEEP_RULES
 
@@ -35,7 +42,22 @@ def register(commands: Any) -> None:
         metavar="SIZE",
         help="chunk size, a power of two from 64K to 64M (default 4M); fixed for good",
     )
+    p.add_argument(
+        "--format-version",
+        type=int,
+        choices=(1, FORMAT_VERSION),
+        default=FORMAT_VERSION,
+        help=f"repository format (default {FORMAT_VERSION}); 1 only for hosts that still run "
+        "a vmvault without format 2 ('vmvault upgrade' converts it later)",
+    )
     p.set_defaults(func=_init)
+
+    p = add_command(
+        commands,
+        "upgrade",
+        "make a format version 1 repository version 2 (rewrites config and key; backups stay)",
+    )
+    p.set_defaults(func=_upgrade)
 
     p = add_command(
         commands, "passwd", "change the passphrase of an encrypted repository (re-wraps its key)"
@@ -163,6 +185,7 @@ def _init(args: argparse.Namespace, ctx: CliContext) -> int:
         region=cfg.region,
         passphrase=passphrase,
         chunk_size=_parse_size(args.chunk_size),
+        format_version=args.format_version,
     )
     with repo:
         doc = {
@@ -176,9 +199,34 @@ def _init(args: argparse.Namespace, ctx: CliContext) -> int:
         ctx.emit(doc)
     else:
         how = "encrypted (AES-256-GCM, scrypt)" if repo.encrypted else "NOT encrypted"
-        _say(ctx, f"created repository {repo.url}: {how}, chunk size {_human(repo.chunk_size)}")
+        _say(
+            ctx,
+            f"created repository {repo.url}: format version {repo.config.version}, {how}, "
+            f"chunk size {_human(repo.chunk_size)}",
+        )
         if repo.encrypted:
             _say(ctx, "keep the passphrase safe: without it the backups cannot be read")
+    return 0
+
+
+def _upgrade(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.storage.upgrade import upgrade_repository
+
+    with _open(ctx) as repo:
+        report = upgrade_repository(repo, ctx.config.repository.read_passphrase())
+    if ctx.json:
+        ctx.emit(report.to_json())
+        return 0
+    if not report.changed:
+        _say(ctx, f"{report.url} is already format version {report.version}: nothing changed")
+        return 0
+    for i, step in enumerate(report.steps, 1):
+        _say(ctx, f"upgrade: step {i}/{len(report.steps)}: wrote {step.description}")
+    _say(
+        ctx,
+        f"{report.url} is now format version {report.version} (was {report.version_before}); "
+        "existing backups stay readable",
+    )
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.fixtures.s3 import S3Bucket
 from tests.storage.conftest import CHUNK
-from tests.storage.helpers import write_full
+from tests.storage.helpers import read_back, write_full
 from vmvault.scheduler.cli import main
 from vmvault.storage.repository import init_repository, open_repository
 
@@ -286,3 +286,74 @@ def test_config_command_reports_a_missing_passphrase_file(
     (tmp_path / "pass").write_bytes(b"")
     code, _, err = _run(capsys, "config", "--config", str(cfg))
     assert code == 2 and "is empty" in _one_line(err)
+
+
+def test_init_format_version_then_upgrade(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vmvault.storage.format import KEY_KEY
+    from vmvault.storage.locks import Lease
+
+    cfg, url = _config(tmp_path, b"pw")
+    c = str(cfg)
+    with pytest.raises(SystemExit) as exit_:
+        main(["init", "--help"])
+    out, _ = capsys.readouterr()
+    assert exit_.value.code == 0 and "--format-version {1,2}" in out and "default 2" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["init", "--config", c, "--format-version", "3"])
+    assert exit_.value.code == 2 and "invalid choice: 3" in capsys.readouterr().err
+
+    code, doc, _ = _run(capsys, "init", "--config", c, "--chunk-size", "64K",
+                        "--format-version", "1", "--json")  # fmt: skip
+    assert code == 0 and doc["version"] == 1
+    data = os.urandom(3 * CHUNK)
+    with open_repository(url, passphrase=b"pw") as repo:
+        m = write_full(repo, "vm", {"vda": data})
+        # A backup in flight: the upgrade must wait for it, and say so on one line.
+        backup = Lease(repo.backend, "shared", "backup vm/in-flight", 600).acquire()
+        code, _, err = _run(capsys, "upgrade", "--config", c)
+        backup.release()
+    assert code == 1 and "upgrade needs the repository to itself" in _one_line(err)
+
+    code, text, _ = _run(capsys, "upgrade", "--config", c)
+    assert code == 0
+    assert text.splitlines() == [
+        "upgrade: step 1/3: wrote key object version 3, accepting the old and the new config",
+        "upgrade: step 2/3: wrote config version 2 (sub_block 65536)",
+        "upgrade: step 3/3: wrote key object version 2, bound to the new config alone",
+        f"{url} is now format version 2 (was 1); existing backups stay readable",
+    ]
+    code, doc, _ = _run(capsys, "upgrade", "--config", c, "--json")
+    assert code == 0 and doc["changed"] is False and doc["steps"] == [] and doc["version"] == 2
+    code, text, _ = _run(capsys, "upgrade", "--config", c)
+    assert code == 0 and text == f"{url} is already format version 2: nothing changed\n"
+
+    code, doc, _ = _run(capsys, "list", "--config", c, "--json")
+    assert code == 0 and [b["backup_id"] for b in doc] == [m.backup_id]
+    with open_repository(url, passphrase=b"pw") as repo:
+        assert repo.config.version == 2 and read_back(repo, m, "vda") == data
+        assert json.loads(repo.backend.get(KEY_KEY))["version"] == 2
+    (tmp_path / "pass").write_bytes(b"wrong\n")
+    code, _, err = _run(capsys, "upgrade", "--config", c)
+    assert code == 1 and "wrong passphrase" in _one_line(err)
+
+
+def test_upgrade_an_unencrypted_repository_on_s3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], s3_server: S3Bucket
+) -> None:
+    url = s3_server.repo_url("upgrade")
+    c = str(_s3_config(tmp_path, url, s3_server.endpoint_url))
+    code, doc, _ = _run(capsys, "init", "--config", c, "--chunk-size", "64K",
+                        "--format-version", "1", "--json")  # fmt: skip
+    assert code == 0 and doc["version"] == 1 and doc["encrypted"] is False
+    data = os.urandom(2 * CHUNK)
+    with open_repository(url, endpoint_url=s3_server.endpoint_url) as repo:
+        m = write_full(repo, "vm", {"vda": data})
+    code, doc, _ = _run(capsys, "upgrade", "--config", c, "--json")
+    assert code == 0 and doc["steps"] == ["config-v2"] and doc["version_before"] == 1
+    with open_repository(url, endpoint_url=s3_server.endpoint_url) as repo:
+        assert repo.config.version == 2 and read_back(repo, m, "vda") == data
+    code, doc, _ = _run(capsys, "init", "--config", str(_s3_config(tmp_path, url + "2",
+                        s3_server.endpoint_url)), "--json")  # fmt: skip
+    assert code == 0 and doc["version"] == 2
