@@ -145,6 +145,7 @@ class Step:
     wall_s: float
     before: Snapshot
     after: Snapshot
+    puts: int = 0  # the manifest's own count of objects written (version 2 stats), else 0
 
     @property
     def disk(self) -> dict[str, Any]:
@@ -162,7 +163,8 @@ class Step:
     @property
     def new_by_prefix(self) -> str:
         delta = self.after.by_prefix - self.before.by_prefix
-        return " ".join(f"{k}+{v}" for k, v in sorted(delta.items()))
+        listed = " ".join(f"{k}+{v}" for k, v in sorted(delta.items()))
+        return f"{listed} (manifest: {self.puts} put)" if self.puts else listed
 
 
 class Bench:
@@ -228,14 +230,15 @@ class Bench:
             raise SystemExit(f"{label}: asked for {mode}, vmvault took a {result['kind']} backup")
         with self.open() as repo:
             try:
-                repo.load_manifest(DOMAIN, result["backup_id"])
+                manifest = repo.load_manifest(DOMAIN, result["backup_id"])
             except StorageError as err:
                 # Measuring on would only measure fulls: say what broke instead.
                 raise SystemExit(
                     f"{label}: vmvault committed backup {result['backup_id']} but cannot read "
                     f"its manifest back: {err}"
                 ) from None
-        step = Step(label, self.written, result, wall, before, self.snapshot())
+        puts = sum(d.stats.objects_put for d in manifest.disks) if manifest.version >= 2 else 0
+        step = Step(label, self.written, result, wall, before, self.snapshot(), puts)
         self.written = 0
         return step
 
@@ -416,6 +419,13 @@ def main() -> None:
             url, endpoint, env = f"file://{work / 'repo'}", None, {}
         bench = Bench(work, vm, url, endpoint, env)
         init, _ = bench.cli("init")
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        print(f"code measured: {ROOT} ({f'commit {head}' if head else 'not a git checkout'})")
         print(
             f"repository: {url}, chunk size {init['chunk_size'] // KiB} KiB, "
             f"config version {init['version']}"
@@ -514,7 +524,7 @@ def main() -> None:
             print(
                 f"{verdict(per <= FETCH_PER_DATA) if label == 'newest' else 'info'} read_disk "
                 f"of the {label}: fetched {mib(got)} MiB in {gets} GETs for {mib(data)} MiB "
-                f"of data = {per:.2f}×{target}, {secs:.2f}s"
+                f"of data (non-zero chunks' plaintext) = {per:.2f}×{target}, {secs:.2f}s"
             )
         print(f"load average at end: {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
         if not same:
