@@ -280,11 +280,13 @@ class Bench:
             repo.backend = counter
             data = 0
             start = time.monotonic()
-            for _, chunk in repo.read_disk(manifest, DISK):
-                if chunk is not None:
-                    data += len(chunk)
+            try:
+                for _, chunk in repo.read_disk(manifest, DISK):
+                    if chunk is not None:
+                        data += len(chunk)
+            finally:
+                repo.backend = counter._inner  # so closing the repository closes the real one
             elapsed = time.monotonic() - start
-            repo.backend = counter._inner  # close the real one
         return counter.bytes, counter.calls, data, elapsed
 
 
