@@ -35,7 +35,7 @@ demo: setup
 
 # Speed and memory figures, each against a reference tool measured in the same run.
 bench: setup
-	for b in cli storage backup restore scheduler guest; do $(PY) bench/$${b}_bench.py || exit 1; done
+	for b in cli storage backup incremental restore scheduler guest; do $(PY) bench/$${b}_bench.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
