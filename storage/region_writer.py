@@ -79,6 +79,7 @@ class RegionDiskWriter:
         self._regions: list[Region | None] = [None] * self.count
         self._given = bytearray(self.count)
         self._plans: list[RegionPlan | None] = [None] * self.count
+        self._taken = bytearray(self.count)  # planned regions settled or in the pool
         self._dirty: list[Mask] = []
         self._zero: list[Mask] = []
         self._rehome: frozenset[PackId] = frozenset()
@@ -200,16 +201,17 @@ class RegionDiskWriter:
 
     def _settle_without_data(self, i: int, plan: RegionPlan) -> bool:
         """Record a region that needs no bytes; False when the caller must give some."""
+        if plan.read:
+            return False
+        self._taken[i] = 1
         if plan.action is Action.KEEP:
             p = self.parents[i]
             assert p is not None
             self._record(i, p.kept(), "parent")
         elif plan.action is Action.ZERO:
             self._record(i, zero_region(plan.length), "zero")
-        elif plan.action is Action.PATCH and not plan.read:
+        else:  # a PATCH that only drops fragments or zeroes sub-blocks
             self._submit(self._store_patch, i, None, 0)
-        else:
-            return False
         return True
 
     def put_region(self, i: int, data: bytearray, have: Mask) -> Mask:
@@ -223,7 +225,7 @@ class RegionDiskWriter:
         """
         self._check()
         plan = self._plans[i]
-        if plan is None or self._regions[i] is not None:
+        if plan is None or self._taken[i]:
             raise WriterError(f"disk {self.name}: region {i} was not planned or is done")
         if len(data) != self.lengths[i]:
             raise WriterError(f"disk {self.name}: region {i} given {len(data)} bytes")
@@ -240,6 +242,7 @@ class RegionDiskWriter:
         if need:
             return need
         read = mask_bytes(self.lengths[i], have)
+        self._taken[i] = 1
         if plan.action is Action.REBASE:
             self._submit(self._store_chunk, i, data, read)
         else:

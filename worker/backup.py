@@ -245,12 +245,8 @@ def _why_not_parent(
             f"disks changed since backup {manifest.backup_id} "
             f"({', '.join(sorted(old))} → {', '.join(sorted(new))})"
         )
-    for name, size in sorted(new.items()):
-        if old[name] != size:
-            return (
-                f"disk {name} resized since backup {manifest.backup_id} "
-                f"({old[name]} → {size} bytes)"
-            )
+    # A resized disk stays incremental: format 2 plans the regions whose extent changed
+    # from the new size (docs/repository-format.md section 24, rule 2).
     for name in sorted(new):
         why = chains[name].why_unusable(manifest.checkpoint, name)
         if why is not None:

@@ -88,10 +88,13 @@ class NbdReader:
             raise NbdError(f"NBD export {export!r} on {socket_path}: {err}") from err
 
     def close(self) -> None:
-        self._watchdog.close()
-        with contextlib.suppress(nbd.Error):
+        # The polite disconnect waits for the server: bounded like every other wait, so
+        # a frozen QEMU cannot hold the job here after its reads timed out.
+        with contextlib.suppress(nbd.Error, NbdError):
             if self._h.aio_is_ready():
-                self._h.shutdown()
+                with self._watchdog.waiting(self._h, "disconnect"):
+                    self._h.shutdown()
+        self._watchdog.close()
         # NBD.close() exists from libnbd 1.16 on; before, the handle closes when collected.
         close = getattr(self._h, "close", None)
         if close is not None:

@@ -115,7 +115,9 @@ def pull_regions(
         )
     plans: list[RegionPlan] = writer.plan(dirty, zero, stats.dirty_bytes)
     todo = {i: p.read for i, p in enumerate(plans) if p.read}
-    progress(sum(n for i, n in enumerate(lengths) if i not in todo))
+    settled = sum(n for i, n in enumerate(lengths) if i not in todo)
+    if settled:
+        progress(settled)
     while todo:
         stats.passes += 1
         todo = _read_pass(reader, writer, todo, stats, progress)

@@ -313,7 +313,8 @@ def _show(args: argparse.Namespace, ctx: CliContext) -> int:
             ctx,
             f"  disk {d.name}: {_human(d.virtual_size)} {d.format}, {d.chunks} chunks "
             f"(new {st.chunks_new}, dedup {st.chunks_dedup}, zero {st.chunks_zero}, "
-            f"from parent {st.chunks_parent}), uploaded {_human(st.bytes_uploaded)}",
+            f"from parent {st.chunks_parent}, patched {st.chunks_patched}), "
+            f"uploaded {_human(st.bytes_uploaded)} in {st.objects_put} objects",
         )
     return 0
 

@@ -239,23 +239,36 @@ def test_bitmap_removed_by_hand_gives_full_with_reason(backup_env: BackupEnv) ->
         assert repo.load_manifest("vm", result.backup_id).reason == result.reason
 
 
-def test_disk_resized_gives_full_with_reason(backup_env: BackupEnv) -> None:
+def test_resized_disks_stay_incremental_and_exact(backup_env: BackupEnv) -> None:
+    """Format 2: a grow or a shrink, mid-chunk and mid-sub-block, is an incremental that
+    reads about what changed (the boundary sub-block and the written bytes)."""
     env, vm = backup_env, backup_env.vm
     vm.write("vdb", 0, 1 * MiB, pattern=0x51)
-    run_backup(env.config, "vm")
+    vm.write("vdb", 4 * MiB, 2 * MiB, pattern=0x50)
+    first_refs = _refs(env)
+    first = run_backup(env.config, "vm")
     new_size = 12 * MiB + 320 * KiB  # the last chunk is a short tail
     vm.resize("vdb", new_size)
     vm.write("vdb", 12 * MiB, 320 * KiB, pattern=0x52)
+    grown_refs = refs = _refs(env)
+    grown = run_backup(env.config, "vm")
+    assert grown.kind == "incremental" and grown.parent == first.backup_id, grown.reason
+    vdb = {d.name: d for d in grown.disks}["vdb"]
+    assert vdb.virtual_size == new_size and vdb.bytes_read == 320 * KiB
+    env.assert_matches(env.manifest(grown.backup_id), refs)
+
+    shrunk_size = 5 * MiB + 100 * KiB + 512  # inside the written range, mid-sub-block
+    vm.resize("vdb", shrunk_size)
+    vm.write("vdb", 12 * KiB, 4 * KiB, pattern=0x53)
     refs = _refs(env)
-    result = run_backup(env.config, "vm")
-    assert result.kind == "full" and "disk vdb resized" in result.reason
-    assert {d.name: d.virtual_size for d in result.disks}["vdb"] == new_size
-    env.assert_matches(env.manifest(result.backup_id), refs)
-    vm.write("vdb", 12 * MiB + 256 * KiB, 4 * KiB, pattern=0x53)
-    refs = _refs(env)
-    inc = run_backup(env.config, "vm")
-    assert inc.kind == "incremental"
-    env.assert_matches(env.manifest(inc.backup_id), refs)
+    shrunk = run_backup(env.config, "vm")
+    assert shrunk.kind == "incremental" and shrunk.parent == grown.backup_id, shrunk.reason
+    vdb = {d.name: d for d in shrunk.disks}["vdb"]
+    assert vdb.virtual_size == shrunk_size and vdb.bytes_read <= 2 * 64 * KiB
+    env.assert_matches(env.manifest(shrunk.backup_id), refs)
+    # Every backup still restores from its own index, at its own size.
+    env.assert_matches(env.manifest(first.backup_id), first_refs)
+    env.assert_matches(env.manifest(grown.backup_id), grown_refs)
 
 
 def test_foreign_bitmaps_are_left_alone(backup_env: BackupEnv) -> None:
