@@ -106,7 +106,8 @@ class RegionStore:
         body = self.codec.unseal(chunk_name_key(region.base), sealed, limit=want)
         if len(body) != want:
             raise CorruptObjectError(
-                f"chunk {region.base.hex()}: body of {len(body)} bytes, expected {want}"
+                f"chunk {region.base.hex()}: a body of {len(body)} bytes does not match its "
+                f"table ({want} bytes)"
             )
         return body
 
