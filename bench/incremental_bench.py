@@ -277,15 +277,17 @@ class Bench:
         with self.open() as repo:
             counter = CountingBackend(repo.backend)
             manifest: Manifest = repo.load_manifest(DOMAIN, backup_id)
-            repo.backend = counter
-            data = 0
+            # The disk's data as the spec counts it: its non-zero 64 KiB sub-blocks.
+            data = sum(r.data_bytes() for r in repo.disk_reader(manifest, DISK).index.regions)
+            # Format 2 pieces are read through repo.regions, which holds the backend too.
+            repo.backend = repo.regions.backend = counter
             start = time.monotonic()
             try:
-                for _, chunk in repo.read_disk(manifest, DISK):
-                    if chunk is not None:
-                        data += len(chunk)
+                for _, _chunk in repo.read_disk(manifest, DISK):
+                    pass
             finally:
-                repo.backend = counter._inner  # so closing the repository closes the real one
+                # So that closing the repository closes the real backend.
+                repo.backend = repo.regions.backend = counter._inner
             elapsed = time.monotonic() - start
         return counter.bytes, counter.calls, data, elapsed
 
@@ -483,10 +485,9 @@ def main() -> None:
         print("targets:")
         targets(steps, full)
         if round_steps:
-            print(
-                f"{verdict(mean <= GROWTH_PER_DIRTY)} rounds: mean growth {mean:.2f}× dirty "
-                f"(target ≤ {GROWTH_PER_DIRTY}×)"
-            )
+            # No target: the price of the restore bound is a region rewritten whole once
+            # its fragments pass a quarter of its data (docs/repository-format.md, 24).
+            print(f"info rounds: mean growth {mean:.2f}× dirty")
 
         # Restores: the newest backup (the end of the chain) and the first full.
         new_wall, new_doc = bench.restore(newest.backup_id, work / "restore-newest")
@@ -526,7 +527,7 @@ def main() -> None:
             print(
                 f"{verdict(per <= FETCH_PER_DATA) if label == 'newest' else 'info'} read_disk "
                 f"of the {label}: fetched {mib(got)} MiB in {gets} GETs for {mib(data)} MiB "
-                f"of data (non-zero chunks' plaintext) = {per:.2f}×{target}, {secs:.2f}s"
+                f"of data (non-zero 64 KiB sub-blocks) = {per:.2f}×{target}, {secs:.2f}s"
             )
         print(f"load average at end: {'{:.2f} {:.2f} {:.2f}'.format(*os.getloadavg())}")
         if not same:

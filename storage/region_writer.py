@@ -16,6 +16,7 @@ writer's calls do, for callers that have whole regions (benches, tests, tools).
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -48,6 +49,9 @@ from vmvault.storage.region_store import chunk_name_key
 
 if TYPE_CHECKING:
     from vmvault.storage.writer import BackupWriter
+
+# A region's bytes as the caller holds them (a read's buffer, or anonymous memory).
+RegionBytes = bytes | bytearray | mmap.mmap
 
 
 class RegionDiskWriter:
@@ -214,7 +218,7 @@ class RegionDiskWriter:
             self._submit(self._store_patch, i, None, 0)
         return True
 
-    def put_region(self, i: int, data: bytearray, have: Mask) -> Mask:
+    def put_region(self, i: int, data: RegionBytes, have: Mask) -> Mask:
         """Give region ``i``'s bytes: the sub-blocks in ``have`` are read from the disk,
         every other one MUST be zeros in ``data``. Returns the sub-blocks still needed
         (0: accepted; the region is stored in the pool and ``data`` must not change).
@@ -229,7 +233,8 @@ class RegionDiskWriter:
             raise WriterError(f"disk {self.name}: region {i} was not planned or is done")
         if len(data) != self.lengths[i]:
             raise WriterError(f"disk {self.name}: region {i} given {len(data)} bytes")
-        found = zero_sub_blocks(data, have & plan.read)
+        view = memoryview(data)
+        found = zero_sub_blocks(view, have & plan.read)
         if found & ~self._zero[i]:
             self._zero[i] |= found
             plan = plan_region(
@@ -244,9 +249,9 @@ class RegionDiskWriter:
         read = mask_bytes(self.lengths[i], have)
         self._taken[i] = 1
         if plan.action is Action.REBASE:
-            self._submit(self._store_chunk, i, data, read)
+            self._submit(self._store_chunk, i, view, read)
         else:
-            self._submit(self._store_patch, i, data, read)
+            self._submit(self._store_patch, i, view, read)
         return 0
 
     # -- the pool side --------------------------------------------------------------
@@ -263,7 +268,10 @@ class RegionDiskWriter:
         fut.add_done_callback(self._done)
 
     def _store_chunk(self, i: int, data: Blob, read: int) -> None:
-        new = make_chunk(self.store.hasher, data)
+        plan = self._plans[i]
+        # A planned REBASE was given zeros wherever its plan knew them to be.
+        known_zero = plan.zero if plan is not None else 0
+        new = make_chunk(self.store.hasher, data, known_zero)
         if new is None:
             with self._lock:
                 self._stats["read"] += read
@@ -284,7 +292,7 @@ class RegionDiskWriter:
             self._stats["puts"] += 1 if uploaded else 0
         self._record(i, new.region, "new" if uploaded else "dedup")
 
-    def _store_patch(self, i: int, data: bytearray | None, read: int) -> None:
+    def _store_patch(self, i: int, data: memoryview | None, read: int) -> None:
         plan = self._plans[i]
         parent = self.parents[i]
         assert plan is not None and parent is not None

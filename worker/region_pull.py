@@ -16,10 +16,11 @@ are read in a second pass. Every read goes through ``NbdReader`` (I/O timeout, s
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from vmvault.storage.region import SUB_BLOCK, Mask, RegionPlan, bits, mask_of_runs
+from vmvault.storage.region import SUB_BLOCK, Mask, RegionPlan, bits, full_mask, mask_of_runs
 from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.worker.nbd import BASE_ALLOCATION, DIRTY, STATE_ZERO
 from vmvault.worker.nbd_read import Extent, NbdReader
@@ -85,11 +86,18 @@ def runs(mask: Mask) -> Iterable[tuple[int, int]]:
 
 @dataclass
 class _Pending:
-    """A region being read: its buffer, what it has and how many reads are out."""
+    """A region being read: its buffer, what it has and how many reads are out.
 
-    data: bytearray
+    The buffer is anonymous memory, which the kernel gives as zero pages on first touch:
+    a region of which three sub-blocks are read costs those pages, not a 4 MiB memset
+    (240 regions × 4 MiB of ``bytearray`` took 0.3 s of a 0.8 s incremental). A region
+    read in one piece uses the read's own buffer (``whole``), without a copy.
+    """
+
+    data: mmap.mmap | None
     have: Mask = 0
     out: int = 0
+    whole: bytes | bytearray | None = None
 
 
 def pull_regions(
@@ -137,7 +145,8 @@ def _read_pass(
     ranges: list[tuple[int, int]] = []
     where: dict[int, tuple[int, Mask]] = {}  # absolute offset -> (region, its sub-blocks)
     for i, mask in sorted(todo.items()):
-        pend = pending[i] = _Pending(bytearray(lengths[i]))
+        one_piece = mask == full_mask(lengths[i])
+        pend = pending[i] = _Pending(None if one_piece else mmap.mmap(-1, lengths[i]))
         for first, count in runs(mask):
             start = first * SUB_BLOCK
             size = min(count * SUB_BLOCK, lengths[i] - start)
@@ -148,14 +157,19 @@ def _read_pass(
     for offset, payload in reader.read_parallel(ranges, READ_CONNECTIONS):
         i, got = where[offset]
         pend = pending[i]
-        start = offset - i * rs
-        pend.data[start : start + len(payload)] = payload
+        if pend.data is None:
+            pend.whole = payload
+        else:
+            start = offset - i * rs
+            pend.data[start : start + len(payload)] = payload
         pend.have |= got
         pend.out -= 1
         stats.bytes_read += len(payload)
         if pend.out:
             continue
-        need = writer.put_region(i, pend.data, pend.have)
+        data = pend.whole if pend.data is None else pend.data
+        assert data is not None
+        need = writer.put_region(i, data, pend.have)
         del pending[i]
         if need:
             # Found zeros turned a PATCH into a REBASE: the rest comes in the next pass,
