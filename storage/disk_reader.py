@@ -92,7 +92,7 @@ def load_index_object(repo: Repository, key: str) -> DiskIndex:
 
 def base_chunk_name(r: Region) -> str | None:
     """Hex name of the chunk object a region's bytes are based on; None for zeros."""
-    if r.kind is Kind.ZERO:
+    if r.kind is Kind.ZERO or (r.kind is Kind.PATCHED and not r.base_length):
         return None
     return (r.digest if r.kind is Kind.LEGACY else r.base).hex()
 
@@ -103,7 +103,8 @@ def referenced_objects(index: DiskIndex) -> Iterator[str]:
         if r.kind is Kind.LEGACY:
             yield chunk_name_key(r.digest)
         elif r.kind in (Kind.CHUNK, Kind.PATCHED):
-            yield chunk_name_key(r.base)
+            if r.base_length:
+                yield chunk_name_key(r.base)
             for f in r.fragments:
                 yield pack_key(f.pack)
 

@@ -260,8 +260,9 @@ def _region(
         return Region(kind, length, digest, digest, length, zero, zero, from_parent=parent)
     base = rd.take(DIGEST_SIZE, where)
     (base_length,) = rd.unpack(_BASE, where)
-    # The base was a region of this disk at some size: never larger than a region.
-    if not 0 < base_length <= region_size:
+    # The base was a region of this disk at some size: never larger than a region; 0 is
+    # no base at all (every sub-block from fragments or zeros; Region checks the rest).
+    if not 0 <= base_length <= region_size:
         raise ValueError(f"base chunk of {base_length} bytes")
     base_zero = rd.mask(base_length, "base zero mask")
     zero = rd.mask(length, "zero mask")

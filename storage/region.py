@@ -31,6 +31,9 @@ from vmvault.storage.format import SUB_BLOCK_SIZE
 SUB_BLOCK = SUB_BLOCK_SIZE
 DIGEST_SIZE = 32
 PACK_ID_SIZE = 16
+# The base of a PATCHED region that has none (base_length 0): writes into a region that
+# was all zeros are fragments too, not a chunk of their own.
+NO_BASE = bytes(DIGEST_SIZE)
 
 # The planning policy (not a decoding limit): a region is rewritten whole (REBASE) once a
 # restore of it would fetch more than REBASE_NUM/REBASE_DEN of its non-zero bytes; its
@@ -45,6 +48,9 @@ FORMAT_MAX_FRAGMENTS = 8
 # still-used fragments written again into a new pack ("re-homed"), so that the old pack
 # stops being referenced and GC can delete it whole. See the spec, "GC of packs".
 REHOME_LIVE_NUM, REHOME_LIVE_DEN = 1, 2
+# A region without a base holds fragments of at most this share of its length; beyond,
+# it is stored as a chunk (content-addressed, so large new data still deduplicates).
+BASELESS_NUM, BASELESS_DEN = 1, 4
 
 _ZERO_SUB = bytes(SUB_BLOCK)
 _REGION_TAG = b"vmvault-region-v2"
@@ -98,6 +104,8 @@ def popcount(mask: Mask) -> int:
 def mask_bytes(length: int, mask: Mask) -> int:
     """Bytes of the sub-blocks in ``mask`` of a region of ``length`` bytes."""
     n = sub_count(length)
+    if not n:
+        return 0  # no sub-blocks (a region without a base has a base of length 0)
     count = popcount(mask)
     if mask >> (n - 1) & 1 and length % SUB_BLOCK:
         return (count - 1) * SUB_BLOCK + length % SUB_BLOCK
@@ -256,11 +264,15 @@ class Region:
             if self.base or self.fragments or self.zero or self.base_zero:
                 raise ValueError("legacy region with version 2 contents")
             return
-        if len(self.base) != DIGEST_SIZE or self.base_length <= 0:
+        baseless = self.kind is Kind.PATCHED and self.base_length == 0
+        if baseless:
+            if self.base != NO_BASE or self.base_zero:
+                raise ValueError("a region without a base names a base")
+        elif len(self.base) != DIGEST_SIZE or self.base_length <= 0:
             raise ValueError("region without a base chunk")
-        if self.base_zero & ~full_mask(self.base_length):
+        elif self.base_zero & ~full_mask(self.base_length):
             raise ValueError("base zero mask beyond the base chunk")
-        if self.base_zero == full_mask(self.base_length):
+        elif self.base_zero == full_mask(self.base_length):
             raise ValueError("base chunk of zeros only (never stored)")
         if self.zero & ~full:
             raise ValueError("zero mask beyond the region")
@@ -291,7 +303,10 @@ class Region:
                 sources[j] = f_index
             covered |= frag.mask
         from_base = full & ~covered
-        if not from_base:
+        if baseless:
+            if from_base:
+                raise ValueError("sub-blocks that no piece supplies (the region has no base)")
+        elif not from_base:
             raise ValueError("patched region that uses nothing of its base")
         if from_base & ~base_usable(self.base_length, self.length):
             raise ValueError("sub-blocks beyond what the base chunk holds")
@@ -320,6 +335,8 @@ class Region:
         """Plaintext bytes of the base chunk's body (its non-zero sub-blocks)."""
         if self.kind in (Kind.ZERO, Kind.LEGACY):
             return self.length if self.kind is Kind.LEGACY else 0
+        if not self.base_length:
+            return 0
         return mask_bytes(self.base_length, full_mask(self.base_length) & ~self.base_zero)
 
     def fetch_bytes(self) -> int:
@@ -532,11 +549,17 @@ def plan_region(
         if parent.kind is Kind.ZERO and parent.length == length:
             return RegionPlan(Action.KEEP, length, zero=full)
         return RegionPlan(Action.ZERO, length, zero=full)
-    if parent.kind in (Kind.ZERO, Kind.LEGACY):
-        # Nothing to patch onto: a zero region has no base, a v1 chunk no digest table.
-        # An unchanged v1 chunk is kept: zeros block status finds in it were in it
-        # already (every change of bytes, a grow after a shrink too, sets dirty bits).
-        if parent.kind is Kind.LEGACY and not dirty and parent.length == length:
+    if parent.kind is Kind.ZERO:
+        # Small writes into an empty region: a fragment without a base (every non-zero
+        # sub-block is new); larger ones make it a chunk.
+        read = full & ~now_zero
+        if mask_bytes(length, read) * BASELESS_DEN <= length * BASELESS_NUM:
+            return RegionPlan(Action.PATCH, length, read=read, zero=now_zero)
+        return _rebase_or_zero(length, now_zero)
+    if parent.kind is Kind.LEGACY:
+        # A v1 chunk has no digest table to patch onto. An unchanged one is kept: zeros
+        # block status finds in it are taken to be in it already (section 24, rule 3).
+        if not dirty and parent.length == length:
             return RegionPlan(Action.KEEP, length)
         return _rebase_or_zero(length, now_zero)
 
@@ -558,7 +581,8 @@ def plan_region(
         covered |= frag.mask
     # What neither zero, nor a kept fragment, nor the base (same extent) can supply.
     reread |= full & ~covered & ~base_usable(parent.base_length, length)
-    read = (dirty | reread) & ~now_zero
+    # (A dropped fragment of a longer parent region may reach past the new end.)
+    read = (dirty | reread) & ~now_zero & full
     uses_base = bool(full & ~(now_zero | read) & ~_union(keep))
 
     if (
@@ -577,7 +601,11 @@ def plan_region(
         read = (read | _union(keep)) & ~now_zero
         keep = []
         fetch = base + mask_bytes(length, read)
-    if not uses_base or fetch * REBASE_DEN > data * REBASE_NUM:
+    if parent.base_length == 0:
+        # No base: the fragments are the region's bytes; a chunk once they pass the cap.
+        if fetch * BASELESS_DEN > length * BASELESS_NUM or fetch * REBASE_DEN > data * REBASE_NUM:
+            return _rebase_or_zero(length, now_zero)
+    elif not uses_base or fetch * REBASE_DEN > data * REBASE_NUM:
         return _rebase_or_zero(length, now_zero)
     return RegionPlan(Action.PATCH, length, read=read, zero=now_zero, keep=tuple(keep))
 
@@ -632,22 +660,27 @@ def patched_region(
     (holding exactly ``plan.read``) and the zero mask; its RD computed from digests only.
 
     ``base_digests``: the base chunk's table (``parse_chunk_table``); only the entries of
-    sub-blocks still read from the base matter.
+    sub-blocks still read from the base matter. A ZERO parent, or one without a base,
+    gives a region without a base (``base_digests`` empty).
     """
-    if plan.action is not Action.PATCH or parent.kind not in (Kind.CHUNK, Kind.PATCHED):
+    if plan.action is not Action.PATCH or parent.kind is Kind.LEGACY:
         raise ValueError(f"patched_region for a {plan.action.value} plan")
     if (new.mask if new else 0) != plan.read:
         raise ValueError("the new fragment must hold exactly the sub-blocks the plan reads")
-    if len(base_digests) != sub_count(parent.base_length):
+    if parent.kind is Kind.ZERO:
+        base, base_length, base_zero = NO_BASE, 0, 0
+    else:
+        base, base_length, base_zero = parent.base, parent.base_length, parent.base_zero
+    if len(base_digests) != sub_count(base_length):
         raise ValueError("base digest table does not fit the base chunk")
     fragments = (*plan.keep, new) if new else plan.keep
     region = Region(
         Kind.PATCHED,
         plan.length,
         bytes(DIGEST_SIZE),  # placeholder: checked for size only, replaced below
-        parent.base,
-        parent.base_length,
-        parent.base_zero,
+        base,
+        base_length,
+        base_zero,
         plan.zero,
         fragments,
     )
@@ -693,7 +726,10 @@ def rebuild_region(
         return base_body
     if len(fragment_bodies) != len(region.fragments):
         raise ValueError("one body per fragment")
-    _split_body(base_body, region.base_length, region.base_zero, "base chunk")
+    if region.base_length:
+        _split_body(base_body, region.base_length, region.base_zero, "base chunk")
+    elif base_body:
+        raise ValueError("a region without a base was given a base body")
     if region.kind is Kind.CHUNK and not region.base_zero:
         # The body is the region as it is (the common case of a full backup): no copy.
         if check and hasher.region_digest(length, hasher.sub_digests(base_body)) != region.digest:

@@ -149,7 +149,7 @@ class RegionStore:
             return None
         if region.kind is Kind.LEGACY:
             raise ValueError("a LEGACY region is a version 1 chunk: read it with read_chunk")
-        base = self.chunk_body(region)
+        base = self.chunk_body(region) if region.base_length else b""
         bodies = [self.fragment(f, region.length) for f in region.fragments]
         return rebuild_region(self.hasher, region, base, bodies, check)
 

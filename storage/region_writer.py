@@ -30,6 +30,7 @@ from vmvault.storage.packs import PackWriter
 from vmvault.storage.region import (
     Action,
     Fragment,
+    Kind,
     Mask,
     PackId,
     Region,
@@ -310,6 +311,8 @@ class RegionDiskWriter:
         self._record(i, region, "patched")
 
     def _base_table(self, parent: Region) -> tuple[bytes, ...]:
+        if parent.kind is Kind.ZERO or not parent.base_length:
+            return ()  # a region without a base
         with self._lock:
             table = self._tables.get(parent.base)
         if table is None:

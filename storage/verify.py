@@ -113,7 +113,8 @@ class _Refs:
             if r.kind is Kind.LEGACY:
                 self._chunk(chunk_name_key(r.digest), r.digest.hex(), r.length, True, ref, report)
                 continue
-            self._chunk(chunk_name_key(r.base), r.base.hex(), r.base_length, False, ref, report)
+            if r.base_length:
+                self._chunk(chunk_name_key(r.base), r.base.hex(), r.base_length, False, ref, report)
             if r.kind is Kind.PATCHED:
                 self.patched[replace(r, from_parent=False)].append(ref)
             for f in r.fragments:
@@ -247,7 +248,9 @@ def _read_data(
         return None
 
     def usable(r: Region) -> bool:
-        pieces = {chunk_name_key(r.base)} | {pack_key(f.pack) for f in r.fragments}
+        pieces = {pack_key(f.pack) for f in r.fragments}
+        if r.base_length:
+            pieces.add(chunk_name_key(r.base))
         return not pieces & (missing | damaged | bad_packs)
 
     regions = [r for r in refs.patched if usable(r)]

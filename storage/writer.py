@@ -139,7 +139,9 @@ class BackupWriter:
         if self.parent is not None and any(d.name == name for d in self.parent.disks):
             # Any size: a resized disk keeps every region whose extent did not change.
             parent_index = load_disk_index(self.repo, self.parent, name)
-            self.known.add_all(r.base.hex() for r in parent_index.regions if r.kind in _CHUNKED)
+            self.known.add_all(
+                r.base.hex() for r in parent_index.regions if r.kind in _CHUNKED and r.base_length
+            )
         writer = RegionDiskWriter(self, name, virtual_size, fmt, parent_index)
         self.disks[name] = writer
         return writer

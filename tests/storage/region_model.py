@@ -113,7 +113,8 @@ class Store:
         for index in indexes:
             for r in index.regions:
                 if r.kind in (Kind.CHUNK, Kind.PATCHED):
-                    chunks.add(r.base)
+                    if r.base_length:
+                        chunks.add(r.base)
                 elif r.kind is Kind.LEGACY:
                     chunks.add(r.digest)
                 packs.update(f.pack for f in r.fragments)
@@ -248,7 +249,9 @@ def backup(
                 digests = fragment_digests(HASHER, lengths[i], plan.read, body)
                 pack, offset, stored = packer.add(body)
                 frag = Fragment(pack, offset, stored, plan.read, digests)
-            regions.append(patched_region(HASHER, p, plan, frag, store.chunk_table(p.base)))
+            based = p.kind is not Kind.ZERO and p.base_length
+            digests = store.chunk_table(p.base) if based else ()
+            regions.append(patched_region(HASHER, p, plan, frag, digests))
     packer.close()
     stats.uploaded += packer.uploaded
     stats.puts += packer.puts
@@ -281,9 +284,9 @@ def restore(store: Store, index: DiskIndex) -> tuple[bytes, RestoreStats]:
             stats.stored += stored
             stats.objects += 1
         elif r.kind in (Kind.CHUNK, Kind.PATCHED):
-            base, stored = store.chunk_body(r.base)
+            base, stored = store.chunk_body(r.base) if r.base_length else (b"", 0)
             stats.stored += stored
-            stats.objects += 1
+            stats.objects += 1 if r.base_length else 0
             for f in r.fragments:
                 bodies.append(store.fragment(f))
                 stats.stored += f.stored_length

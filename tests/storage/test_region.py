@@ -31,6 +31,7 @@ from vmvault.storage.errors import CorruptObjectError
 from vmvault.storage.index_v2 import DiskIndex
 from vmvault.storage.region import (
     MAX_FRAGMENTS,
+    NO_BASE,
     SUB_BLOCK,
     Action,
     Fragment,
@@ -39,12 +40,15 @@ from vmvault.storage.region import (
     base_usable,
     check_chunk,
     chunk_region,
+    fragment_body,
+    fragment_digests,
     full_mask,
     legacy_region,
     make_chunk,
     mask_bytes,
     mask_of_runs,
     parse_chunk_table,
+    patched_region,
     plan_region,
     rebuild_region,
     sub_count,
@@ -208,6 +212,39 @@ def test_legacy_regions_are_kept_or_rebased() -> None:
     plan = plan_region(legacy, length, 0b1, 0)
     assert (plan.action, plan.read) == (Action.REBASE, full_mask(length))
     assert plan_region(legacy, length, 0, full_mask(length)).action is Action.ZERO
+
+
+def test_writes_into_an_empty_region_are_fragments_without_a_base() -> None:
+    length = 4 * MiB
+    empty = zero_region(length)
+    # Two scattered writes: one fragment, no chunk object of its own.
+    plan = plan_region(empty, length, 0b1001 << 20, 0)
+    assert (plan.action, plan.read, plan.zero) == (
+        Action.PATCH,
+        0b1001 << 20,
+        full_mask(length) & ~(0b1001 << 20),
+    )
+    data = bytearray(length)
+    data[20 * S : 21 * S] = rand(7, S)
+    data[23 * S : 24 * S] = rand(8, S)
+    body = fragment_body(data, plan.read)
+    frag = Fragment(
+        bytes(16), 8, len(body) + 1, plan.read, fragment_digests(HASHER, length, plan.read, body)
+    )
+    region = patched_region(HASHER, empty, plan, frag, ())
+    assert (region.base, region.base_length, region.fetch_bytes()) == (NO_BASE, 0, 2 * S)
+    # Its digest is the digest of its bytes, as for any other region.
+    assert region.digest == make_chunk(HASHER, data).region.digest  # type: ignore[union-attr]
+    assert rebuild_region(HASHER, region, b"", [body]) == data
+    # More than a quarter of the region at once: a chunk (large new data deduplicates).
+    assert plan_region(empty, length, (1 << 17) - 1, 0).action is Action.REBASE
+    # A region without a base grows by fragments until they pass a quarter of it.
+    assert plan_region(region, length, 1 << 40, 0).action is Action.PATCH
+    assert plan_region(region, length, ((1 << 15) - 1) << 30, 0).action is Action.REBASE
+    with pytest.raises(ValueError, match="no piece supplies"):
+        replace(region, zero=region.zero & ~1)
+    with pytest.raises(ValueError, match="names a base"):
+        replace(region, base=bytes(range(32)))
 
 
 def test_region_invariants_refuse_bad_entries() -> None:
