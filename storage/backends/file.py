@@ -244,7 +244,7 @@ class FileBackend:
                 self._sweep_tree(base, cutoff, dry_run, litter)
         return litter
 
-    _LITTER_DIRS = ("chunks", "backups", "locks")
+    _LITTER_DIRS = ("chunks", "packs", "backups", "locks")
 
     def _sweep_temp(self, path: Path, cutoff: float, dry_run: bool, litter: Litter) -> bool:
         """Remove one temp file if old enough; True when it is gone (or would be)."""

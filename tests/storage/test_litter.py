@@ -89,16 +89,20 @@ def test_gc_removes_old_temp_files_and_empty_backup_dirs_only(
     data = image(4 * CHUNK, 21)
     kept = write_full(repo, "vm", {"vda": data})
 
-    # Two writers killed mid-put: one in a chunk directory, one writing the only object
-    # of a backup directory (so that directory holds nothing but the temp file).
+    # Writers killed mid-put: one in a chunk directory, one writing a pack, one writing
+    # the only object of a backup directory (which holds nothing but the temp file).
     orphan_id = new_backup_id(kept.created)
-    dead_keys = ["chunks/ab/" + "ab" * 32, index_key("vm", orphan_id, "vda")]
+    dead_keys = [
+        "chunks/ab/" + "ab" * 32,
+        "packs/ef/" + "ef" * 16,
+        index_key("vm", orphan_id, "vda"),
+    ]
     for key in dead_keys:
         proc = _start_writer(file_target.url, key)
         writers.append(proc)
         _kill(proc)
     dead_temps = _temp_files(root)
-    assert len(dead_temps) == 2
+    assert len(dead_temps) == 3
     for tmp in dead_temps:
         _age(tmp, 2 * HOUR)
     orphan_dir = root / "backups" / "vm" / orphan_id
@@ -118,12 +122,12 @@ def test_gc_removes_old_temp_files_and_empty_backup_dirs_only(
     assert len(live_temps) == 1
 
     dry = collect_garbage(repo, grace=HOUR, dry_run=True)
-    assert (dry.temp_files_deleted, dry.temp_files_in_grace) == (2, 1)
+    assert (dry.temp_files_deleted, dry.temp_files_in_grace) == (3, 1)
     assert _temp_files(root) == dead_temps | live_temps
 
     report = collect_garbage(repo, grace=HOUR)
-    assert (report.temp_files_deleted, report.temp_files_in_grace) == (2, 1)
-    assert report.empty_dirs_removed >= 3  # vm/<orphan>, gone/<id>, gone
+    assert (report.temp_files_deleted, report.temp_files_in_grace) == (3, 1)
+    assert report.empty_dirs_removed >= 4  # vm/<orphan>, gone/<id>, gone, packs/ef
     assert _temp_files(root) == live_temps
     assert not orphan_dir.exists()
     assert not (root / "backups" / "gone").exists()
