@@ -33,6 +33,7 @@ from vmvault.storage.errors import CorruptObjectError, FormatUpgradeNeededError
 from vmvault.storage.gc import collect_garbage
 from vmvault.storage.region import Kind
 from vmvault.storage.region_store import chunk_name_key, pack_key
+from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.storage.repository import Repository, init_repository
 from vmvault.storage.upgrade import upgrade_repository
 from vmvault.storage.verify import verify
@@ -332,3 +333,35 @@ def test_the_chain_model_on_s3(s3_server: S3Bucket) -> None:
         )
 
     _run_chain(open_repo, examples=3, steps=12)
+
+
+def test_a_backup_that_dies_after_its_pack_leaves_nothing_gc_keeps(target: Target) -> None:
+    """Killed between the disk's pack and index and the manifest: the pack and the index are
+    unreferenced, GC (past its grace window) removes them, the committed chain is intact."""
+    repo = _init(target)
+    rng = random.Random(13)
+    disk = _disk(2 * MiB, kinds=("random",))
+    full = back_up(repo, disk, None, rng)
+    disk.write(64 * KiB, rng.randbytes(4 * KiB))
+    before = set(_objects(target))
+    writer = repo.open_backup("vm", full, "incremental", "test", "cp-x")
+    dw = writer.open_disk("vda", len(disk.data), "qcow2")
+    assert isinstance(dw, RegionDiskWriter)
+    plans = dw.plan(disk.dirty_masks(REGION), [0] * len(dw.lengths))
+    for i, plan in enumerate(plans):
+        if plan.read:
+            buf = bytearray(dw.lengths[i])
+            for j in range(8):
+                if plan.read >> j & 1:
+                    lo = i * REGION + j * 64 * KiB
+                    buf[j * 64 * KiB : (j + 1) * 64 * KiB] = disk.data[lo : lo + 64 * KiB]
+            assert dw.put_region(i, buf, plan.read) == 0
+    dw.finish()
+    left = set(_objects(target)) - before
+    assert sorted(k.split("/")[0] for k in left) == ["backups", "packs"]
+    writer.abort()  # what a SIGKILL leaves: no manifest
+    assert [m.backup_id for m in repo.list_manifests("vm")] == [full.backup_id]
+    report = collect_garbage(repo, grace=0)
+    assert report.packs_deleted == 1 and report.orphan_objects_deleted == 1
+    assert set(_objects(target)) == before
+    assert verify(repo, read_data=True).ok
