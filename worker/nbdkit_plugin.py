@@ -298,7 +298,9 @@ def pread(h: Connection, buf: Any, offset: int, flags: int) -> None:
         h.pread(buf, offset)
     except StorageError as err:
         _eio(err)
-        raise
+        # A fresh exception: nbdkit prints its traceback, and the storage stack's frames
+        # add nothing to the line above.
+        raise OSError(errno.EIO, str(err)) from None
 
 
 def extents(h: Connection, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
