@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +28,7 @@ import pytest
 import yaml
 
 from tests.fixtures.s3 import S3Bucket
-from tests.restore.conftest import short_tmp
+from tests.restore.conftest import make_image, short_tmp, write_backup
 from tests.storage.format2_driver import Disk, back_up, restore
 from vmvault.storage.disk_reader import DiskReader
 from vmvault.storage.errors import RepositoryLockedError
@@ -416,3 +417,50 @@ def test_usage_errors(file_chain: Chain, tmp_path: Path) -> None:
     assert bad.returncode == 1 and "HOST:PORT" in bad.stderr
     assert list_locks(file_chain.repo.backend) == []
     assert os.path.exists(taken)
+
+
+def test_every_disk_is_an_export_and_tcp_works(
+    tmp_path: Path, file_repo: Repository, fleet_config: Any
+) -> None:
+    vda = make_image(tmp_path / "vda.raw", 3 * MiB, 1, [(MiB, MiB)])
+    vdb = make_image(tmp_path / "vdb.raw", 2 * MiB + 4 * KiB, 2, [])
+    manifest = write_backup(file_repo, "web1", {"vda": vda, "vdb": vdb})
+    config = tmp_path / "vmvault.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "repository": {"url": file_repo.url},
+                "state_dir": str(tmp_path / "state"),
+                "domains": {"web1": {"host": "hv1", "qmp": str(tmp_path / "web1.qmp")}},
+            }
+        )
+    )
+    with socket.socket() as probe:  # a free port (a race with others is unlikely here)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        _cli(config, "serve", "web1", "--listen", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert f"serving backup {manifest.backup_id} of web1" in proc.stdout.readline()
+        uris = [proc.stdout.readline().strip() for _ in range(2)]
+        assert uris == [f"nbd://127.0.0.1:{port}/vda", f"nbd://127.0.0.1:{port}/vdb"]
+        for uri, image in zip(uris, (vda, vdb), strict=True):
+            assert _copy(uri, tmp_path / "out.raw") == image.read_bytes()
+        # No export name: the first disk.
+        assert _copy(f"nbd://127.0.0.1:{port}", tmp_path / "out.raw") == vda.read_bytes()
+        listed = subprocess.run(
+            ["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert [e["export-name"] for e in json.loads(listed)["exports"]] == ["vda", "vdb"]
+        assert _pread_error(f"nbd://127.0.0.1:{port}/vdc", 0, 512) is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
