@@ -161,7 +161,8 @@ class Connection:
             if _all_zero(self.export.zero[i], start, n):
                 view[done : done + n] = bytes(n)
             else:
-                view[done : done + n] = self.ahead.get(i)[start : start + n]
+                # Through a memoryview: one copy, straight into nbdkit's buffer.
+                view[done : done + n] = memoryview(self.ahead.get(i))[start : start + n]
             done += n
 
     def extents(self, count: int, offset: int) -> list[tuple[int, int, int]]:
