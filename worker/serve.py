@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -207,11 +208,32 @@ def _check_socket(listen: Listen) -> None:
         raise ServeError(f"--socket {path}: path too long for a unix socket (max 107 bytes)")
     if not path.parent.is_dir():
         raise ServeError(f"--socket {path}: directory {path.parent} does not exist")
+    if _stale_socket(path):
+        # Left by a serve that was killed (SIGKILL, OOM): nobody listens on it any more.
+        log.warning("removing stale socket %s (nothing listens on it)", path)
+        path.unlink()
     if path.exists() or path.is_symlink():
         raise ServeError(
             f"--socket {path} already exists: another server may use it; remove it or"
             " choose another path"
         )
+
+
+def _stale_socket(path: Path) -> bool:
+    """True when ``path`` is a unix socket nobody accepts connections on."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+    return False
 
 
 def _take_lease(repo: Repository, manifest: Manifest) -> Lease:

@@ -464,3 +464,56 @@ def test_every_disk_is_an_export_and_tcp_works(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_missing_object_fails_the_read_with_eio(chain: Chain, serve: Any) -> None:
+    inc5 = chain.backups[5]
+    regions = DiskReader(chain.repo, inc5, "vda").index.regions
+    p = next(i for i, r in enumerate(regions) if r.kind is Kind.PATCHED)
+    chain.repo.backend.delete(chunk_name_key(regions[p].base))  # e.g. a GC bug, a lost file
+    served = serve(chain, "--backup", inc5.backup_id)
+    assert _pread_error(served.uri(), p * REGION, 64 * KiB) == "EIO"
+    z = next(i for i, r in enumerate(regions) if r.kind is Kind.ZERO)
+    assert _pread_error(served.uri(), z * REGION, 64 * KiB) is None  # zeros need no object
+    assert served.stop() == 0
+    assert f"disk vda offset {p * REGION}" in served.log.read_text()
+
+
+def test_a_killed_serve_takes_nbdkit_along_and_leaves_nothing_that_blocks(
+    file_chain: Chain, serve: Any
+) -> None:
+    served = serve(file_chain)
+    sock = Path(served.doc["socket"])
+    pid = served.doc["nbdkit_pid"]
+    served.proc.kill()
+    served.proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid)  # --exit-with-parent
+    # The socket it left is stale: the next serve on the same path takes it over.
+    assert sock.is_socket()
+    again = subprocess.Popen(
+        _cli(file_chain.config, "serve", DOMAIN, "--socket", str(sock), "--json"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert again.stdout is not None
+    doc = _read_document(again.stdout)
+    assert _pread_error(doc["exports"][0]["uri"], 0, 4 * KiB) is None
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=30) == 0
+    assert again.stderr is not None and "removing stale socket" in again.stderr.read()
+    # The killed serve's lease names a dead process of this host: GC breaks it and runs.
+    collect_garbage(file_chain.repo, grace=0)
+    assert list_locks(file_chain.repo.backend) == []
+
+
+def _alive(pid: int) -> bool:
+    """A process that exists and is not a zombie (nbdkit's parent is gone: init reaps)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
