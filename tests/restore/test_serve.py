@@ -30,6 +30,7 @@ import yaml
 from tests.fixtures.s3 import S3Bucket
 from tests.restore.conftest import make_image, short_tmp, write_backup
 from tests.storage.format2_driver import Disk, back_up, restore
+from tests.storage.helpers import image, read_back, write_full
 from vmvault.storage.disk_reader import DiskReader
 from vmvault.storage.errors import RepositoryLockedError
 from vmvault.storage.format import Manifest
@@ -37,7 +38,8 @@ from vmvault.storage.gc import collect_garbage
 from vmvault.storage.locks import list_locks
 from vmvault.storage.region import Kind
 from vmvault.storage.region_store import chunk_name_key, pack_key
-from vmvault.storage.repository import Repository, init_repository
+from vmvault.storage.repository import Repository, init_repository, open_repository
+from vmvault.storage.upgrade import upgrade_repository
 from vmvault.worker.nbd import release
 
 KiB, MiB = 1024, 1024 * 1024
@@ -74,6 +76,12 @@ def _make_chain(repo: Repository, tmp_path: Path, repository: dict[str, Any]) ->
             disk.write(at, rng.randbytes(rng.randrange(1, 8 * KiB)))
         disk.zero(rng.randrange(4 * MiB, SIZE - 128 * KiB, 64 * KiB), 128 * KiB)
         backups.append(back_up(repo, disk, backups[-1], rng, domain=DOMAIN))
+    return _make_config(repo, tmp_path, repository, backups)
+
+
+def _make_config(
+    repo: Repository, tmp_path: Path, repository: dict[str, Any], backups: list[Manifest]
+) -> Chain:
     config = tmp_path / "vmvault.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -517,3 +525,24 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+def test_version_1_backups_and_legacy_regions_are_served(tmp_path: Path, serve: Any) -> None:
+    url = f"file://{tmp_path}/repo"
+    repo = init_repository(url, chunk_size=REGION, format_version=1)
+    data = image(SIZE, seed=4, chunk=REGION)
+    v1 = write_full(repo, DOMAIN, {"vda": data})
+    upgrade_repository(repo, None)
+    repo = open_repository(url)
+    rng = random.Random(5)
+    disk = Disk(bytearray(data))
+    disk.write(REGION + 3 * KiB, rng.randbytes(5 * KiB))
+    v2 = back_up(repo, disk, v1, rng, domain=DOMAIN)
+    kinds = {r.kind for r in DiskReader(repo, v2, "vda").index.regions}
+    assert Kind.LEGACY in kinds
+    chain = _make_config(repo, tmp_path, {"url": url}, [v1, v2])
+    for manifest in (v1, v2):
+        served = serve(chain, "--backup", manifest.backup_id)
+        got = _copy(served.uri(), tmp_path / "out.raw")
+        assert got == read_back(repo, manifest, "vda")
+        assert served.stop() == 0
