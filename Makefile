@@ -5,7 +5,8 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server \
-             procps openssl busybox-static qemu-guest-agent kmod cpio e2fsprogs
+             procps openssl busybox-static qemu-guest-agent kmod cpio e2fsprogs \
+             nbdkit nbdkit-plugin-python
 # The test guest's kernel package (downloaded only; tests/fixtures/guest_image.py).
 GUEST_DEBS := $(VENV)/guest-debs
 

@@ -21,6 +21,7 @@ _COMMAND_GROUPS = (
     "vmvault.scheduler.commands.repo",
     "vmvault.scheduler.commands.backup",
     "vmvault.scheduler.commands.restore",
+    "vmvault.scheduler.commands.serve",
     "vmvault.scheduler.commands.fleet",
 )
 

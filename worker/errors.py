@@ -13,3 +13,8 @@ class WorkerError(Exception):
 
 class RestoreError(WorkerError):
     """A restore could not be done as asked (bad request or a failed step). Not retryable."""
+
+
+class ServeError(WorkerError):
+    """``vmvault serve`` could not start or keep its NBD server (nbdkit missing or exited,
+    socket path taken). Not retryable as it stands: the message says what to change."""
