@@ -84,7 +84,9 @@ def test_fleet_schedule_restore_retention_and_redis_restart(
             )
         ],
     )[0]
-    fleet.start_worker("hv1", "--storage")
+    # One job at a time, so the order jobs start in is the queue's priority order (with two
+    # slots, the backup and the restore of web1 would race for the domain lock).
+    fleet.start_worker("hv1", "--storage", "--concurrency", "1")
     records = fleet.wait_jobs([*slot1.enqueued, restore_id], timeout=90)
     assert {r.state for r in records.values()} == {"succeeded"}, records
     web1_backup = next(r for r in records.values() if r.domain == "web1" and r.type == "backup")
