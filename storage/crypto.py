@@ -163,12 +163,7 @@ class Codec:
 
     def digest(self, data: Blob) -> str:
         """Hex BLAKE3 of plaintext ``data``, keyed with the hashing key when encrypted."""
-        if self.keys is not None:
-            h = blake3.blake3(data, key=self.keys.hashing, max_threads=1)
-        else:
-            h = blake3.blake3(data, max_threads=1)
-        out: str = h.hexdigest()
-        return out
+        return self.raw_digest(data).hex()
 
     def raw_digest(self, data: Blob) -> bytes:
         """``digest`` as 32 raw bytes (format 2's sub-block and region digests)."""

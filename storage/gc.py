@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -125,6 +126,28 @@ def _mark_damaged(
         marked.update(referenced_objects(index))
 
 
+@dataclass
+class _Sweep:
+    """The objects under one prefix: how many, how many unmarked but young, which go."""
+
+    total: int = 0
+    in_grace: int = 0
+    doomed: list[ObjectInfo] = field(default_factory=list)
+
+
+def _unmarked(objects: Iterable[ObjectInfo], marked: set[str], cutoff: datetime) -> _Sweep:
+    sweep = _Sweep()
+    for info in objects:
+        sweep.total += 1
+        if info.key in marked:
+            continue
+        if info.modified >= cutoff:
+            sweep.in_grace += 1
+        else:
+            sweep.doomed.append(info)
+    return sweep
+
+
 def _run(
     repo: Repository, lease: Lease, grace: float, dry_run: bool, progress: Progress | None
 ) -> GcReport:
@@ -187,29 +210,13 @@ def _run(
                 report.orphan_objects_deleted += 1
             else:
                 report.orphan_objects_in_grace += 1
-    chunk_sizes: dict[str, int] = {}
-    for info in backend.list(CHUNKS_PREFIX):
-        report.chunks_total += 1
-        if info.key in marked:
-            continue
-        if info.modified >= cutoff:
-            report.chunks_in_grace += 1
-            continue
-        chunk_sizes[info.key] = info.size
-        doomed.append(info.key)
-    report.chunks_deleted = len(chunk_sizes)
-    pack_sizes: dict[str, int] = {}
-    for info in backend.list(PACKS_PREFIX):
-        report.packs_total += 1
-        if info.key in marked:
-            continue
-        if info.modified >= cutoff:
-            report.packs_in_grace += 1
-            continue
-        pack_sizes[info.key] = info.size
-        doomed.append(info.key)
-    report.packs_deleted = len(pack_sizes)
-    report.bytes_deleted = sum(chunk_sizes.values()) + sum(pack_sizes.values())
+    chunks = _unmarked(backend.list(CHUNKS_PREFIX), marked, cutoff)
+    packs = _unmarked(backend.list(PACKS_PREFIX), marked, cutoff)
+    report.chunks_total, report.chunks_in_grace = chunks.total, chunks.in_grace
+    report.packs_total, report.packs_in_grace = packs.total, packs.in_grace
+    report.chunks_deleted, report.packs_deleted = len(chunks.doomed), len(packs.doomed)
+    report.bytes_deleted = sum(i.size for i in chunks.doomed + packs.doomed)
+    doomed += [i.key for i in chunks.doomed + packs.doomed]
 
     if not dry_run:
 

@@ -417,7 +417,7 @@ class NewChunk:
     region: Region
     digests: tuple[bytes, ...]
     table: bytes
-    body: bytes
+    body: bytes | bytearray | memoryview  # the caller's buffer when nothing is left out
 
 
 def make_chunk(
@@ -428,20 +428,31 @@ def make_chunk(
     caller knows to be zeros (not scanned).
 
     Everything follows from the bytes (the zero mask too), so equal regions give equal
-    chunk objects: content addressing and dedup work as in version 1.
+    chunk objects: content addressing and dedup work as in version 1. Zero sub-blocks are
+    found by their digest (the hash is needed anyway, and a scan would copy the region);
+    a region without any is its own body, without a copy.
     """
     length = len(data)
     full = full_mask(length)
-    zero = known_zero | zero_sub_blocks(data, full & ~known_zero)
+    if known_zero == full:
+        return None
+    digests = hasher.sub_digests(data, known_zero)
+    zero = known_zero
+    for j in bits(full & ~known_zero):
+        if digests[j] == hasher.zero_digest(sub_length(length, j)):
+            zero |= 1 << j
     if zero == full:
         return None
-    digests = hasher.sub_digests(data, zero)
     rd = hasher.region_digest(length, digests)
     view = memoryview(data)
-    body = b"".join(
-        view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]
-        for j in range(sub_count(length))
-        if not zero >> j & 1
+    body: bytes | bytearray | memoryview = (
+        data
+        if not zero
+        else b"".join(
+            view[j * SUB_BLOCK : (j + 1) * SUB_BLOCK]
+            for j in range(sub_count(length))
+            if not zero >> j & 1
+        )
     )
     return NewChunk(chunk_region(length, rd, zero), digests, chunk_table(length, digests), body)
 

@@ -12,7 +12,7 @@ share this module, so the key names and the sealing rules live in one place.
 
 from __future__ import annotations
 
-from vmvault.storage.backends import Backend
+from vmvault.storage.backends import Backend, Blob
 from vmvault.storage.crypto import Codec
 from vmvault.storage.errors import CorruptObjectError
 from vmvault.storage.format import stored_limit
@@ -65,11 +65,13 @@ class RegionStore:
 
     # -- chunk objects --------------------------------------------------------------
 
-    def seal_chunk(self, new: NewChunk) -> bytes:
-        """The stored bytes of a chunk object (the table uncompressed: its size is fixed)."""
+    def seal_chunk(self, new: NewChunk) -> tuple[Blob, ...]:
+        """The stored bytes of a chunk object, as pieces a backend writes one after the
+        other (the body is not copied behind the table). The table is sealed uncompressed:
+        its size is fixed."""
         key = chunk_name_key(new.region.digest)
         table = self.codec.seal(key + CHUNK_TABLE_SUFFIX, new.table, compress=False)
-        return chunk_object(table, self.codec.seal(key, new.body))
+        return (chunk_object(table, b""), *self.codec.seal_parts(key, new.body))
 
     def chunk_table(self, name: bytes, length: int) -> tuple[bytes, ...]:
         """The sub-block digests of the chunk ``name`` of a region of ``length`` bytes: one

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import mmap
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from vmvault.storage.backends import Blob
-from vmvault.storage.errors import StorageError, WriterError
+from vmvault.storage.errors import WriterError
 from vmvault.storage.format import DiskStats, ManifestDisk, chunk_count, index_key
 from vmvault.storage.index_v2 import DiskIndex, encode_index_v2, region_length
 from vmvault.storage.packs import PackWriter
+from vmvault.storage.pool_tasks import TaskGroup
 from vmvault.storage.region import (
     Action,
     Fragment,
@@ -92,9 +92,9 @@ class RegionDiskWriter:
         self._packer = PackWriter(self.repo.backend, self.repo.codec)
         self._lock = threading.Lock()
         # Each task in flight holds one region (and its sealed copy): bounds memory.
-        self._slots = threading.BoundedSemaphore(self.repo.concurrency + 2)
-        self._futures: set[Future[None]] = set()
-        self._error: BaseException | None = None
+        self._tasks = TaskGroup(
+            self.repo.pool, self.repo.concurrency + 2, f"disk {name}: storing a region failed"
+        )
         self._stats = dict.fromkeys(
             ("new", "dedup", "zero", "parent", "patched", "read", "uploaded", "puts", "dirty"),
             0,
@@ -107,8 +107,7 @@ class RegionDiskWriter:
         self.backup.check_open()
         if self.result is not None:
             raise WriterError(f"disk {self.name} is already finished")
-        if self._error is not None:
-            raise self._error
+        self._tasks.check()
 
     def _range(self, offset: int, length: int, what: str) -> range:
         rs = self.region_size
@@ -150,7 +149,7 @@ class RegionDiskWriter:
                 f"give one chunk ({self.region_size} bytes, or the tail) per call"
             )
         self._claim(idx, "put_chunk")
-        self._submit(self._store_chunk, idx[0], data, len(data))
+        self._tasks.submit(self._store_chunk, idx[0], data, len(data))
 
     def put_zero(self, offset: int, length: int) -> None:
         """Regions that read as zeros: nothing is stored."""
@@ -216,7 +215,7 @@ class RegionDiskWriter:
         elif plan.action is Action.ZERO:
             self._record(i, zero_region(plan.length), "zero")
         else:  # a PATCH that only drops fragments or zeroes sub-blocks
-            self._submit(self._store_patch, i, None, 0)
+            self._tasks.submit(self._store_patch, i, None, 0)
         return True
 
     def put_region(self, i: int, data: RegionBytes, have: Mask) -> Mask:
@@ -235,7 +234,9 @@ class RegionDiskWriter:
         if len(data) != self.lengths[i]:
             raise WriterError(f"disk {self.name}: region {i} given {len(data)} bytes")
         view = memoryview(data)
-        found = zero_sub_blocks(view, have & plan.read)
+        # Zeros found in what a PATCH read are recorded, not stored (section 24). A REBASE
+        # needs no scan: its chunk leaves out every zero sub-block by itself.
+        found = zero_sub_blocks(view, have & plan.read) if plan.action is Action.PATCH else 0
         if found & ~self._zero[i]:
             self._zero[i] |= found
             plan = plan_region(
@@ -250,23 +251,12 @@ class RegionDiskWriter:
         read = mask_bytes(self.lengths[i], have)
         self._taken[i] = 1
         if plan.action is Action.REBASE:
-            self._submit(self._store_chunk, i, view, read)
+            self._tasks.submit(self._store_chunk, i, view, read)
         else:
-            self._submit(self._store_patch, i, view, read)
+            self._tasks.submit(self._store_patch, i, view, read)
         return 0
 
     # -- the pool side --------------------------------------------------------------
-
-    def _submit(self, fn: Callable[[int, Any, int], None], i: int, data: Any, read: int) -> None:
-        self._slots.acquire()
-        try:
-            fut = self.repo.pool.submit(fn, i, data, read)
-        except BaseException:
-            self._slots.release()
-            raise
-        with self._lock:
-            self._futures.add(fut)
-        fut.add_done_callback(self._done)
 
     def _store_chunk(self, i: int, data: Blob, read: int) -> None:
         plan = self._plans[i]
@@ -285,7 +275,7 @@ class RegionDiskWriter:
         if name not in known and not self.repo.backend.exists(key):
             stored = self.store.seal_chunk(new)
             if self.repo.backend.put(key, stored, if_absent=True, defer_sync=True):
-                uploaded = len(stored)
+                uploaded = sum(len(piece) for piece in stored)
         known.add(name)
         with self._lock:
             self._stats["read"] += read
@@ -321,40 +311,16 @@ class RegionDiskWriter:
                 self._tables[parent.base] = table
         return table
 
-    def _done(self, fut: Future[None]) -> None:
-        self._slots.release()
-        with self._lock:
-            self._futures.discard(fut)
-            if not fut.cancelled() and fut.exception() is not None and self._error is None:
-                err = fut.exception()
-                self._error = (
-                    err
-                    if isinstance(err, StorageError)
-                    else StorageError(f"disk {self.name}: storing a region failed: {err!r}")
-                )
-
     def cancel(self) -> None:
         """Cancel the work not started yet and wait for the rest (the backup aborts)."""
-        self._drain(cancel=True)
-
-    def _drain(self, cancel: bool = False) -> None:
-        with self._lock:
-            pending = list(self._futures)
-        for fut in pending:
-            if cancel:
-                fut.cancel()
-        for fut in pending:
-            if not fut.cancelled():
-                fut.exception()  # waits
+        self._tasks.cancel()
 
     # -- end --------------------------------------------------------------------------
 
     def finish(self) -> DiskStats:
         """Wait for the pool, write the last pack, then (durably after them) the index."""
         self._check()
-        self._drain()
-        if self._error is not None:
-            raise self._error
+        self._tasks.wait()
         missing = [i for i, r in enumerate(self._regions) if r is None]
         if missing:
             raise WriterError(

@@ -51,7 +51,6 @@ from vmvault.storage.format import (
     MAX_MANIFEST_BYTES,
     DamagedManifest,
     DiskStats,
-    IndexEntry,
     Kind,
     Manifest,
     ManifestDisk,
@@ -61,8 +60,6 @@ from vmvault.storage.format import (
     check_chunk_size,
     check_name,
     chunk_key,
-    decode_index,
-    index_body_limit,
     manifest_key,
     new_backup_id,
     parse_backup_key,
@@ -295,28 +292,6 @@ class Repository:
             self.backend.delete(d.index_key)
 
     # ------------------------------------------------------------------ indexes
-
-    def load_index(self, manifest: Manifest, disk_name: str) -> list[IndexEntry]:
-        disk = manifest.disk(disk_name)
-        what = f"{disk.index_key}"
-        # Exactly this many bytes, from the manifest: nothing larger is ever inflated.
-        limit = index_body_limit(disk.virtual_size, manifest.chunk_size)
-        try:
-            stored = self.backend.get(disk.index_key, max_size=stored_limit(limit))
-            body = self.codec.unseal(disk.index_key, stored, limit=limit)
-        except ObjectNotFoundError:
-            raise ObjectNotFoundError(
-                f"index of disk {disk_name} of backup {manifest.backup_id} "
-                f"({manifest.domain}) is missing: {disk.index_key}"
-            ) from None
-        if self.codec.digest(body) != disk.index_digest:
-            raise CorruptObjectError(
-                f"index {what} does not match the digest in its manifest (edited or damaged)"
-            )
-        virtual_size, chunk_size, entries = decode_index(body, what)
-        if virtual_size != disk.virtual_size or chunk_size != manifest.chunk_size:
-            raise CorruptObjectError(f"index {what} disagrees with its manifest on sizes")
-        return entries
 
     def chunk_names(self, manifest: Manifest, disk_name: str) -> list[str | None]:
         """Per region of the disk: the hex name of the chunk object its bytes are based on

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from vmvault.storage.backends import Blob
 from vmvault.storage.disk_reader import load_disk_index
-from vmvault.storage.errors import StorageError, WriterError
+from vmvault.storage.errors import WriterError
 from vmvault.storage.format import (
     DiskStats,
     IndexEntry,
@@ -34,6 +33,7 @@ from vmvault.storage.format import (
 )
 from vmvault.storage.index_v2 import DiskIndex
 from vmvault.storage.locks import Lease
+from vmvault.storage.pool_tasks import TaskGroup
 from vmvault.storage.region import Kind as RegionKind
 from vmvault.storage.region_writer import RegionDiskWriter
 
@@ -128,7 +128,10 @@ class BackupWriter:
         if self.parent is not None:
             pdisk = next((d for d in self.parent.disks if d.name == name), None)
             if pdisk is not None and pdisk.virtual_size == virtual_size:
-                parent_entries = self.repo.load_index(self.parent, name)
+                parent_entries = [
+                    IndexEntry(r.digest.hex() if r.kind is RegionKind.LEGACY else None)
+                    for r in load_disk_index(self.repo, self.parent, name).regions
+                ]
                 self.known.add_all(e.digest for e in parent_entries if e.digest)
         writer = DiskWriter(self, name, virtual_size, fmt, parent_entries)
         self.disks[name] = writer
@@ -218,9 +221,9 @@ class DiskWriter:
         self._lock = threading.Lock()
         # In flight = submitted, not yet stored. Each holds one chunk (plus its compressed
         # and encrypted copies) in memory: this bounds the writer's memory.
-        self._slots = threading.BoundedSemaphore(self.repo.concurrency + 2)
-        self._futures: set[Future[None]] = set()
-        self._error: BaseException | None = None
+        self._tasks = TaskGroup(
+            self.repo.pool, self.repo.concurrency + 2, f"disk {name}: storing a chunk failed"
+        )
         self._stats = {"new": 0, "dedup": 0, "zero": 0, "parent": 0, "read": 0, "uploaded": 0}
         self.result: ManifestDisk | None = None
 
@@ -253,8 +256,7 @@ class DiskWriter:
         self.backup.check_open()
         if self.result is not None:
             raise WriterError(f"disk {self.name} is already finished")
-        if self._error is not None:
-            raise self._error
+        self._tasks.check()
 
     # -- the three ways to describe a chunk ---------------------------------
 
@@ -270,15 +272,7 @@ class DiskWriter:
                 f"give one chunk ({self.chunk_size} bytes, or the tail) per call"
             )
         self._claim(idx, "put_chunk")
-        self._slots.acquire()
-        try:
-            fut = self.repo.pool.submit(self._store, idx[0], data)
-        except BaseException:
-            self._slots.release()
-            raise
-        with self._lock:
-            self._futures.add(fut)
-        fut.add_done_callback(self._done)
+        self._tasks.submit(self._store, idx[0], data)
 
     def put_zero(self, offset: int, length: int) -> None:
         """A chunk-aligned range that reads as zeros: nothing is stored."""
@@ -332,40 +326,16 @@ class DiskWriter:
             self._stats["uploaded"] += uploaded
             self._stats["read"] += n
 
-    def _done(self, fut: Future[None]) -> None:
-        self._slots.release()
-        with self._lock:
-            self._futures.discard(fut)
-            if not fut.cancelled() and fut.exception() is not None and self._error is None:
-                err = fut.exception()
-                self._error = (
-                    err
-                    if isinstance(err, StorageError)
-                    else StorageError(f"disk {self.name}: storing a chunk failed: {err!r}")
-                )
-
     def cancel(self) -> None:
         """Cancel the uploads not started yet and wait for the rest (the backup aborts)."""
-        self._drain(cancel=True)
-
-    def _drain(self, cancel: bool = False) -> None:
-        with self._lock:
-            pending = list(self._futures)
-        for fut in pending:
-            if cancel:
-                fut.cancel()
-        for fut in pending:
-            if not fut.cancelled():
-                fut.exception()  # waits
+        self._tasks.cancel()
 
     # -- end -----------------------------------------------------------------
 
     def finish(self) -> DiskStats:
         """Wait for uploads, check completeness, upload the index. Returns the disk's stats."""
         self._check()
-        self._drain()
-        if self._error is not None:
-            raise self._error
+        self._tasks.wait()
         missing = [i for i, e in enumerate(self._entries) if e is None]
         if missing:
             raise WriterError(

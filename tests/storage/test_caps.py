@@ -14,6 +14,7 @@ import pytest
 
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import read_back, write_full
+from vmvault.storage.disk_reader import load_disk_index
 from vmvault.storage.errors import CorruptObjectError, RepositoryLockedError
 from vmvault.storage.format import CONFIG_KEY, KEY_KEY, chunk_key
 from vmvault.storage.gc import collect_garbage
@@ -121,7 +122,7 @@ def test_an_index_bomb_is_refused(file_target: Target, declare: bool) -> None:
     repo.backend.put(key, b"\x01" + rle_frame(GiB, declare=declare))
     peak = PeakRss()
     with pytest.raises(CorruptObjectError, match=key):
-        repo.load_index(m, "vda")
+        load_disk_index(repo, m, "vda")
     assert peak.growth() < RSS_SLACK
 
 

@@ -227,8 +227,8 @@ def test_memory_is_bounded_by_in_flight_limit(file_target: Target) -> None:
     d = w.open_disk("vda", 24 * CHUNK, "raw")
     for i in range(24):
         d.put_chunk(i * CHUNK, os.urandom(CHUNK))
-        assert d._slots._value >= 0
-        assert len(d._futures) <= 4
+        assert d._tasks._slots._value >= 0
+        assert len(d._tasks._futures) <= 4
     d.finish()
     w.commit()
     assert 1 <= state["peak"] <= 2
