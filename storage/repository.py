@@ -25,7 +25,13 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from vmvault.storage.backends import Backend, RetryPolicy, open_backend
-from vmvault.storage.crypto import SCRYPT_N, Codec, new_key_object, unwrap_key_object
+from vmvault.storage.crypto import (
+    SCRYPT_N,
+    Codec,
+    UnwrappedKey,
+    new_key_object,
+    unwrap_key_object,
+)
 from vmvault.storage.errors import (
     BackupNotFoundError,
     ConfigMismatchError,
@@ -479,10 +485,12 @@ def open_repository(
     return Repository(backend, config, codec, concurrency, ttl, master, config_bytes)
 
 
-def _open_objects(
+def read_config_and_key(
     backend: Backend, url: str, passphrase: bytes | None
-) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
-    """Read ``config`` (and ``key``): the config, its bytes, the codec, the master key."""
+) -> tuple[RepoConfig, bytes, UnwrappedKey | None]:
+    """``config`` parsed and as stored, and the unwrapped key object (None: unencrypted),
+    with every refusal of section 5: a passphrase for a plain repository, a plain config
+    beside a key object (edited), a key that does not bind this config."""
     try:
         raw = backend.get(CONFIG_KEY, max_size=MAX_CONFIG_BYTES)
     except ObjectNotFoundError:
@@ -505,7 +513,7 @@ def _open_objects(
                 f"{url}: the config object says the repository is not encrypted, but it has "
                 "a 'key' object: the config was altered; refusing to use it"
             )
-        return config, raw, Codec(None), None
+        return config, raw, None
     if not passphrase:
         raise PassphraseError(f"{url} is encrypted: set repository.passphrase_file in the config")
     try:
@@ -513,9 +521,18 @@ def _open_objects(
     except ObjectNotFoundError:
         raise CorruptObjectError(f"{url} is encrypted but its 'key' object is missing") from None
     try:
-        unwrapped = unwrap_key_object(key_data, passphrase, config.id, raw)
+        return config, raw, unwrap_key_object(key_data, passphrase, config.id, raw)
     except ConfigMismatchError as err:
         raise ConfigMismatchError(f"{url}: {err}") from err
+
+
+def _open_objects(
+    backend: Backend, url: str, passphrase: bytes | None
+) -> tuple[RepoConfig, bytes, Codec, bytes | None]:
+    """Read ``config`` (and ``key``): the config, its bytes, the codec, the master key."""
+    config, raw, unwrapped = read_config_and_key(backend, url, passphrase)
+    if unwrapped is None:
+        return config, raw, Codec(None), None
     if not unwrapped.config_bound:
         log.warning(
             "%s: the key object predates config authentication, so an edit of the config "

@@ -35,27 +35,22 @@ from vmvault.storage.crypto import (
     config_digest,
     new_key_object,
     new_multi_config_key_object,
-    unwrap_key_object,
 )
 from vmvault.storage.errors import (
-    ConfigMismatchError,
     CorruptObjectError,
-    ObjectNotFoundError,
-    PassphraseError,
     RepositoryLockedError,
 )
 from vmvault.storage.format import (
     CONFIG_KEY,
     KEY_KEY,
     MAX_CONFIG_BYTES,
-    MAX_KEY_BYTES,
     SUB_BLOCK_SIZE,
     RepoConfig,
     parse_json,
 )
 from vmvault.storage.locks import Lease
 from vmvault.storage.progress import Progress
-from vmvault.storage.repository import Repository
+from vmvault.storage.repository import Repository, read_config_and_key
 
 log = logging.getLogger(__name__)
 
@@ -168,29 +163,7 @@ def _read_state(
 ) -> tuple[bytes, RepoConfig, UnwrappedKey | None]:
     """``config`` as stored, parsed, and the unwrapped key: read again under the lock,
     with the same refusals as ``open_repository`` (section 5)."""
-    raw = backend.get(CONFIG_KEY, max_size=MAX_CONFIG_BYTES)
-    config = RepoConfig.from_bytes(raw, url)
-    if not config.encrypted:
-        if passphrase:
-            raise ConfigMismatchError(
-                f"{url} is not encrypted, but a passphrase was given: refusing to upgrade it"
-            )
-        if backend.exists(KEY_KEY):
-            raise ConfigMismatchError(
-                f"{url}: the config object says the repository is not encrypted, but it has "
-                "a 'key' object: the config was altered; refusing to upgrade it"
-            )
-        return raw, config, None
-    if not passphrase:
-        raise PassphraseError(f"{url} is encrypted: set repository.passphrase_file in the config")
-    try:
-        key_data = backend.get(KEY_KEY, max_size=MAX_KEY_BYTES)
-    except ObjectNotFoundError:
-        raise CorruptObjectError(f"{url} is encrypted but its 'key' object is missing") from None
-    try:
-        key = unwrap_key_object(key_data, passphrase, config.id, raw)
-    except ConfigMismatchError as err:
-        raise ConfigMismatchError(f"{url}: {err}") from err
+    config, raw, key = read_config_and_key(backend, url, passphrase)
     return raw, config, key
 
 
