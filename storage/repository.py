@@ -1,6 +1,6 @@
 """The backup repository: open/init, the backup writer, the disk reader, manifests.
 
-Data flows one way: ``DiskWriter.put_chunk`` → thread pool (zero check, digest,
+Data flows one way: ``RegionDiskWriter`` (storage/region_writer.py) → thread pool (digests,
 zstd, AES-GCM, conditional upload) → disk index on ``finish`` → manifest on
 ``commit``, last. docs/repository-format.md specifies the objects.
 
@@ -322,15 +322,11 @@ class Repository:
         kind: Kind,
         reason: str,
         checkpoint: str | None,
-        allow_v1: bool = False,
     ) -> BackupWriter:
         """Start a backup: takes a shared lease so GC cannot run until commit/abort.
-
-        A version 1 repository takes no new backups (section 27) unless ``allow_v1``:
-        compatibility tests and tools make version 1 repositories that way.
-        """
+        A version 1 repository takes no new backups (section 27)."""
         check_name(domain, "domain")
-        if self.config.version < 2 and not allow_v1:
+        if self.config.version < 2:
             raise FormatUpgradeNeededError(
                 f"{self.url} is a format version 1 repository: run 'vmvault upgrade' to "
                 "write new backups (existing backups stay readable)"
