@@ -1,0 +1,274 @@
+"""Live restore with real parts: a backup of a running QEMU, the domain started on overlays
+backed by nbdkit's export of it, guest I/O during a rate-limited ``block-stream``.
+
+The guest has no OS: its I/O is ``qemu-io`` on the virtio device's block backend (HMP),
+which dirty bitmaps see as they see a guest's. What is checked: the guest runs before the
+copy ends; its reads during the copy return the backup's bytes; its writes land and
+survive; afterwards the image has no backing and holds backup + guest writes; the next
+backup is incremental (only the guest's write) and restores bit-exact; a server killed
+mid-stream fails reads of uncopied blocks (never other bytes), pauses the copy, and both
+work again once the live restore has restarted it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.fixtures.qemu import MiB, QemuVm, VmFactory
+from tests.restore.conftest import CHUNK, short_tmp
+from vmvault.scheduler import blank_vm
+from vmvault.storage.repository import init_repository
+from vmvault.worker import qemu_img
+from vmvault.worker.backup import run_backup
+from vmvault.worker.config import FleetConfig, load_config
+from vmvault.worker.live_restore import LiveRestoreResult, run_live_restore, stop_on_error
+from vmvault.worker.qmp import QmpSession
+from vmvault.worker.restore import run_restore
+
+KiB = 1024
+SIZE = 8 * MiB
+SPEED = 1 * MiB  # bytes/s: the copy of 8 MiB lasts seconds, long enough to act during it
+
+
+@dataclass
+class Live:
+    config: FleetConfig
+    config_file: Path
+    ctl: Path
+    state: Path
+    reference: bytes  # the backup's content of vda
+    backup_id: str
+
+
+@pytest.fixture
+def live(tmp_path: Path, qemu_vm_factory: VmFactory) -> Iterator[Live]:
+    """A full backup of a VM with data at both ends of vda; the VM is then gone."""
+    vm: QemuVm = qemu_vm_factory(disk_sizes=[SIZE], name="web1")
+    state = short_tmp()
+    ctl = state / "ctl.sock"
+    url = f"file://{tmp_path}/repo"
+    init_repository(url, chunk_size=CHUNK).close()
+    config_file = tmp_path / "vmvault.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "repository": {"url": url},
+                "state_dir": str(state),
+                "domains": {
+                    "web1": {
+                        "host": "hv1",
+                        "qmp": str(vm.qmp_path),
+                        "launch": {
+                            "argv": blank_vm.launch_argv(["vda"], str(ctl), name="web1"),
+                            "image_dir": str(tmp_path / "images"),
+                        },
+                    }
+                },
+            }
+        )
+    )
+    config = load_config(config_file)
+    try:
+        vm.write("vda", 0, 2 * MiB, 0x11)
+        vm.write("vda", 6 * MiB, 1 * MiB, 0x12)
+        backup = run_backup(config, "web1")
+        assert backup.kind == "full"
+        reference = vm.capture("vda", tmp_path / "ref.raw").read_bytes()
+        vm.stop()
+        yield Live(config, config_file, ctl, state, reference, backup.backup_id)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+class Runner:
+    """``run_live_restore`` in a thread; the test acts while it streams."""
+
+    def __init__(self, live: Live, **kwargs: Any) -> None:
+        self.running = threading.Event()
+        self.result: LiveRestoreResult | None = None
+        self.error: BaseException | None = None
+        self.progress: list[tuple[str, int, int]] = []
+        self._started: LiveRestoreResult | None = None
+
+        def on_running(result: LiveRestoreResult) -> None:
+            self._started = result
+            self.running.set()
+
+        def target() -> None:
+            try:
+                self.result = run_live_restore(
+                    live.config,
+                    live.config_file,
+                    "web1",
+                    progress=lambda *p: self.progress.append(p),
+                    on_running=on_running,
+                    **kwargs,
+                )
+            except BaseException as err:
+                self.error = err
+                self.running.set()
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def wait_running(self) -> LiveRestoreResult:
+        assert self.running.wait(60), "the guest did not start"
+        assert self.error is None, self.error
+        assert self._started is not None
+        return self._started
+
+    def join(self, timeout: float = 120) -> LiveRestoreResult:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the live restore did not end"
+        assert self.error is None, self.error
+        assert self.result is not None
+        return self.result
+
+    def kill_qemu(self) -> None:
+        started = self.result or self._started
+        if started is not None:
+            with _suppress():
+                os.kill(started.qemu_pid, signal.SIGKILL)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return isinstance(exc[1], ProcessLookupError)
+
+
+def guest_io(session: QmpSession, log: Path, command: str) -> str:
+    """``qemu-io`` on vda's backend; its report (QEMU prints it to its log)."""
+    before = log.stat().st_size
+    out = session.hmp(f'qemu-io -d {blank_vm.qdev("vda")} "{command}"')
+    with log.open("rb") as f:
+        f.seek(before)
+        out += f.read().decode(errors="replace")
+    return out
+
+
+def ok(out: str) -> None:
+    assert "error" not in out.lower() and "fail" not in out.lower(), out
+
+
+def stream_jobs(session: QmpSession) -> list[dict[str, Any]]:
+    return [j for j in session.block_jobs() if j["type"] == "stream"]
+
+
+def test_stop_on_error_adds_to_disk_devices_only() -> None:
+    argv = ["qemu", "-device", "virtio-blk-pci,drive=fmt-vda,id=vda", "-device", "virtio-rng",
+            "-drive", "file=a.qcow2,if=virtio", "-device", "scsi-hd,drive=d2,rerror=report"]  # fmt: skip
+    assert stop_on_error(argv) == [
+        "qemu", "-device", "virtio-blk-pci,drive=fmt-vda,id=vda,werror=stop,rerror=stop",
+        "-device", "virtio-rng", "-drive", "file=a.qcow2,if=virtio,werror=stop,rerror=stop",
+        "-device", "scsi-hd,drive=d2,rerror=report",
+    ]  # fmt: skip
+
+
+def test_live_restore_guest_runs_during_stream_then_incremental(
+    live: Live, tmp_path: Path
+) -> None:
+    runner = Runner(live, speed=SPEED)
+    try:
+        started = runner.wait_running()
+        image = started.disks[0].path
+        session = QmpSession("web1", live.ctl)
+        session.connect()
+        try:
+            # The guest runs and the copy is far from done.
+            assert session.query_status() == "running"
+            jobs = stream_jobs(session)
+            assert len(jobs) == 1 and jobs[0]["offset"] < jobs[0]["len"] // 2, jobs
+            assert session.execute("qom-get", {"path": "/machine/peripheral/vda",
+                                               "property": "rerror"}) == "stop"  # fmt: skip
+            # Reads of blocks not copied yet come from the backup.
+            ok(guest_io(session, started.qemu_log, f"read -P 0x12 {6 * MiB} {1 * MiB}"))
+            ok(guest_io(session, started.qemu_log, f"read -P 0x11 {1 * MiB} {1 * MiB}"))
+            # A guest write during the copy: the copy must not overwrite it.
+            ok(guest_io(session, started.qemu_log, f"write -P 0x77 {6 * MiB + 64 * KiB} 65536"))
+            ok(guest_io(session, started.qemu_log, "flush"))
+            assert stream_jobs(session), "the copy ended before the guest's I/O"
+        finally:
+            session.close()
+        result = runner.join()
+        assert result.backup_id == live.backup_id
+        assert result.disks[0].streamed == SIZE
+        assert runner.progress[-1] == ("stream vda", SIZE, SIZE)
+        # Rate-limited: 8 MiB at 1 MiB/s cannot take much less than 8 s (first slice free).
+        assert result.duration_s - result.guest_started_s > 4, result
+        info = json.loads(qemu_img.run(["info", "-U", "--backing-chain", "--output=json",
+                                        str(image)], "info"))  # fmt: skip
+        assert len(info) == 1 and "backing-filename" not in info[0], info
+        assert not result.socket.exists()  # server stopped
+        expected = bytearray(live.reference)
+        expected[6 * MiB + 64 * KiB : 6 * MiB + 128 * KiB] = b"\x77" * (64 * KiB)
+        qemu_img.to_raw(image, tmp_path / "now.raw", "qcow2")
+        assert (tmp_path / "now.raw").read_bytes() == bytes(expected)
+
+        after = run_backup(live.config, "web1")
+        assert after.kind == "incremental" and after.parent == live.backup_id, after.reason
+        # Only the guest's write was read: the copy did not dirty the checkpoint bitmap.
+        assert [d.bytes_read for d in after.disks] == [64 * KiB]
+        restored = run_restore(live.config, "web1", backup_id=after.backup_id,
+                               to_dir=tmp_path / "r")  # fmt: skip
+        qemu_img.to_raw(restored.disks[0].path, tmp_path / "r.raw", "qcow2")
+        assert (tmp_path / "r.raw").read_bytes() == bytes(expected)
+    finally:
+        runner.kill_qemu()
+
+
+def test_live_restore_server_killed_mid_stream_pauses_then_resumes(live: Live) -> None:
+    runner = Runner(live, speed=SPEED, restart_delay=3.0)
+    try:
+        started = runner.wait_running()
+        session = QmpSession("web1", live.ctl)
+        session.connect()
+        try:
+            nbdkit = _nbdkit_pid(started.socket)
+            os.kill(nbdkit, signal.SIGKILL)
+            # A read of a block not copied yet fails; it never returns other bytes.
+            out = guest_io(session, started.qemu_log, f"read -P 0x12 {7 * MiB - 64 * KiB} 65536")
+            assert "Input/output error" in out or "read failed" in out, out
+            # The copy pauses on the error (on-error: stop) instead of failing.
+            deadline = time.monotonic() + 5
+            while not any(j.get("io-status") == "failed" for j in stream_jobs(session)):
+                assert time.monotonic() < deadline, stream_jobs(session)
+                time.sleep(0.1)
+            # The live restore restarts the server; the copy resumes, reads work again.
+            deadline = time.monotonic() + 20
+            while _nbdkit_pid(started.socket) in (0, nbdkit):
+                assert time.monotonic() < deadline, "nbdkit was not restarted"
+                time.sleep(0.2)
+            ok(guest_io(session, started.qemu_log, f"read -P 0x12 {7 * MiB - 64 * KiB} 65536"))
+            assert session.query_status() == "running"
+        finally:
+            session.close()
+        result = runner.join()
+        assert result.server_restarts == 1
+        info = json.loads(qemu_img.run(["info", "-U", "--backing-chain", "--output=json",
+                                        str(result.disks[0].path)], "info"))  # fmt: skip
+        assert len(info) == 1 and "backing-filename" not in info[0], info
+    finally:
+        runner.kill_qemu()
+
+
+def _nbdkit_pid(socket: Path) -> int:
+    """The pid of the nbdkit listening on ``socket`` (0 when none)."""
+    out = subprocess.run(["pgrep", "-f", f"nbdkit.*--unix {socket}"], capture_output=True,
+                         text=True).stdout.split()  # fmt: skip
+    return int(out[0]) if out else 0
