@@ -92,7 +92,8 @@ from vmvault.worker.signals import critical
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 0.5
+# Also how long a dead server may go unnoticed: keep it short (see _stream).
+POLL_INTERVAL = 0.1
 # A server that died is started again after this pause (a crash loop must not spin).
 RESTART_DELAY = 1.0
 _MAX_SOCKET_PATH = 107
@@ -362,15 +363,7 @@ def _start(
                 session.bitmap_add(
                     node, result.checkpoint, persistent=True, granularity=_BITMAP_GRANULARITY
                 )
-            args: dict[str, object] = {
-                "job-id": qemu_id("ls", disk.name),
-                "device": node,
-                "on-error": "stop",
-                "auto-dismiss": False,
-            }
-            if result.speed:
-                args["speed"] = result.speed
-            session.execute("block-stream", args)
+            _start_stream(session, disk.name, node, result.speed)
         # From here on the guest's writes live in these images: nothing may remove them.
         journal.processes = []
         journal.set_phase(COMMITTED)
@@ -417,6 +410,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _start_stream(session: QmpSession, disk: str, node: str, speed: int) -> None:
+    """``block-stream`` of one disk's whole backing chain into its overlay."""
+    args: dict[str, object] = {
+        "job-id": qemu_id("ls", disk),
+        "device": node,
+        "on-error": "stop",
+        # Kept once concluded: its error (or none) is read before it goes (job-dismiss).
+        "auto-dismiss": False,
+    }
+    if speed:
+        args["speed"] = speed
+    session.execute("block-stream", args)
+
+
 def _stream(
     session: QmpSession,
     result: LiveRestoreResult,
@@ -424,51 +431,57 @@ def _stream(
     progress: Progress | None,
     restart_delay: float,
 ) -> None:
-    """Until every stream job has concluded: progress, and recovery from a dead server."""
+    """Until every stream job has concluded: progress, and recovery from a dead server.
+
+    QEMU 7.2's copy-on-read filter (which block-stream puts above the disk) turns a failed
+    allocation query of the backing into a read that *succeeds without data*
+    (block/copy-on-read.c: ``n == 0`` → ``break`` → ``return 0``): with the server gone,
+    guest reads of blocks not copied yet would return garbage and the job would skip
+    blocks. So a dead server is answered at once: the guest is stopped (QMP ``stop``) and
+    the stream jobs cancelled (the overlays keep their backing; what was skipped stays
+    unallocated). Once the server is back, new stream jobs copy whatever is still
+    unallocated, and the guest continues.
+    """
     jobs = {qemu_id("ls", d.name): d for d in result.disks}
     total = max(1, sum(d.virtual_size for d in result.disks))
     pending = set(jobs)
     died_at: float | None = None
     while pending:
-        if not server.alive():
-            now = time.monotonic()
-            if died_at is None:
-                died_at = now
-                log.warning(
-                    "live restore of %s: the backup's server (nbdkit) exited; guest reads of"
-                    " blocks not copied yet pause the guest until it is back",
+        if died_at is None and not server.alive():
+            died_at = time.monotonic()
+            session.execute("stop")
+            log.warning(
+                "live restore of %s: the backup's server (nbdkit) exited: guest stopped,"
+                " copy cancelled until it is back",
+                result.domain,
+            )
+            for job_id in pending:
+                _cancel(session, job_id)
+        if died_at is not None and time.monotonic() - died_at >= restart_delay:
+            try:
+                server.restart()
+            except ServeError as err:
+                log.warning("live restore: restarting the server failed: %s", err)
+                died_at = time.monotonic()
+            else:
+                result.server_restarts = server.restarts
+                # QEMU's NBD client reconnects on its own schedule (a backoff of up to
+                # 16 s): until it has, copy-on-read would hand out garbage again.
+                _wait_reconnected(session, result, deadline=time.monotonic() + 60)
+                died_at = None
+                for job_id in pending:
+                    disk = jobs[job_id]
+                    node = _format_node(session, result.domain, disk.name, disk.path)
+                    _start_stream(session, disk.name, node, result.speed)
+                session.execute("cont")
+                log.info(
+                    "live restore of %s: server back (nbdkit pid %d), guest continues",
                     result.domain,
+                    server.pid,
                 )
-            if now - died_at >= restart_delay:
-                try:
-                    server.restart()
-                except ServeError as err:
-                    log.warning("live restore: restarting the server failed: %s", err)
-                    died_at = now
-                else:
-                    died_at = None
-                    result.server_restarts = server.restarts
-                    log.info("live restore of %s: server back (nbdkit pid %d)", result.domain, server.pid)
-        if server.alive():
+        if died_at is None:
             _recover(session, result.domain)
-        states = {j["device"]: j for j in session.block_jobs()}
-        base = 0
-        for job_id, disk in jobs.items():
-            job = states.get(job_id)
-            if job_id in pending and job is not None:
-                disk.streamed = int(job.get("offset", 0))
-                if job.get("status") == "concluded":
-                    _conclude(session, result.domain, disk, job)
-                    disk.streamed = disk.virtual_size
-                    pending.discard(job_id)
-            elif job_id in pending:
-                raise RestoreError(
-                    f"live restore of {result.domain!r}: the stream job of disk {disk.name}"
-                    " vanished (cancelled by someone?): the image still needs the backup"
-                )
-            if progress is not None:
-                progress(f"stream {disk.name}", base + disk.streamed, total)
-            base += disk.virtual_size
+            pending -= _poll_jobs(session, result, jobs, pending, progress, total)
         if pending:
             time.sleep(POLL_INTERVAL)
     for disk in result.disks:
@@ -479,6 +492,72 @@ def _stream(
                 f"live restore of {result.domain!r}: disk {disk.name} still has backing"
                 f" {backing} after its stream job ended"
             )
+
+
+def _wait_reconnected(session: QmpSession, result: LiveRestoreResult, deadline: float) -> None:
+    """Until a read of every NBD backing node succeeds (HMP ``qemu-io`` on the node; it
+    reports to QEMU's stdout, the log). Each failed read also prompts a reconnect."""
+    nodes = [n.node_name for n in session.named_block_nodes() if n.driver == "nbd"]
+    for node in nodes:
+        while True:
+            before = result.qemu_log.stat().st_size
+            session.hmp(f'qemu-io {node} "read 0 512"')
+            with result.qemu_log.open("rb") as f:
+                f.seek(before)
+                said = f.read().decode(errors="replace")
+            if "read 512/512 bytes" in said:
+                break
+            if time.monotonic() > deadline:
+                raise RestoreError(
+                    f"live restore of {result.domain!r}: QEMU did not reconnect to the"
+                    f" restarted server ({node}): {said.strip()}; the guest stays stopped"
+                )
+            time.sleep(0.5)
+
+
+def _poll_jobs(
+    session: QmpSession,
+    result: LiveRestoreResult,
+    jobs: dict[str, LiveDisk],
+    pending: set[str],
+    progress: Progress | None,
+    total: int,
+) -> set[str]:
+    """Progress of every disk; the jobs that have just ended (successfully)."""
+    states = {j["device"]: j for j in session.block_jobs()}
+    ended: set[str] = set()
+    base = 0
+    for job_id, disk in jobs.items():
+        job = states.get(job_id)
+        if job_id in pending and job is None:
+            raise RestoreError(
+                f"live restore of {result.domain!r}: the stream job of disk {disk.name}"
+                " vanished (cancelled by someone?): the image still needs the backup"
+            )
+        if job_id in pending and job is not None:
+            disk.streamed = int(job.get("offset", 0))
+            if job.get("status") == "concluded":
+                _conclude(session, result.domain, disk, job)
+                disk.streamed = disk.virtual_size
+                ended.add(job_id)
+        if progress is not None:
+            progress(f"stream {disk.name}", base + disk.streamed, total)
+        base += disk.virtual_size
+    return ended
+
+
+def _cancel(session: QmpSession, job_id: str) -> None:
+    """Cancel a stream job and dismiss it once concluded (the overlay keeps its backing)."""
+    session.execute("block-job-cancel", {"device": job_id, "force": True})
+    deadline = time.monotonic() + 10
+    while True:
+        states = {j["id"]: j["status"] for j in session.execute("query-jobs")}
+        if states.get(job_id) == "concluded":
+            session.execute("job-dismiss", {"id": job_id})
+            return
+        if job_id not in states or time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
 
 
 def _recover(session: QmpSession, domain: str) -> None:
@@ -493,7 +572,7 @@ def _recover(session: QmpSession, domain: str) -> None:
             log.info("live restore of %s: the guest paused on an I/O error: resuming it", domain)
             session.execute("cont")
     except QmpError as err:
-        log.warning("live restore of %s: resuming after a server restart: %s", domain, err)
+        log.warning("live restore of %s: resuming after an I/O error: %s", domain, err)
 
 
 def _conclude(session: QmpSession, domain: str, disk: LiveDisk, job: dict[str, Any]) -> None:
