@@ -1,32 +1,39 @@
-"""Live restore (``vmvault restore DOMAIN --live``): the guest runs at once, its disks fill in behind it.
+"""Live restore (``vmvault restore DOMAIN --live``): the guest runs at once, its disks fill in.
 
-    nbdkit (worker/serve.py) ──NBD, read-only──▶ backing of <disk>.qcow2 (fresh overlay)
-         ▲ shared lease                              │  QEMU from launch.argv, werror/rerror=stop
-         │                                            │  block-stream {speed, on-error: stop}
-    repository                                        ▼
-                                           <disk>.qcow2: backup + guest writes, no backing
+    nbdkit (worker/serve.py) ──NBD, read-only──▶ backing of <disk>.qcow2.live (overlay)
+         ▲ shared lease                              │ QEMU from launch.argv, werror/rerror=stop
+    repository                                       │ blockdev-mirror {sync: full, speed,
+                                                      │   copy-mode: write-blocking}
+                                                      ▼
+                                <disk>.qcow2.partial ─(complete, rename)─▶ <disk>.qcow2
 
 Steps: choose the backup, take the repository's shared lease, start nbdkit on a unix
-socket of the domain's own (``<state_dir>/run/vmvl-<domain>/nbd``), create each overlay
-under ``<disk>.qcow2.partial`` with the export as its backing (``json:{nbd}``), rename it
-to its final name (``--force`` sets an old image aside, as restore does), start the
-domain's QEMU paused (``-S``) from its launch description with ``werror=stop,rerror=stop``
-added to its drives, add the checkpoint bitmap (before any guest write: the next backup
-is the backup's incremental), start ``block-stream`` per disk, ``cont``. Then wait: each
-stream job copies the blocks the guest has not written yet and, when done, drops the
-backing from the image (QEMU rewrites the qcow2 header). Once every image stands alone
-the server stops and the lease goes.
+socket of the domain's own (``<state_dir>/run/vmvl-<domain>/nbd``), create per disk an
+overlay ``<disk>.qcow2.live`` whose backing is the export and an empty standalone
+``<disk>.qcow2.partial``, start the domain's QEMU paused (``-S``) from its launch
+description on the overlays with ``werror=stop,rerror=stop`` added to its drives, add the
+checkpoint bitmap to each overlay (before any guest write: it records exactly what the
+guest changes), start a mirror of each overlay into its ``.partial`` and ``cont``. The
+mirror copies backup + guest writes; guest writes made meanwhile reach both images
+(``write-blocking``). When every mirror is in sync: ``stop``, ``block-job-complete`` (the
+guest's disks switch to the ``.partial`` images), the checkpoint bitmaps merged onto
+them, ``cont`` — a pause of a few milliseconds. Then the overlays are closed and deleted,
+each ``.partial`` renamed to ``<disk>.qcow2``, the server stopped and the lease released.
 
-Guest I/O on a block not yet copied is read from the export. If nbdkit dies, such a read
-fails; ``rerror=stop`` pauses the guest instead of handing it an error, and the stream
-job (``on-error: stop``) pauses too. This process restarts nbdkit on the same socket
-(QEMU's NBD client reconnects on its next request), resumes the paused jobs and ``cont``s
-a guest paused on an I/O error.
+Why a mirror and not ``block-stream``: stream puts a copy-on-read filter above the disk,
+and QEMU 7.2's filter turns a failed allocation query of the backing into a read that
+*succeeds without data* (block/copy-on-read.c, ``n == 0`` → ``break`` → ``return 0``):
+with the server gone, guest reads of blocks not copied yet would return garbage and the
+copy would write zeros (seen in tests). Through a mirror the reads fail with ``EIO``.
 
-Abandoned (this process killed or interrupted), the guest keeps running: its writes are
-in the overlays, which still need the backup as backing, at the socket path in their
-header. ``vmvault serve DOMAIN --backup ID --socket PATH`` brings that back; docs/restore.md
-says how to finish or discard.
+If nbdkit dies, a guest read of a block not copied yet fails and ``rerror=stop`` pauses
+the guest (it never sees the error); the mirror (``on-source-error: stop``) pauses too.
+This process restarts nbdkit on the same socket, waits until QEMU's NBD client has
+reconnected (it retries with a backoff), resumes the mirrors and ``cont``s the guest.
+
+Abandoned (this process killed or interrupted) after the guest started, the guest keeps
+running: its writes are in the overlays, which need the backup as backing at the socket
+path in their header. docs/restore.md says how to serve it again, finish or discard.
 """
 
 from __future__ import annotations
@@ -57,17 +64,17 @@ from vmvault.worker.locks import domain_lock
 from vmvault.worker.qmp import QmpError, QmpSession
 from vmvault.worker.restore import (
     _BITMAP_GRANULARITY,
+    RestoreTargetExistsError,
     _check_targets,
     _fail,
     _format_node,
     _make_target_dir,
-    aside_path,
     check_target_dir,
+    create_image,
     partial_path,
 )
 from vmvault.worker.restore_cleanup import (
     COMMITTED,
-    COMMITTING,
     RestoreJournal,
     make_private_dir,
     remove_leftovers_locked,
@@ -85,7 +92,6 @@ from vmvault.worker.serve import (
     check_socket,
     release,
     start_nbdkit,
-    stop_nbdkit,
     take_lease,
 )
 from vmvault.worker.signals import critical
@@ -98,6 +104,8 @@ POLL_INTERVAL = 0.1
 RESTART_DELAY = 1.0
 _MAX_SOCKET_PATH = 107
 _ERROR_OPTIONS = "werror=stop,rerror=stop"
+OVERLAY_SUFFIX = ".live"
+_BUF_SIZE = 1024 * 1024
 
 
 @dataclass
@@ -176,9 +184,9 @@ def stop_on_error(argv: list[str]) -> list[str]:
     out: list[str] = []
     previous = ""
     for arg in argv:
-        if previous in ("-device", "-drive") and (previous == "-drive" or "drive=" in arg):
-            if "werror=" not in arg and "rerror=" not in arg:
-                arg = f"{arg},{_ERROR_OPTIONS}"
+        disk = previous == "-drive" or (previous == "-device" and "drive=" in arg)
+        if disk and "werror=" not in arg and "rerror=" not in arg:
+            arg = f"{arg},{_ERROR_OPTIONS}"
         out.append(arg)
         previous = arg
     return out
@@ -205,7 +213,7 @@ def run_live_restore(
     on_running: Callable[[LiveRestoreResult], None] | None = None,
     restart_delay: float = RESTART_DELAY,
 ) -> LiveRestoreResult:
-    """Start ``domain`` on overlays of a backup, stream the backup in, return when done.
+    """Start ``domain`` on overlays of a backup, copy the backup in, return when done.
 
     ``speed``: bytes per second per disk for the copy (0: unlimited). ``on_running`` is
     called once the guest runs (the copy has just begun). Images go to ``to_dir``, default
@@ -230,8 +238,7 @@ def run_live_restore(
         checkpoint = restore_checkpoint_name(manifest)
         if checkpoint is None:
             log.warning(
-                "backup %s of %s records no checkpoint: the next backup after this restore"
-                " is full",
+                "backup %s of %s records no checkpoint: the next backup after this restore is full",
                 manifest.backup_id,
                 domain,
             )
@@ -240,6 +247,7 @@ def run_live_restore(
         ensure_qmp_free(domain, domain_cfg.qmp)
         check_target_dir(target_dir)
         _check_targets(list(paths.values()), force)
+        _check_overlays(list(paths.values()))
         socket = live_socket(config.state_dir, domain)
         make_private_dir(socket.parent.parent) if socket.parent.parent != Path("/tmp") else None
         make_private_dir(socket.parent)
@@ -268,9 +276,11 @@ def run_live_restore(
         try:
             if on_running is not None:
                 on_running(result)
-            _stream(session, result, server, progress, restart_delay)
+            _copy(session, result, server, progress, restart_delay)
+            _switch(session, result)
         finally:
             session.close()
+        _settle(result)
         log.info("live restore of %s: every disk copied, the backup is no longer needed", domain)
     # The server is stopped and the lease released (the stack above): the images stand alone.
     with contextlib.suppress(OSError):
@@ -320,51 +330,95 @@ class _Server:
             self._proc = None
 
 
+def overlay_path(final: Path) -> Path:
+    """Where the guest runs during a live restore (backing: the backup's export)."""
+    return final.with_name(final.name + OVERLAY_SUFFIX)
+
+
+def _check_overlays(paths: list[Path]) -> None:
+    for path in paths:
+        overlay = overlay_path(path)
+        if overlay.exists():
+            # Never replaced, not even with --force: it may hold an abandoned guest's writes.
+            raise RestoreTargetExistsError(
+                f"{overlay} exists: a live restore of this domain was abandoned and its guest"
+                " writes are in it; finish or discard it first (docs/restore.md, Live restore)"
+            )
+
+
+def _job_id(disk: str) -> str:
+    return qemu_id("lr", disk)
+
+
+def _target_node(disk: str) -> str:
+    """The node of the restored image: the guest's disk from the switch on, so not named
+    ``vmv-…`` (the backup's cleanup removes such nodes as its own leftovers)."""
+    return qemu_id("lt", disk).replace("vmv-lt-", "restored-", 1)
+
+
 def _start(
     config: FleetConfig, domain_cfg: DomainConfig, result: LiveRestoreResult, listen: Listen
 ) -> tuple[QemuProcess, QmpSession]:
-    """Overlays under temporary names, renamed, QEMU paused on them, bitmaps, streams, cont.
+    """Overlays and empty targets, QEMU paused on the overlays, bitmaps, mirrors, cont.
 
-    Until the guest runs, a failure undoes everything (old images come back under their
-    names, from the journal, as for a restore); once it runs, the images are the domain's.
+    Until the guest runs, a failure removes all of it (the journal names the targets; the
+    overlays are removed here); once it runs, the overlays hold the guest's writes.
     """
     assert domain_cfg.launch is not None and listen.socket is not None
     domain = result.domain
     journal = RestoreJournal(config.state_dir, domain, "live")
     qemu: QemuProcess | None = None
     session: QmpSession | None = None
+    overlays = {d.name: overlay_path(d.path) for d in result.disks}
     try:
         for disk in result.disks:
             partial = partial_path(disk.path)
             journal.add_disk(disk.name, disk.path, partial)
-            _create_overlay(partial, disk.virtual_size, backing_spec(listen, disk.name))
-        for jdisk in journal.disks:
-            if Path(jdisk.final).exists():
-                jdisk.aside = str(aside_path(Path(jdisk.final)))
-        # COMMITTING until the guest runs: a failure (or our death) before that puts old
-        # images back and removes the overlays (worker/restore_cleanup.py undo).
-        journal.set_phase(COMMITTING)
-        for jdisk in journal.disks:
-            if jdisk.aside is not None:
-                os.replace(jdisk.final, jdisk.aside)
-            os.replace(jdisk.partial, jdisk.final)
-        for directory in {d.path.parent for d in result.disks}:
-            _fsync_dir(directory)
-        paths = {d.name: d.path for d in result.disks}
-        argv = render_argv(domain, domain_cfg.launch, domain_cfg.qmp, paths, incoming=False)
+            create_image(partial, disk.virtual_size)
+            _create_overlay(overlays[disk.name], disk.virtual_size, backing_spec(listen, disk.name))
+        argv = render_argv(domain, domain_cfg.launch, domain_cfg.qmp, overlays, incoming=False)
         argv = [*stop_on_error(argv), "-S"]
         record: Callable[[int], None] = lambda pid: journal.add_process("qemu", pid)  # noqa: E731
         qemu = start_qemu(domain, argv, domain_cfg.qmp, result.qemu_log, on_start=record)
         session = connect_qmp(qemu)
         for disk in result.disks:
-            node = _format_node(session, domain, disk.name, disk.path)
+            node = _format_node(session, domain, disk.name, overlays[disk.name])
             if result.checkpoint is not None:
                 # Before any guest write: the bitmap holds exactly what the guest changes.
                 session.bitmap_add(
                     node, result.checkpoint, persistent=True, granularity=_BITMAP_GRANULARITY
                 )
-            _start_stream(session, disk.name, node, result.speed)
-        # From here on the guest's writes live in these images: nothing may remove them.
+            target = _target_node(disk.name)
+            session.blockdev_add(
+                {
+                    "driver": "qcow2",
+                    "node-name": target,
+                    "discard": "unmap",
+                    "file": {
+                        "driver": "file",
+                        "filename": str(partial_path(disk.path)),
+                        "discard": "unmap",
+                    },
+                }
+            )
+            args: dict[str, object] = {
+                "job-id": _job_id(disk.name),
+                "device": node,
+                "target": target,
+                "sync": "full",
+                # Guest writes reach the target before they complete: in sync once ready.
+                "copy-mode": "write-blocking",
+                "on-source-error": "stop",
+                "on-target-error": "stop",
+                # Kept once concluded: its error (or none) is read before it goes.
+                "auto-dismiss": False,
+            }
+            if result.speed:
+                args["speed"] = result.speed
+                # One mirror iteration copies up to buf-size before the rate limit waits.
+                args["buf-size"] = _BUF_SIZE
+            session.execute("blockdev-mirror", args)
+        # From here on the guest's writes live in the overlays: nothing may remove them.
         journal.processes = []
         journal.set_phase(COMMITTED)
         session.execute("cont")
@@ -375,13 +429,9 @@ def _start(
         if qemu is not None:
             qemu.kill()
         _fail(journal)
+        for overlay in overlays.values():
+            overlay.unlink(missing_ok=True)
         raise
-    for jdisk in journal.disks:
-        if jdisk.aside is not None:
-            try:
-                os.unlink(jdisk.aside)
-            except OSError as err:
-                log.warning("live restore: cannot remove the replaced image %s: %s", jdisk.aside, err)
     journal.remove()
     result.qemu_pid = qemu.pid
     log.info("live restore of %s: guest running, qemu pid %d", domain, qemu.pid)
@@ -402,61 +452,25 @@ def _create_overlay(path: Path, size: int, backing: str) -> None:
         raise RestoreError(str(err)) from err
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _start_stream(session: QmpSession, disk: str, node: str, speed: int) -> None:
-    """``block-stream`` of one disk's whole backing chain into its overlay."""
-    args: dict[str, object] = {
-        "job-id": qemu_id("ls", disk),
-        "device": node,
-        "on-error": "stop",
-        # Kept once concluded: its error (or none) is read before it goes (job-dismiss).
-        "auto-dismiss": False,
-    }
-    if speed:
-        args["speed"] = speed
-    session.execute("block-stream", args)
-
-
-def _stream(
+def _copy(
     session: QmpSession,
     result: LiveRestoreResult,
     server: _Server,
     progress: Progress | None,
     restart_delay: float,
 ) -> None:
-    """Until every stream job has concluded: progress, and recovery from a dead server.
-
-    QEMU 7.2's copy-on-read filter (which block-stream puts above the disk) turns a failed
-    allocation query of the backing into a read that *succeeds without data*
-    (block/copy-on-read.c: ``n == 0`` → ``break`` → ``return 0``): with the server gone,
-    guest reads of blocks not copied yet would return garbage and the job would skip
-    blocks. So a dead server is answered at once: the guest is stopped (QMP ``stop``) and
-    the stream jobs cancelled (the overlays keep their backing; what was skipped stays
-    unallocated). Once the server is back, new stream jobs copy whatever is still
-    unallocated, and the guest continues.
-    """
-    jobs = {qemu_id("ls", d.name): d for d in result.disks}
+    """Until every mirror is in sync: progress, and recovery from a dead server."""
+    jobs = {_job_id(d.name): d for d in result.disks}
     total = max(1, sum(d.virtual_size for d in result.disks))
-    pending = set(jobs)
     died_at: float | None = None
-    while pending:
+    while True:
         if died_at is None and not server.alive():
             died_at = time.monotonic()
-            session.execute("stop")
             log.warning(
-                "live restore of %s: the backup's server (nbdkit) exited: guest stopped,"
-                " copy cancelled until it is back",
+                "live restore of %s: the backup's server (nbdkit) exited: guest reads of"
+                " blocks not copied yet pause the guest until it is back",
                 result.domain,
             )
-            for job_id in pending:
-                _cancel(session, job_id)
         if died_at is not None and time.monotonic() - died_at >= restart_delay:
             try:
                 server.restart()
@@ -465,33 +479,16 @@ def _stream(
                 died_at = time.monotonic()
             else:
                 result.server_restarts = server.restarts
-                # QEMU's NBD client reconnects on its own schedule (a backoff of up to
-                # 16 s): until it has, copy-on-read would hand out garbage again.
                 _wait_reconnected(session, result, deadline=time.monotonic() + 60)
                 died_at = None
-                for job_id in pending:
-                    disk = jobs[job_id]
-                    node = _format_node(session, result.domain, disk.name, disk.path)
-                    _start_stream(session, disk.name, node, result.speed)
-                session.execute("cont")
                 log.info(
-                    "live restore of %s: server back (nbdkit pid %d), guest continues",
-                    result.domain,
-                    server.pid,
+                    "live restore of %s: server back (nbdkit pid %d)", result.domain, server.pid
                 )
         if died_at is None:
             _recover(session, result.domain)
-            pending -= _poll_jobs(session, result, jobs, pending, progress, total)
-        if pending:
-            time.sleep(POLL_INTERVAL)
-    for disk in result.disks:
-        node = _format_node(session, result.domain, disk.name, disk.path)
-        backing = next(n.backing_file for n in session.named_block_nodes() if n.node_name == node)
-        if backing:
-            raise RestoreError(
-                f"live restore of {result.domain!r}: disk {disk.name} still has backing"
-                f" {backing} after its stream job ended"
-            )
+        if _poll_jobs(session, result, jobs, progress, total) and died_at is None:
+            return
+        time.sleep(POLL_INTERVAL)
 
 
 def _wait_reconnected(session: QmpSession, result: LiveRestoreResult, deadline: float) -> None:
@@ -510,7 +507,7 @@ def _wait_reconnected(session: QmpSession, result: LiveRestoreResult, deadline: 
             if time.monotonic() > deadline:
                 raise RestoreError(
                     f"live restore of {result.domain!r}: QEMU did not reconnect to the"
-                    f" restarted server ({node}): {said.strip()}; the guest stays stopped"
+                    f" restarted server ({node}): {said.strip()}; the guest stays paused"
                 )
             time.sleep(0.5)
 
@@ -519,53 +516,41 @@ def _poll_jobs(
     session: QmpSession,
     result: LiveRestoreResult,
     jobs: dict[str, LiveDisk],
-    pending: set[str],
     progress: Progress | None,
     total: int,
-) -> set[str]:
-    """Progress of every disk; the jobs that have just ended (successfully)."""
+) -> bool:
+    """Report every disk's progress; True when every mirror is ready (in sync)."""
     states = {j["device"]: j for j in session.block_jobs()}
-    ended: set[str] = set()
+    ready = True
     base = 0
     for job_id, disk in jobs.items():
         job = states.get(job_id)
-        if job_id in pending and job is None:
+        if job is None or job.get("status") == "concluded":
+            error = (job or {}).get("error", "it vanished (cancelled by someone?)")
             raise RestoreError(
-                f"live restore of {result.domain!r}: the stream job of disk {disk.name}"
-                " vanished (cancelled by someone?): the image still needs the backup"
+                f"live restore of {result.domain!r}: the copy of disk {disk.name} ended: "
+                f"{error}; the guest runs on its overlay, which still needs the backup"
+                " (docs/restore.md, Live restore)"
             )
-        if job_id in pending and job is not None:
-            disk.streamed = int(job.get("offset", 0))
-            if job.get("status") == "concluded":
-                _conclude(session, result.domain, disk, job)
-                disk.streamed = disk.virtual_size
-                ended.add(job_id)
+        # len grows with guest writes still to copy: report the copied share of the disk.
+        if job.get("ready"):
+            disk.streamed = disk.virtual_size
+        else:
+            ready = False
+            length = max(1, int(job.get("len", 0)))
+            disk.streamed = min(disk.virtual_size, disk.virtual_size * int(job["offset"]) // length)
         if progress is not None:
-            progress(f"stream {disk.name}", base + disk.streamed, total)
+            progress(f"copy {disk.name}", base + disk.streamed, total)
         base += disk.virtual_size
-    return ended
-
-
-def _cancel(session: QmpSession, job_id: str) -> None:
-    """Cancel a stream job and dismiss it once concluded (the overlay keeps its backing)."""
-    session.execute("block-job-cancel", {"device": job_id, "force": True})
-    deadline = time.monotonic() + 10
-    while True:
-        states = {j["id"]: j["status"] for j in session.execute("query-jobs")}
-        if states.get(job_id) == "concluded":
-            session.execute("job-dismiss", {"id": job_id})
-            return
-        if job_id not in states or time.monotonic() > deadline:
-            return
-        time.sleep(0.02)
+    return ready
 
 
 def _recover(session: QmpSession, domain: str) -> None:
-    """With the server up: resume stream jobs and a guest that paused on an I/O error."""
+    """With the server up: resume mirrors and a guest that paused on an I/O error."""
     try:
         for job in session.block_jobs():
             if job.get("paused") and job.get("io-status") == "failed":
-                log.info("live restore of %s: resuming stream job %s", domain, job["device"])
+                log.info("live restore of %s: resuming copy job %s", domain, job["device"])
                 session.execute("block-job-resume", {"device": job["device"]})
         status = session.execute("query-status")
         if status.get("status") == "io-error":
@@ -575,11 +560,90 @@ def _recover(session: QmpSession, domain: str) -> None:
         log.warning("live restore of %s: resuming after an I/O error: %s", domain, err)
 
 
-def _conclude(session: QmpSession, domain: str, disk: LiveDisk, job: dict[str, Any]) -> None:
-    session.execute("job-dismiss", {"id": job["device"]})
-    error = job.get("error")
-    if error:
-        raise RestoreError(
-            f"live restore of {domain!r}: streaming disk {disk.name} failed: {error}; the"
-            " guest runs on, its image still needs the backup (see docs/restore.md)"
-        )
+def _switch(session: QmpSession, result: LiveRestoreResult) -> None:
+    """Every mirror in sync: move the guest onto the targets, with its checkpoint bitmaps.
+
+    The guest is stopped for the switch, so no write falls between the bitmap of the
+    overlay and that of the target; it runs again a few milliseconds later.
+    """
+    domain = result.domain
+    was_running = session.query_status() == "running"
+    session.execute("stop")
+    try:
+        for disk in result.disks:
+            session.execute("block-job-complete", {"device": _job_id(disk.name)})
+        deadline = time.monotonic() + 60
+        pending = {_job_id(d.name) for d in result.disks}
+        while pending:
+            for job in session.execute("query-jobs"):
+                if job["id"] in pending and job["status"] == "concluded":
+                    session.execute("job-dismiss", {"id": job["id"]})
+                    pending.discard(job["id"])
+                    if job.get("error"):
+                        raise RestoreError(
+                            f"live restore of {domain!r}: switching to the copied image"
+                            f" failed: {job['error']}"
+                        )
+            if pending and time.monotonic() > deadline:
+                raise RestoreError(f"live restore of {domain!r}: the switch did not finish")
+            time.sleep(0.02)
+        for disk in result.disks:
+            target = _target_node(disk.name)
+            source = _format_node(session, domain, disk.name, overlay_path(disk.path))
+            if result.checkpoint is not None:
+                session.bitmap_add(
+                    target, result.checkpoint, persistent=True, granularity=_BITMAP_GRANULARITY
+                )
+                session.execute(
+                    "block-dirty-bitmap-merge",
+                    {
+                        "node": target,
+                        "target": result.checkpoint,
+                        "bitmaps": [{"node": source, "name": result.checkpoint}],
+                    },
+                )
+            # The overlay (and with it the NBD backing) is closed: the backup is not needed.
+            file_node = _file_child(session, source)
+            session.blockdev_del(source)
+            if file_node:
+                session.blockdev_del(file_node)
+    finally:
+        if was_running:
+            session.execute("cont")
+    for disk in result.disks:
+        node = _target_node(disk.name)
+        backing = next(n.backing_file for n in session.named_block_nodes() if n.node_name == node)
+        if backing:
+            raise RestoreError(
+                f"live restore of {domain!r}: disk {disk.name} has a backing ({backing})"
+                " after the switch"
+            )
+
+
+def _file_child(session: QmpSession, node: str) -> str | None:
+    """The protocol node under format node ``node``, when it was created on its own."""
+    for n in session.execute("query-named-block-nodes", {"flat": True}):
+        if n["node-name"] == node:
+            children = n.get("children", [])
+            for child in children:
+                if child.get("child") == "file":
+                    name = str(child.get("node-name", ""))
+                    return None if name.startswith("#") else name
+    return None
+
+
+def _settle(result: LiveRestoreResult) -> None:
+    """The guest runs on the targets: they take the final names, the overlays go."""
+    for disk in result.disks:
+        os.replace(partial_path(disk.path), disk.path)
+        overlay_path(disk.path).unlink(missing_ok=True)
+    for directory in {d.path.parent for d in result.disks}:
+        _fsync_dir(directory)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

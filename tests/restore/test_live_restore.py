@@ -1,13 +1,13 @@
 """Live restore with real parts: a backup of a running QEMU, the domain started on overlays
-backed by nbdkit's export of it, guest I/O during a rate-limited ``block-stream``.
+backed by nbdkit's export of it, guest I/O during the rate-limited copy (``blockdev-mirror``).
 
 The guest has no OS: its I/O is ``qemu-io`` on the virtio device's block backend (HMP),
 which dirty bitmaps see as they see a guest's. What is checked: the guest runs before the
 copy ends; its reads during the copy return the backup's bytes; its writes land and
 survive; afterwards the image has no backing and holds backup + guest writes; the next
 backup is incremental (only the guest's write) and restores bit-exact; a server killed
-mid-stream fails reads of uncopied blocks (never other bytes), pauses the copy, and both
-work again once the live restore has restarted it.
+mid-copy fails reads of uncopied blocks (never other bytes), pauses the guest
+(``io-error``) and the copy, and both run again once the live restore has restarted it.
 """
 
 from __future__ import annotations
@@ -166,13 +166,14 @@ def ok(out: str) -> None:
     assert "error" not in out.lower() and "fail" not in out.lower(), out
 
 
-def stream_jobs(session: QmpSession) -> list[dict[str, Any]]:
-    return [j for j in session.block_jobs() if j["type"] == "stream"]
+def copy_jobs(session: QmpSession) -> list[dict[str, Any]]:
+    return [j for j in session.block_jobs() if j["type"] == "mirror"]
 
 
 def test_stop_on_error_adds_to_disk_devices_only() -> None:
     argv = ["qemu", "-device", "virtio-blk-pci,drive=fmt-vda,id=vda", "-device", "virtio-rng",
-            "-drive", "file=a.qcow2,if=virtio", "-device", "scsi-hd,drive=d2,rerror=report"]  # fmt: skip
+            "-drive", "file=a.qcow2,if=virtio",
+            "-device", "scsi-hd,drive=d2,rerror=report"]  # fmt: skip
     assert stop_on_error(argv) == [
         "qemu", "-device", "virtio-blk-pci,drive=fmt-vda,id=vda,werror=stop,rerror=stop",
         "-device", "virtio-rng", "-drive", "file=a.qcow2,if=virtio,werror=stop,rerror=stop",
@@ -180,19 +181,18 @@ def test_stop_on_error_adds_to_disk_devices_only() -> None:
     ]  # fmt: skip
 
 
-def test_live_restore_guest_runs_during_stream_then_incremental(
-    live: Live, tmp_path: Path
-) -> None:
+def test_live_restore_guest_runs_during_copy_then_incremental(live: Live, tmp_path: Path) -> None:
     runner = Runner(live, speed=SPEED)
     try:
         started = runner.wait_running()
         image = started.disks[0].path
+        assert not image.exists()  # the guest runs on vda.qcow2.live until the copy is done
         session = QmpSession("web1", live.ctl)
         session.connect()
         try:
             # The guest runs and the copy is far from done.
             assert session.query_status() == "running"
-            jobs = stream_jobs(session)
+            jobs = copy_jobs(session)
             assert len(jobs) == 1 and jobs[0]["offset"] < jobs[0]["len"] // 2, jobs
             assert session.execute("qom-get", {"path": "/machine/peripheral/vda",
                                                "property": "rerror"}) == "stop"  # fmt: skip
@@ -202,19 +202,20 @@ def test_live_restore_guest_runs_during_stream_then_incremental(
             # A guest write during the copy: the copy must not overwrite it.
             ok(guest_io(session, started.qemu_log, f"write -P 0x77 {6 * MiB + 64 * KiB} 65536"))
             ok(guest_io(session, started.qemu_log, "flush"))
-            assert stream_jobs(session), "the copy ended before the guest's I/O"
+            assert copy_jobs(session), "the copy ended before the guest's I/O"
         finally:
             session.close()
         result = runner.join()
         assert result.backup_id == live.backup_id
         assert result.disks[0].streamed == SIZE
-        assert runner.progress[-1] == ("stream vda", SIZE, SIZE)
-        # Rate-limited: 8 MiB at 1 MiB/s cannot take much less than 8 s (first slice free).
-        assert result.duration_s - result.guest_started_s > 4, result
+        assert runner.progress[-1] == ("copy vda", SIZE, SIZE)
+        # Rate-limited: the 3 MiB of data (holes are not copied) at 1 MiB/s take > 2 s.
+        assert result.duration_s - result.guest_started_s > 2, result
         info = json.loads(qemu_img.run(["info", "-U", "--backing-chain", "--output=json",
                                         str(image)], "info"))  # fmt: skip
         assert len(info) == 1 and "backing-filename" not in info[0], info
         assert not result.socket.exists()  # server stopped
+        assert sorted(p.name for p in image.parent.iterdir()) == ["vda.qcow2"]
         expected = bytearray(live.reference)
         expected[6 * MiB + 64 * KiB : 6 * MiB + 128 * KiB] = b"\x77" * (64 * KiB)
         qemu_img.to_raw(image, tmp_path / "now.raw", "qcow2")
@@ -232,7 +233,7 @@ def test_live_restore_guest_runs_during_stream_then_incremental(
         runner.kill_qemu()
 
 
-def test_live_restore_server_killed_mid_stream_stops_guest_then_resumes(
+def test_live_restore_server_killed_mid_copy_fails_reads_then_resumes(
     live: Live, tmp_path: Path
 ) -> None:
     runner = Runner(live, speed=SPEED, restart_delay=3.0)
@@ -244,21 +245,35 @@ def test_live_restore_server_killed_mid_stream_stops_guest_then_resumes(
             ok(guest_io(session, started.qemu_log, f"write -P 0x66 {3 * MiB} 4096"))
             nbdkit = _nbdkit_pid(started.socket)
             os.kill(nbdkit, signal.SIGKILL)
-            # The guest is stopped and the copy cancelled while the server is away.
-            deadline = time.monotonic() + 5
-            while session.query_status() != "paused" or stream_jobs(session):
-                assert time.monotonic() < deadline, (session.query_status(), stream_jobs(session))
-                time.sleep(0.05)
-            # The live restore restarts the server; the copy starts again, the guest runs.
+            time.sleep(0.2)
+            # A read of a block not copied yet fails (on a guest device, rerror=stop turns
+            # that into a pause); it never returns other bytes.
+            out = guest_io(session, started.qemu_log, f"read -P 0x12 {7 * MiB - 64 * KiB} 65536")
+            assert "read failed: Input/output error" in out, out
+            # The copy pauses on the error (on-source-error: stop) instead of failing.
+            deadline = time.monotonic() + 10
+            while not any(j["io-status"] == "failed" for j in copy_jobs(session)):
+                assert time.monotonic() < deadline, copy_jobs(session)
+                time.sleep(0.1)
+            # The guest is paused on the I/O error (rerror=stop), not shown it.
+            assert session.query_status() == "io-error"
+            # The live restore restarts the server; QEMU reconnects, reads work again.
             deadline = time.monotonic() + 20
             while _nbdkit_pid(started.socket) in (0, nbdkit):
                 assert time.monotonic() < deadline, "nbdkit was not restarted"
                 time.sleep(0.1)
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 40
+            while "fail" in (
+                out := guest_io(
+                    session, started.qemu_log, f"read -P 0x12 {7 * MiB - 64 * KiB} 65536"
+                )
+            ):
+                assert time.monotonic() < deadline, out
+                time.sleep(0.5)
+            deadline = time.monotonic() + 10
             while session.query_status() != "running":
                 assert time.monotonic() < deadline, session.query_status()
-                time.sleep(0.05)
-            ok(guest_io(session, started.qemu_log, f"read -P 0x12 {7 * MiB - 64 * KiB} 65536"))
+                time.sleep(0.1)
         finally:
             session.close()
         result = runner.join()
@@ -266,7 +281,7 @@ def test_live_restore_server_killed_mid_stream_stops_guest_then_resumes(
         info = json.loads(qemu_img.run(["info", "-U", "--backing-chain", "--output=json",
                                         str(result.disks[0].path)], "info"))  # fmt: skip
         assert len(info) == 1 and "backing-filename" not in info[0], info
-        # Nothing the interrupted copy skipped is missing.
+        # Nothing is missing where the copy was interrupted.
         expected = bytearray(live.reference)
         expected[3 * MiB : 3 * MiB + 4096] = b"\x66" * 4096
         qemu_img.to_raw(result.disks[0].path, tmp_path / "now.raw", "qcow2")
