@@ -278,6 +278,9 @@ def run_live_restore(
                 on_running(result)
             _copy(session, result, server, progress, restart_delay)
             _switch(session, result)
+        except BaseException as err:
+            _say_abandoned(result, err)
+            raise
         finally:
             session.close()
         _settle(result)
@@ -436,6 +439,27 @@ def _start(
     result.qemu_pid = qemu.pid
     log.info("live restore of %s: guest running, qemu pid %d", domain, qemu.pid)
     return qemu, session
+
+
+def _say_abandoned(result: LiveRestoreResult, err: BaseException) -> None:
+    """The copy stops here but the guest runs on: say where its data is and what to do."""
+    overlays = ", ".join(str(overlay_path(d.path)) for d in result.disks)
+    log.error(
+        "live restore of %s abandoned (%s): QEMU pid %d keeps running on %s, which hold"
+        " the guest's writes and read the rest from backup %s at %s; that server is gone"
+        " with this process, so reads of blocks not copied yet pause the guest. Resume:"
+        " vmvault serve %s --backup %s --socket %s (then QMP cont); or discard: stop the"
+        " QEMU and delete those files and the .partial images (docs/restore.md, Live restore)",
+        result.domain,
+        err.__class__.__name__ if not str(err) else err,
+        result.qemu_pid,
+        overlays,
+        result.backup_id,
+        result.socket,
+        result.domain,
+        result.backup_id,
+        result.socket,
+    )
 
 
 def _create_overlay(path: Path, size: int, backing: str) -> None:

@@ -30,6 +30,7 @@ import yaml
 from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.restore.conftest import CHUNK, short_tmp
 from vmvault.scheduler import blank_vm
+from vmvault.scheduler.cli import main
 from vmvault.storage.repository import init_repository
 from vmvault.worker import qemu_img
 from vmvault.worker.backup import run_backup
@@ -301,3 +302,34 @@ def _nbdkit_pid(socket: Path) -> int:
     out = subprocess.run(["pgrep", "-f", f"nbdkit.*--unix {socket}"], capture_output=True,
                          text=True).stdout.split()  # fmt: skip
     return int(out[0]) if out else 0
+
+
+def test_cli_restore_live_json_and_usage_errors(
+    live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["--config", str(live.config_file)]
+    # Usage problems exit 2 before anything runs.
+    assert main(["restore", "web1", "--live", "--incoming", *base]) == 2
+    assert "--live and --incoming do not go together" in capsys.readouterr().err
+    assert main(["restore", "web1", "--to", str(tmp_path / "x"), "--speed", "4M", *base]) == 2
+    assert "--speed applies to --live restores only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["restore", "web1", "--live", "--speed", "fast", *base])
+    assert "'fast' is not a rate" in capsys.readouterr().err
+    doc: dict[str, Any] = {}
+    try:
+        assert main(["restore", "web1", "--live", "--speed", "4M", "--json", *base]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["mode"] == "live" and doc["backup_id"] == live.backup_id
+        assert doc["speed"] == 4 * MiB and doc["state"] == "running"
+        assert doc["bytes_streamed"] == SIZE and doc["server_restarts"] == 0
+        [disk] = doc["disks"]
+        qemu_img.to_raw(Path(disk["path"]), tmp_path / "cli.raw", "qcow2")
+        assert (tmp_path / "cli.raw").read_bytes() == live.reference
+        # The domain runs: a second live restore is refused, nothing touched.
+        assert main(["restore", "web1", "--live", "--force", *base]) == 1
+        assert "already listens on its QMP socket" in capsys.readouterr().err
+    finally:
+        if doc:
+            with _suppress():
+                os.kill(doc["qemu_pid"], signal.SIGKILL)
