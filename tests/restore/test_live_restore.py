@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -333,3 +334,63 @@ def test_cli_restore_live_json_and_usage_errors(
         if doc:
             with _suppress():
                 os.kill(doc["qemu_pid"], signal.SIGKILL)
+
+
+def test_live_restore_abandoned_guest_runs_on_and_resumes_with_serve(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Interrupted mid-copy: the guest keeps running on its overlay (guest writes kept);
+    ``vmvault serve`` on the socket in the overlay's header brings the backup back."""
+    started: list[LiveRestoreResult] = []
+    calls = 0
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_live_restore(
+            live.config, live.config_file, "web1", speed=SPEED, progress=interrupt,
+            on_running=started.append,
+        )  # fmt: skip
+    [result] = started
+    overlay = result.disks[0].path.with_name("vda.qcow2.live")
+    serve: subprocess.Popen[bytes] | None = None
+    try:
+        assert "abandoned" in caplog.text and str(overlay) in caplog.text
+        assert str(result.socket) in caplog.text and live.backup_id in caplog.text
+        os.kill(result.qemu_pid, 0)  # still running
+        assert not result.socket.exists() and overlay.exists()
+        info = json.loads(qemu_img.run(["info", "-U", "--output=json", str(overlay)], "info"))
+        assert str(result.socket) in info["backing-filename"]
+        session = QmpSession("web1", live.ctl)
+        session.connect()
+        try:
+            # A write of part of a cluster not copied yet needs the rest of it from the
+            # backup (copy-on-write): with no server it fails too (a guest would pause).
+            out = guest_io(session, result.qemu_log, f"write -P 0x55 {5 * MiB} 4096")
+            assert "write failed: Input/output error" in out, out
+            serve = subprocess.Popen(
+                [sys.executable, "-m", "vmvault", "serve", "web1", "--backup", live.backup_id,
+                 "--socket", str(result.socket), "--config", str(live.config_file)],
+                stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            deadline = time.monotonic() + 40
+            while "fail" in (
+                out := guest_io(session, result.qemu_log, f"read -P 0x12 {7 * MiB - 4096} 4096")
+            ):
+                assert time.monotonic() < deadline, out
+                time.sleep(0.5)
+            ok(guest_io(session, result.qemu_log, f"write -P 0x55 {5 * MiB} 4096"))
+            ok(guest_io(session, result.qemu_log, f"read -P 0x55 {5 * MiB} 4096"))
+            ok(guest_io(session, result.qemu_log, f"read -P 0 {5 * MiB + 4096} 4096"))
+        finally:
+            session.close()
+    finally:
+        if serve is not None:
+            serve.terminate()
+            serve.wait(10)
+        with _suppress():
+            os.kill(result.qemu_pid, signal.SIGKILL)
