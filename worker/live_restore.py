@@ -156,11 +156,34 @@ class LiveRestoreResult:
             "guest_started_s": round(self.guest_started_s, 3),
             "server_restarts": self.server_restarts,
             "checkpoint": self.checkpoint,
+            "socket": str(self.socket),
             "qmp": str(self.qmp),
             "qemu_pid": self.qemu_pid,
             "qemu_log": str(self.qemu_log),
             "state": "running",
         }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> LiveRestoreResult:
+        """The result ``to_json`` gave (a queued live restore's, as the CLI receives it);
+        without the QEMU handle: that process runs on the worker's host."""
+        return cls(
+            backup_id=doc["backup_id"],
+            domain=doc["domain"],
+            disks=[
+                LiveDisk(d["name"], Path(d["path"]), d["virtual_size"], d["bytes_streamed"])
+                for d in doc["disks"]
+            ],
+            socket=Path(doc["socket"]),
+            qmp=Path(doc["qmp"]),
+            qemu_pid=doc["qemu_pid"],
+            qemu_log=Path(doc["qemu_log"]),
+            checkpoint=doc["checkpoint"],
+            speed=doc["speed"],
+            duration_s=doc["duration_s"],
+            guest_started_s=doc["guest_started_s"],
+            server_restarts=doc["server_restarts"],
+        )
 
 
 def live_socket(state_dir: Path, domain: str) -> Path:

@@ -55,7 +55,8 @@ def register(commands: Any) -> None:
         "--live",
         action="store_true",
         help="start the domain's QEMU at once on local overlays backed by the served backup and"
-        " copy the backup in while the guest runs (in this process, until the copy is done)",
+        " copy the backup in while the guest runs (until the copy is done; with a broker, as"
+        " a job on the domain's host)",
     )
     parser.add_argument(
         "--speed",
@@ -101,7 +102,7 @@ def _parse_rate(text: str) -> int:
 def _usage_problem(args: argparse.Namespace) -> str | None:
     if args.live:
         for flag, given in (("--incoming", args.incoming), ("--boot", args.boot),
-                            ("--disk", args.disk), ("--no-wait", args.no_wait)):  # fmt: skip
+                            ("--disk", args.disk)):  # fmt: skip
             if given:
                 return f"--live and {flag} do not go together (a live restore runs every disk)"
         return None
@@ -158,10 +159,11 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
 
 
 def _restore_live(args: argparse.Namespace, ctx: CliContext) -> int:
-    """``--live`` runs here, in the foreground, until the copy is done (also with a broker:
-    it is not a queued job yet)."""
+    """``--live``: in this process until the copy is done, or — with a broker — as a
+    restore job on the domain's host, followed until it ends."""
     from vmvault.worker.config import config_path
-    from vmvault.worker.live_restore import run_live_restore
+    from vmvault.worker.job_requests import RestoreRequest
+    from vmvault.worker.live_restore import LiveRestoreResult, run_live_restore
 
     def running(result: LiveRestoreResult) -> None:
         if not ctx.json:
@@ -171,18 +173,32 @@ def _restore_live(args: argparse.Namespace, ctx: CliContext) -> int:
                 " (docs/restore.md, Live restore)"
             )
 
+    request = RestoreRequest(
+        domain=args.domain,
+        backup_id=args.backup,
+        at=args.at,
+        to_dir=args.to.absolute() if args.to is not None else None,
+        force=args.force,
+        live=True,
+        speed=args.speed,
+    )
+    config_file = config_path(ctx.config_file)
     with byte_bar(ctx, "live restore") as progress:
-        result = run_live_restore(
-            ctx.config,
-            config_path(ctx.config_file),
-            args.domain,
-            backup_id=args.backup,
-            at=args.at,
-            to_dir=args.to.absolute() if args.to is not None else None,
-            force=args.force,
-            speed=args.speed,
-            progress=progress,
-            on_running=running,
+        result = run_job(
+            ctx,
+            args,
+            "restore",
+            request.to_job_kwargs(),
+            progress,
+            lambda: run_live_restore(
+                ctx.config,
+                config_file,
+                progress=progress,
+                on_running=running,
+                **request.live_kwargs(),
+            ),
+            LiveRestoreResult.from_json,
+            domain=args.domain,
         )
     if ctx.json:
         ctx.emit(result.to_json())
