@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,7 +75,6 @@ from vmvault.worker.restore import (
     partial_path,
 )
 from vmvault.worker.restore_cleanup import (
-    COMMITTED,
     RestoreJournal,
     make_private_dir,
     remove_leftovers_locked,
@@ -272,7 +272,8 @@ def run_live_restore(
         _check_targets(list(paths.values()), force)
         _check_overlays(list(paths.values()))
         socket = live_socket(config.state_dir, domain)
-        make_private_dir(socket.parent.parent) if socket.parent.parent != Path("/tmp") else None
+        if socket.parent.parent != Path("/tmp"):
+            make_private_dir(socket.parent.parent)  # <state_dir>/run
         make_private_dir(socket.parent)
         listen = Listen(socket=socket)
         check_socket(listen)
@@ -331,7 +332,7 @@ class _Server:
         self._args = (config_file, domain, backup_id, disks, listen, cache_mib)
         self.listen = listen
         self._stack = contextlib.ExitStack()
-        self._proc: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
     def start(self) -> None:
@@ -342,7 +343,7 @@ class _Server:
 
     @property
     def pid(self) -> int:
-        return int(self._proc.pid) if self._proc is not None else 0
+        return self._proc.pid if self._proc is not None else 0
 
     def restart(self) -> None:
         self._stack.close()
@@ -401,6 +402,9 @@ def _start(
             partial = partial_path(disk.path)
             journal.add_disk(disk.name, disk.path, partial)
             create_image(partial, disk.virtual_size)
+            # The overlay is journalled like a temporary image (``final`` is itself: there is
+            # nothing to put back): a crash before the guest runs removes it too.
+            journal.add_disk(disk.name, overlays[disk.name], overlays[disk.name])
             _create_overlay(overlays[disk.name], disk.virtual_size, backing_spec(listen, disk.name))
         argv = render_argv(domain, domain_cfg.launch, domain_cfg.qmp, overlays, incoming=False)
         argv = [*stop_on_error(argv), "-S"]
@@ -444,9 +448,9 @@ def _start(
                 # One mirror iteration copies up to buf-size before the rate limit waits.
                 args["buf-size"] = _BUF_SIZE
             session.execute("blockdev-mirror", args)
-        # From here on the guest's writes live in the overlays: nothing may remove them.
-        journal.processes = []
-        journal.set_phase(COMMITTED)
+        # From here on the guest's writes live in the overlays: no undo (ours, the next
+        # restore's, the reaper's) may remove them, so the journal goes before the guest runs.
+        journal.remove()
         session.execute("cont")
     except BaseException:
         if session is not None:
@@ -454,11 +458,8 @@ def _start(
                 session.close()
         if qemu is not None:
             qemu.kill()
-        _fail(journal)
-        for overlay in overlays.values():
-            overlay.unlink(missing_ok=True)
+        _fail(journal)  # the QEMU is dead: its overlays and targets go (the guest never ran)
         raise
-    journal.remove()
     result.qemu_pid = qemu.pid
     log.info("live restore of %s: guest running, qemu pid %d", domain, qemu.pid)
     return qemu, session

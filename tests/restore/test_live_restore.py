@@ -32,13 +32,15 @@ from tests.fixtures.qemu import MiB, QemuVm, VmFactory
 from tests.restore.conftest import CHUNK, short_tmp
 from vmvault.scheduler import blank_vm
 from vmvault.scheduler.cli import main
-from vmvault.storage.repository import init_repository
+from vmvault.storage.locks import list_locks
+from vmvault.storage.repository import init_repository, open_repository
 from vmvault.worker import qemu_img
 from vmvault.worker.backup import run_backup
 from vmvault.worker.config import FleetConfig, load_config
+from vmvault.worker.launch import LaunchError
 from vmvault.worker.live_restore import LiveRestoreResult, run_live_restore, stop_on_error
 from vmvault.worker.qmp import QmpSession
-from vmvault.worker.restore import run_restore
+from vmvault.worker.restore import RestoreTargetExistsError, run_restore
 
 KiB = 1024
 SIZE = 8 * MiB
@@ -394,3 +396,27 @@ def test_live_restore_abandoned_guest_runs_on_and_resumes_with_serve(
             serve.wait(10)
         with _suppress():
             os.kill(result.qemu_pid, signal.SIGKILL)
+
+
+def test_live_restore_refusals_and_a_failing_qemu_leave_nothing(live: Live) -> None:
+    doc = yaml.safe_load(live.config_file.read_text())
+    images = Path(doc["domains"]["web1"]["launch"]["image_dir"])
+    # QEMU refuses the argv: overlays, targets, journal, socket and lease all go.
+    doc["domains"]["web1"]["launch"]["argv"].extend(["-device", "no-such-device"])
+    bad_file = live.config_file.with_name("bad.yaml")
+    bad_file.write_text(yaml.safe_dump(doc))
+    with pytest.raises(LaunchError, match="no-such-device"):
+        run_live_restore(load_config(bad_file), bad_file, "web1")
+    assert not images.exists() or list(images.iterdir()) == []
+    run = live.state / "run"
+    assert not list(run.glob("restore-*.json"))
+    assert not any(run.glob("vmvl-web1/*"))
+    with open_repository(live.config.repository.url) as repo:
+        assert list_locks(repo.backend) == []
+    # An overlay left by an abandoned live restore is never replaced, not even by --force.
+    images.mkdir(exist_ok=True)
+    (images / "vda.qcow2.live").write_bytes(b"guest writes")
+    with pytest.raises(RestoreTargetExistsError, match=r"vda\.qcow2\.live exists"):
+        run_live_restore(live.config, live.config_file, "web1", force=True)
+    assert (images / "vda.qcow2.live").read_bytes() == b"guest writes"
+    assert sorted(p.name for p in images.iterdir()) == ["vda.qcow2.live"]
