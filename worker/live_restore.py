@@ -303,7 +303,7 @@ def run_live_restore(
             _copy(session, result, server, progress, restart_delay)
             _switch(session, result)
         except BaseException as err:
-            _say_abandoned(result, err)
+            _say_abandoned(result, err, qemu.alive())
             raise
         finally:
             session.close()
@@ -465,18 +465,19 @@ def _start(
     return qemu, session
 
 
-def _say_abandoned(result: LiveRestoreResult, err: BaseException) -> None:
+def _say_abandoned(result: LiveRestoreResult, err: BaseException, alive: bool) -> None:
     """The copy stops here but the guest runs on: say where its data is and what to do."""
     overlays = ", ".join(str(overlay_path(d.path)) for d in result.disks)
+    qemu = f"QEMU pid {result.qemu_pid} " + ("keeps running" if alive else "has exited")
     log.error(
-        "live restore of %s abandoned (%s): QEMU pid %d keeps running on %s, which hold"
-        " the guest's writes and read the rest from backup %s at %s; that server is gone"
-        " with this process, so reads of blocks not copied yet pause the guest. Resume:"
-        " vmvault serve %s --backup %s --socket %s (then QMP cont); or discard: stop the"
-        " QEMU and delete those files and the .partial images (docs/restore.md, Live restore)",
+        "live restore of %s abandoned (%s): %s; the guest's writes are in %s, which read"
+        " the rest from backup %s at %s, served by nobody now (reads of blocks not copied"
+        " yet pause the guest). Resume: vmvault serve %s --backup %s --socket %s (then QMP"
+        " cont); or discard: stop the QEMU and delete those files and the .partial images"
+        " (docs/restore.md, Live restore)",
         result.domain,
-        err.__class__.__name__ if not str(err) else err,
-        result.qemu_pid,
+        err if str(err) else err.__class__.__name__,
+        qemu,
         overlays,
         result.backup_id,
         result.socket,
