@@ -70,6 +70,13 @@ def _flag(job: str, name: str, value: Any) -> bool:
     return value
 
 
+def _rate(job: str, name: str, value: Any) -> int:
+    # bool is an int too: a queued true must not mean 1 byte/s.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(job, name, value, "want bytes per second, 0 or more (0: unlimited)")
+    return int(value)
+
+
 def _names(job: str, name: str, value: Any) -> list[str] | None:
     if value is None:
         return None
@@ -91,6 +98,8 @@ def check_restore(
     boot: Any = False,
     force: Any = False,
     disks: Any = None,
+    live: Any = False,
+    speed: Any = 0,
 ) -> RestoreRequest:
     """A queued restore's arguments, parsed, if this worker's policy admits them."""
     if not _is_name(domain):
@@ -115,9 +124,17 @@ def check_restore(
         boot=_flag("restore", "boot", boot),
         force=_flag("restore", "force", force),
         disks=_names("restore", "disks", disks),
+        live=_flag("restore", "live", live),
+        speed=_rate("restore", "speed", speed),
     )
+    if args.live and (args.incoming or args.boot or args.disks):
+        raise JobRefusedError(
+            "restore refused (job arguments): live goes with neither incoming, boot nor disks"
+        )
+    if args.speed and not args.live:
+        raise JobRefusedError("restore refused (job arguments): speed is for live restores")
     target = args.to_dir
-    if target is None and args.incoming:
+    if target is None and (args.incoming or args.live):
         target = config.incoming_image_dir(domain)
     if target is not None:
         _check_under_roots(config, target)

@@ -40,10 +40,15 @@ class RestoreRequest:
     boot: bool = False
     force: bool = False
     disks: list[str] | None = None
+    live: bool = False  # run_live_restore instead of run_restore
+    speed: int = 0  # live only: bytes/s per disk, 0 unlimited
 
     def to_job_kwargs(self) -> dict[str, Any]:
-        """The restore task's arguments (JSON-safe: time as ISO 8601, directory as text)."""
-        return {
+        """The restore task's arguments (JSON-safe: time as ISO 8601, directory as text).
+
+        ``live`` and ``speed`` only for a live restore: a worker older than them still
+        takes every other restore."""
+        kwargs: dict[str, Any] = {
             "domain": self.domain,
             "backup_id": self.backup_id,
             "at": self.at.isoformat() if self.at is not None else None,
@@ -53,7 +58,23 @@ class RestoreRequest:
             "force": self.force,
             "disks": self.disks,
         }
+        if self.live:
+            kwargs.update(live=True, speed=self.speed)
+        return kwargs
 
     def run_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``run_restore`` besides the config and progress."""
-        return asdict(self)
+        kwargs = asdict(self)
+        del kwargs["live"], kwargs["speed"]
+        return kwargs
+
+    def live_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``run_live_restore`` besides config, config file, progress."""
+        return {
+            "domain": self.domain,
+            "backup_id": self.backup_id,
+            "at": self.at,
+            "to_dir": self.to_dir,
+            "force": self.force,
+            "speed": self.speed,
+        }

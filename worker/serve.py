@@ -145,47 +145,17 @@ def serve(
         )
     if cache_mib < 1:
         raise ServeError(f"--cache-mib {cache_mib}: give at least 1 (MiB)")
-    _check_socket(listen)
+    check_socket(listen)
     with contextlib.ExitStack() as stack:
         repo = open_repo(config)
         stack.callback(repo.close)
         manifest = select_backup(repo, domain, backup_id, at)
         chosen = [d.name for d in select_disks(manifest, disks)]
-        lease = _take_lease(repo, manifest)
-        stack.callback(_release, lease)
-        work = Path(tempfile.mkdtemp(prefix="vmvault-serve-"))
-        stack.callback(shutil.rmtree, work, True)
-        pidfile = work / "nbdkit.pid"
-        argv = [
-            nbdkit,
-            "--foreground",
-            "--exit-with-parent",
-            "--readonly",
-            "--pidfile",
-            str(pidfile),
-            *listen.nbdkit_args(),
-            "python",
-            str(Path(nbdkit_plugin.__file__).resolve()),
-            f"config={config_file.resolve()}",
-            f"domain={domain}",
-            f"backup={manifest.backup_id}",
-            *(f"disk={name}" for name in chosen),
-            f"cache={cache_mib * 2**20}",
-        ]
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=_plugin_env(),
-            # The unix socket nbdkit creates is 0600: only this user reads the backup.
-            umask=0o077,
+        lease = take_lease(repo, manifest)
+        stack.callback(release, lease)
+        proc, tail = start_nbdkit(
+            stack, config_file, domain, manifest.backup_id, chosen, listen, cache_mib
         )
-        stack.callback(_stop, proc, listen)
-        tail = _forward_stderr(proc.stderr)
-        _wait_ready(proc, pidfile, tail)
-        if listen.socket is not None:
-            os.chmod(listen.socket, 0o600)  # whatever nbdkit's own default becomes
         info = ServeInfo(
             domain=domain,
             backup_id=manifest.backup_id,
@@ -200,7 +170,61 @@ def serve(
         _watch(proc, lease, tail)
 
 
-def _check_socket(listen: Listen) -> None:
+def start_nbdkit(
+    stack: contextlib.ExitStack,
+    config_file: Path,
+    domain: str,
+    backup_id: str,
+    disks: list[str],
+    listen: Listen,
+    cache_mib: int = DEFAULT_CACHE_MIB,
+) -> tuple[subprocess.Popen[bytes], deque[str]]:
+    """Start nbdkit serving ``disks`` of one backup on ``listen``; return once it accepts
+    connections. ``stack`` stops it (and removes its socket) when it closes; the caller
+    holds the repository lease. Also how a live restore (re)starts its server."""
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise ServeError(
+            "nbdkit is not installed: install the Debian packages nbdkit and"
+            " nbdkit-plugin-python (make setup does)"
+        )
+    work = Path(tempfile.mkdtemp(prefix="vmvault-serve-"))
+    stack.callback(shutil.rmtree, work, True)
+    pidfile = work / "nbdkit.pid"
+    argv = [
+        nbdkit,
+        "--foreground",
+        "--exit-with-parent",
+        "--readonly",
+        "--pidfile",
+        str(pidfile),
+        *listen.nbdkit_args(),
+        "python",
+        str(Path(nbdkit_plugin.__file__).resolve()),
+        f"config={config_file.resolve()}",
+        f"domain={domain}",
+        f"backup={backup_id}",
+        *(f"disk={name}" for name in disks),
+        f"cache={cache_mib * 2**20}",
+    ]
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_plugin_env(),
+        # The unix socket nbdkit creates is 0600: only this user reads the backup.
+        umask=0o077,
+    )
+    stack.callback(stop_nbdkit, proc, listen)
+    tail = _forward_stderr(proc.stderr)
+    _wait_ready(proc, pidfile, tail)
+    if listen.socket is not None:
+        os.chmod(listen.socket, 0o600)  # whatever nbdkit's own default becomes
+    return proc, tail
+
+
+def check_socket(listen: Listen) -> None:
     path = listen.socket
     if path is None:
         return
@@ -236,7 +260,7 @@ def _stale_socket(path: Path) -> bool:
     return False
 
 
-def _take_lease(repo: Repository, manifest: Manifest) -> Lease:
+def take_lease(repo: Repository, manifest: Manifest) -> Lease:
     """A shared lease (GC waits), then a check that the backup still exists under it: a
     prune and GC may have removed it between choosing it and taking the lease."""
     lease = Lease(
@@ -259,7 +283,7 @@ def _take_lease(repo: Repository, manifest: Manifest) -> Lease:
     return lease
 
 
-def _release(lease: Lease) -> None:
+def release(lease: Lease) -> None:
     with critical():
         lease.release()
 
@@ -331,7 +355,7 @@ def _watch(proc: subprocess.Popen[bytes], lease: Lease, tail: deque[str]) -> Non
         raise ServeError(f"nbdkit exited with code {code}: {_last_error(tail)}")
 
 
-def _stop(proc: subprocess.Popen[bytes], listen: Listen) -> None:
+def stop_nbdkit(proc: subprocess.Popen[bytes], listen: Listen) -> None:
     """Stop nbdkit (SIGTERM, then SIGKILL after ``STOP_GRACE``) and remove its socket."""
     with critical():
         if proc.poll() is None:

@@ -68,8 +68,15 @@ def restore(
     boot: bool = False,
     force: bool = False,
     disks: list[str] | None = None,
+    live: bool = False,
+    speed: int = 0,
 ) -> dict[str, Any]:
-    """Restore one domain (runs on the domain's host), within the worker's queue policy."""
+    """Restore one domain (runs on the domain's host), within the worker's queue policy.
+
+    ``live``: the domain's QEMU runs at once while the backup is copied in; the job ends
+    when the copy is done, the QEMU running on (worker/live_restore.py)."""
+    from vmvault.worker.config import config_path
+    from vmvault.worker.live_restore import run_live_restore
     from vmvault.worker.restore import run_restore
 
     config = fleet_config()
@@ -77,8 +84,21 @@ def restore(
         self,
         "restore",
         domain,
-        lambda: check_restore(config, domain, backup_id, at, to_dir, incoming, boot, force, disks),
+        lambda: check_restore(
+            config, domain, backup_id, at, to_dir, incoming, boot, force, disks, live, speed
+        ),
     )
+    if args.live:
+        # nbdkit's plugin loads the config file the worker was started with (its env).
+        config_file = config_path(None)
+        return run_job(
+            self,
+            "restore",
+            args.domain,
+            lambda progress: run_live_restore(
+                config, config_file, progress=progress, **args.live_kwargs()
+            ),
+        )
     return run_job(
         self,
         "restore",

@@ -1,4 +1,4 @@
-"""``vmvault restore``: write a backup back as image files or into a paused incoming-mode QEMU."""
+"""``vmvault restore``: a backup back as image files, into a paused incoming-mode QEMU, or live."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from vmvault.scheduler.progress_bars import byte_bar
 
 if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
+    from vmvault.worker.live_restore import LiveRestoreResult
     from vmvault.worker.restore import RestoreResult
 
 
@@ -22,8 +23,8 @@ def register(commands: Any) -> None:
     parser = add_command(
         commands,
         "restore",
-        "restore a backup to qcow2 files (--to DIR) or into a paused incoming-mode QEMU"
-        " (--incoming)",
+        "restore a backup to qcow2 files (--to DIR), into a paused incoming-mode QEMU"
+        " (--incoming), or live: the guest runs while the backup is copied in (--live)",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to restore")
     which = parser.add_mutually_exclusive_group()
@@ -51,6 +52,21 @@ def register(commands: Any) -> None:
         "--boot", action="store_true", help="with --incoming: then restart the domain normally"
     )
     parser.add_argument(
+        "--live",
+        action="store_true",
+        help="start the domain's QEMU at once on local overlays backed by the served backup and"
+        " copy the backup in while the guest runs (until the copy is done; with a broker, as"
+        " a job on the domain's host)",
+    )
+    parser.add_argument(
+        "--speed",
+        metavar="RATE",
+        type=_parse_rate,
+        default=0,
+        help="with --live: copy at most RATE bytes/s per disk (suffix K, M or G: KiB, MiB,"
+        " GiB; default unlimited)",
+    )
+    parser.add_argument(
         "--disk", metavar="NAME", action="append", help="only this disk (repeatable)"
     )
     parser.add_argument(
@@ -70,7 +86,28 @@ def _parse_time(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+_RATE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def _parse_rate(text: str) -> int:
+    """``50M`` → 52428800 (bytes per second); ``0`` means unlimited."""
+    number, unit = text.rstrip("KMGkmg"), text[len(text.rstrip("KMGkmg")) :].upper()
+    if not number.isdigit() or unit not in _RATE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: give bytes per second, e.g. 50M, 512K or 1G"
+        )
+    return int(number) * _RATE_UNITS[unit]
+
+
 def _usage_problem(args: argparse.Namespace) -> str | None:
+    if args.live:
+        for flag, given in (("--incoming", args.incoming), ("--boot", args.boot),
+                            ("--disk", args.disk)):  # fmt: skip
+            if given:
+                return f"--live and {flag} do not go together (a live restore runs every disk)"
+        return None
+    if args.speed:
+        return "--speed applies to --live restores only"
     if args.to_text is not None and not args.to_text.strip():
         return "--to is empty: name a directory (--to . for the current one)"
     if args.boot and not args.incoming:
@@ -91,6 +128,8 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
         return EXIT_USAGE
     config = ctx.config
     config.domain(args.domain)  # unknown domain → exit 2 before anything runs
+    if args.live:
+        return _restore_live(args, ctx)
     request = RestoreRequest(
         domain=args.domain,
         backup_id=args.backup,
@@ -116,6 +155,67 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
         ctx.emit(result.to_json())
     else:
         _say_result(ctx, result)
+    return 0
+
+
+def _restore_live(args: argparse.Namespace, ctx: CliContext) -> int:
+    """``--live``: in this process until the copy is done, or — with a broker — as a
+    restore job on the domain's host, followed until it ends."""
+    from vmvault.worker.config import config_path
+    from vmvault.worker.job_requests import RestoreRequest
+    from vmvault.worker.live_restore import LiveRestoreResult, run_live_restore
+
+    def running(result: LiveRestoreResult) -> None:
+        if not ctx.json:
+            ctx.say(
+                f"guest of {result.domain} running (QEMU pid {result.qemu_pid}, QMP socket"
+                f" {result.qmp}) on backup {result.backup_id}; copying it in, do not interrupt"
+                " (docs/restore.md, Live restore)"
+            )
+
+    request = RestoreRequest(
+        domain=args.domain,
+        backup_id=args.backup,
+        at=args.at,
+        to_dir=args.to.absolute() if args.to is not None else None,
+        force=args.force,
+        live=True,
+        speed=args.speed,
+    )
+    config_file = config_path(ctx.config_file)
+    with byte_bar(ctx, "live restore") as progress:
+        result = run_job(
+            ctx,
+            args,
+            "restore",
+            request.to_job_kwargs(),
+            progress,
+            lambda: run_live_restore(
+                ctx.config,
+                config_file,
+                progress=progress,
+                on_running=running,
+                **request.live_kwargs(),
+            ),
+            LiveRestoreResult.from_json,
+            domain=args.domain,
+        )
+    if ctx.json:
+        ctx.emit(result.to_json())
+        return 0
+    total = sum(d.virtual_size for d in result.disks)
+    ctx.say(
+        f"live restore of {result.domain} done: backup {result.backup_id}, {len(result.disks)}"
+        f" disk(s), {total / 2**20:.1f} MiB; guest running since {result.guest_started_s:.1f}s,"
+        f" copy done after {result.duration_s:.1f}s; the backup is no longer needed"
+    )
+    for disk in result.disks:
+        ctx.say(f"  {disk.name:<8} {disk.path}  {disk.virtual_size / 2**20:.1f} MiB, no backing")
+    if result.server_restarts:
+        ctx.say(f"  the backup's server was restarted {result.server_restarts} time(s)")
+    if result.checkpoint:
+        ctx.say(f"  checkpoint {result.checkpoint}: the next backup is incremental")
+    ctx.say(f"  QEMU pid {result.qemu_pid} is running; QMP socket: {result.qmp}")
     return 0
 
 

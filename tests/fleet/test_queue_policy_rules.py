@@ -225,6 +225,16 @@ def test_incoming_restore_checks_the_image_dir_too(tmp_path: Path) -> None:
         _restore(config, to_dir=str(tmp_path / "state" / "images" / "x"))
 
 
+def test_live_restore_checks_the_image_dir(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    args = _restore(config, domain="web2", live=True, speed=2**20)
+    assert args.live is True and args.speed == 2**20 and args.to_dir is None
+    assert args.live_kwargs()["speed"] == 2**20 and "live" not in args.run_kwargs()
+    config = _config(tmp_path, worker={"restore_roots": [str(tmp_path / "state" / "images")]})
+    with pytest.raises(JobRefusedError, match=r"worker\.restore_roots: .*vm-images/web2"):
+        _restore(config, domain="web2", live=True)
+
+
 def test_force_from_the_queue_needs_the_worker_setting(tmp_path: Path) -> None:
     target = str(tmp_path / "state" / "images" / "web1")
     with pytest.raises(JobRefusedError, match=r"^restore refused by worker\.allow_force_from"):
@@ -249,6 +259,13 @@ def test_force_from_the_queue_needs_the_worker_setting(tmp_path: Path) -> None:
         ({"boot": "false"}, "bad boot"),
         ({"to_dir": "relative/dir"}, "bad to_dir"),
         ({"to_dir": "/srv/a\0b"}, "bad to_dir"),
+        ({"live": "true"}, "bad live"),
+        ({"live": True, "speed": -1}, "bad speed"),
+        ({"live": True, "speed": True}, "bad speed"),
+        ({"live": True, "speed": "1M"}, "bad speed"),
+        ({"live": True, "disks": ["vda"]}, "live goes with neither"),
+        ({"live": True, "incoming": True}, "live goes with neither"),
+        ({"speed": 1024}, "speed is for live restores"),
     ],
 )
 def test_restore_arguments_are_validated(
