@@ -168,12 +168,12 @@ def list_files(source: Source, path: str, progress: Progress) -> Listing:
 def get_files(source: Source, path: str, to_dir: Path, force: bool, progress: Progress) -> Fetched:
     """Copy ``path`` (a file, a symlink as a link, or a directory tree) into ``to_dir``."""
     started = time.monotonic()
+    guest = _guest_path(path)
+    name = posixpath.basename(guest) or "root"
+    target = to_dir / name
+    _check_target(to_dir, target, force)  # before the appliance's start-up, not after
     with _opened(source, progress) as (export, g, _mounts):
-        guest = _guest_path(path)
         top = _lookup(g, guest, source)
-        name = top.name if top.path != "/" else "root"
-        target = to_dir / name
-        _check_target(to_dir, target, top, force)
         result = Fetched(
             source.domain, export.manifest.backup_id, source.disk, top.path, str(target)
         )
@@ -360,7 +360,8 @@ def _lookup(g: Any, guest: str, source: Source) -> Entry:
         real_parent = str(g.realpath(parent))
         st = g.lstatns(posixpath.join(real_parent, name))
     except RuntimeError as err:
-        if g.last_errno() in (errno.ENOENT, errno.ENOTDIR) or "No such file" in str(err):
+        # The Python binding raises RuntimeError with the daemon's strerror (no errno).
+        if any(os.strerror(code) in str(err) for code in (errno.ENOENT, errno.ENOTDIR)):
             raise FilesError(
                 f"no such file or directory in the backup of {source.domain}'s disk"
                 f" {source.disk}: {guest}"
@@ -409,21 +410,16 @@ def _children(g: Any, directory: str) -> list[Entry]:
 # --- writing here -----------------------------------------------------------------------
 
 
-def _check_target(to_dir: Path, target: Path, top: Entry, force: bool) -> None:
-    """Refuse before anything is written: a file in the way without --force, a --to that
-    is not a directory."""
-    if to_dir.exists() and not to_dir.is_dir():
-        raise FilesError(f"--to {to_dir} is not a directory")
-    if not to_dir.exists() and not to_dir.parent.is_dir():
-        raise FilesError(f"--to {to_dir}: its parent directory does not exist")
-    try:
-        existing = target.lstat()
-    except FileNotFoundError:
-        return
-    if not force:
+def _check_target(to_dir: Path, target: Path, force: bool) -> None:
+    """Refuse before anything is started: a --to that is not a directory, or something
+    in the way without --force."""
+    for ancestor in (to_dir, *to_dir.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise FilesError(f"--to {to_dir}: {ancestor} is not a directory")
+            break
+    if (target.exists() or target.is_symlink()) and not force:
         raise FilesError(f"{target} already exists: remove it, choose another --to, or --force")
-    if stat.S_ISDIR(existing.st_mode) and top.kind != "directory":
-        raise FilesError(f"{target} is a directory: not replaced by the {top.kind} {top.path}")
 
 
 def _safe_name(name: str) -> bool:

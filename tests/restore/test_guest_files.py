@@ -77,8 +77,19 @@ def appliance() -> None:
 
 def _mkfs(tree: Path, image: Path) -> None:
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "guestroot", "-d", str(tree),
-         str(image), f"{FS_SIZE // 1024}k"],
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-L",
+            "guestroot",
+            "-d",
+            str(tree),
+            str(image),
+            f"{FS_SIZE // 1024}k",
+        ],
         check=True,
         capture_output=True,
     )
