@@ -208,10 +208,7 @@ def _opened(source: Source, progress: Progress) -> Iterator[tuple[Export, Any, d
             source.at,
             [source.disk],
         ) as export:
-            progress(
-                f"backup {export.manifest.backup_id} of {source.domain}, disk {source.disk}:"
-                " starting the libguestfs appliance"
-            )
+            progress(f"backup {export.manifest.backup_id}: starting the appliance")
             g = _launch(guestfs, listen, source, progress, export)
             try:
                 mounts = _mount(g, source, export)
@@ -255,10 +252,8 @@ def _launch(
     g.set_memsize(APPLIANCE_MIB)
     cache = appliance_cache(g)
     if not (cache / "root").exists():
-        progress(
-            f"building the libguestfs appliance (first use by this user; about a minute,"
-            f" then cached in {cache})"
-        )
+        # supermin assembles it from this host's kernel and packages: 5 s more here.
+        progress(f"first use: building the appliance into {cache}")
     # The export is named after the disk; readonly: libguestfs puts a throwaway overlay
     # in front, so journal replay on mount writes there, never to the backup.
     g.add_drive_opts(
@@ -278,7 +273,7 @@ def _launch(
             " packages libguestfs0, supermin and linux-image-amd64 (make setup), that this"
             " user can read /boot/vmlinuz-*, and run 'libguestfs-test-tool'"
         ) from err
-    log.info("appliance started in %.1fs", time.monotonic() - started)
+    progress(f"appliance started in {time.monotonic() - started:.1f}s")
     return g
 
 

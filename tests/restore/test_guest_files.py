@@ -128,7 +128,11 @@ def _partitioned(tmp: Path) -> bytearray:
 def backed(tmp_path_factory: pytest.TempPathFactory) -> Backed:
     for tool in ("mkfs.ext4", "debugfs", "sfdisk", "nbdkit"):
         require_binary(tool)
-    tmp = tmp_path_factory.mktemp("files")
+    return build_backed(tmp_path_factory.mktemp("files"))
+
+
+def build_backed(tmp: Path) -> Backed:
+    """The repository with a full and an incremental of the disk, and its config."""
     rng = random.Random(1313)
     tree = tmp / "tree"
     (tree / "sub" / "deeper").mkdir(parents=True)
