@@ -277,3 +277,117 @@ def test_unknown_path_disk_and_backup_are_one_line_errors(
     assert run.returncode == 1 and "has no disk 'vdz'" in run.stderr, run.stderr
     run = _files(backed, "--backup", "20990101T000000.000000Z-00000000", "--disk", "vda", "ls")
     assert run.returncode == 1 and "no backup" in run.stderr, run.stderr
+
+
+# --- several filesystems, xfs, and a filesystem on the whole disk ------------------------
+
+XFS_SIZE = 64 * MiB  # below mkfs.xfs's 300 MB floor: allowed by its QA variables
+
+
+@dataclass
+class Multi:
+    config: Path
+    xfs_files: dict[str, bytes]
+
+
+def _mkfs_xfs(tmp: Path, files: dict[str, bytes], image: Path) -> None:
+    """An xfs image filled from a prototype file (mkfs.xfs -p), nothing mounted."""
+    lines = ["/dev/null", "0 0", "d--755 0 0"]
+    for name, data in files.items():
+        src = tmp / f"src-{name}"
+        src.write_bytes(data)
+        lines.append(f"{name} ---644 0 0 {src}")
+    lines += ["$", "$"]
+    (tmp / "proto").write_text("\n".join(lines) + "\n")
+    with image.open("wb") as f:
+        f.truncate(XFS_SIZE)
+    env = {**os.environ, "TEST_DEV": "1", "TEST_DIR": "1", "QA_CHECK_FS": "1"}
+    cmd = ["mkfs.xfs", "-q", "-f", "-p", str(tmp / "proto"), str(image)]
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory: pytest.TempPathFactory) -> Multi:
+    for tool in ("mkfs.ext4", "mkfs.xfs", "sfdisk", "nbdkit"):
+        require_binary(tool)
+    tmp = tmp_path_factory.mktemp("multi")
+    rng = random.Random(7)
+    xfs_files = {"xfs.txt": b"on xfs\n", "blob.bin": rng.randbytes(1 * MiB + 123)}
+    xfs = tmp / "xfs.img"
+    _mkfs_xfs(tmp, xfs_files, xfs)
+    tree = tmp / "tree"
+    tree.mkdir()
+    (tree / "ext.txt").write_bytes(b"on ext4\n")
+    ext = tmp / "ext.img"
+    _mkfs(tree, ext)
+
+    # "two": GPT, partition 1 ext4, partition 2 xfs. "plain": xfs on the whole disk.
+    start2 = PART_START + FS_SIZE
+    size = start2 + XFS_SIZE + 1 * MiB
+    gpt = tmp / "two.img"
+    with gpt.open("wb") as f:
+        f.truncate(size)
+    script = (
+        f"label: gpt\nstart={PART_START // 512}, size={FS_SIZE // 512}, type=linux\n"
+        f"start={start2 // 512}, size={XFS_SIZE // 512}, type=linux\n"
+    )
+    subprocess.run(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-q", str(gpt)],
+        input=script.encode(),
+        check=True,
+        capture_output=True,
+    )
+    two = bytearray(gpt.read_bytes())
+    two[PART_START:start2] = ext.read_bytes()
+    two[start2 : start2 + XFS_SIZE] = xfs.read_bytes()
+
+    repo = init_repository(f"file://{tmp}/repo", chunk_size=1 * MiB)
+    back_up(repo, Disk(two), None, rng, domain="two")
+    back_up(repo, Disk(bytearray(xfs.read_bytes())), None, rng, domain="plain")
+    repo.close()
+    config = tmp / "vmvault.yaml"
+    domains = {d: {"host": "hv1", "qmp": str(tmp / f"{d}.qmp")} for d in ("two", "plain")}
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "repository": {"url": f"file://{tmp}/repo"},
+                "state_dir": str(tmp / "state"),
+                "domains": domains,
+            }
+        )
+    )
+    return Multi(config, xfs_files)
+
+
+def _files_of(config: Path, domain: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "vmvault", "--config", str(config), "files", domain]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_several_filesystems_need_filesystem_and_xfs_reads_byte_exact(
+    appliance: None, multi: Multi, out_dir: Path
+) -> None:
+    run = _files_of(multi.config, "two", "--disk", "vda", "ls")
+    assert run.returncode == 1
+    error = run.stderr.strip().splitlines()[-1]
+    assert "several filesystems" in error and "--filesystem" in error, run.stderr
+    assert "/dev/sda1 (ext4)" in error and "/dev/sda2 (xfs)" in error
+
+    run = _files_of(
+        multi.config, "two", "--disk", "vda", "--filesystem", "/dev/sda2",
+        "get", "/blob.bin", "--to", str(out_dir),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (out_dir / "blob.bin").read_bytes() == multi.xfs_files["blob.bin"]
+
+    run = _files_of(multi.config, "two", "--disk", "vda", "--filesystem", "/dev/sdb1", "ls")
+    assert run.returncode == 1 and "has no filesystem /dev/sdb1" in run.stderr, run.stderr
+
+
+def test_a_filesystem_on_the_whole_disk(appliance: None, multi: Multi) -> None:
+    run = _files_of(multi.config, "plain", "--disk", "vda", "ls", "--json")
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert doc["filesystems"] == {"/": "/dev/sda"}
+    sizes = {e["name"]: e["size"] for e in doc["entries"] if e["type"] == "file"}
+    assert sizes == {name: len(data) for name, data in multi.xfs_files.items()}
