@@ -252,15 +252,21 @@ def test_get_of_a_directory_copies_the_tree_and_never_follows_links(
     doc = json.loads(run.stdout)
     assert doc["symlinks"] == 2 and doc["files"] == len(backed.v2)
 
-    # Again: refused (nothing changed), then --force replaces.
-    (root / "hello.txt").write_bytes(b"local edit")
+    # A local link in the way, pointing outside: refused, then --force replaces the
+    # link itself; the file it points to is never written.
+    victim = out_dir / "victim"
+    victim.write_bytes(b"not the guest's")
+    (root / "hello.txt").unlink()
+    (root / "hello.txt").symlink_to(victim)
     again = _files(backed, "--disk", "vda", "get", "/hello.txt", "--to", str(root))
     assert again.returncode == 1
     assert again.stderr.strip().count("\n") == 0 and "already exists" in again.stderr
-    assert (root / "hello.txt").read_bytes() == b"local edit"
+    assert (root / "hello.txt").is_symlink()
     forced = _files(backed, "--disk", "vda", "get", "/hello.txt", "--to", str(root), "--force")
     assert forced.returncode == 0, forced.stderr
+    assert not (root / "hello.txt").is_symlink()
     assert (root / "hello.txt").read_bytes() == backed.v2["/hello.txt"]
+    assert victim.read_bytes() == b"not the guest's"
 
 
 def test_unknown_path_disk_and_backup_are_one_line_errors(
