@@ -156,9 +156,13 @@ def list_files(source: Source, path: str, progress: Progress) -> Listing:
     with _opened(source, progress) as (export, g, mounts):
         guest = _guest_path(path)
         entry = _lookup(g, guest, source)
-        if entry.kind == "symlink" and g.is_dir(guest, followsymlinks=True):
-            # As ls does with a link named on its command line: show what it points to.
-            entry = _lookup(g, str(g.realpath(guest)), source)
+        if entry.kind == "symlink":
+            # As ls does with a link named on its command line: a directory it points to
+            # (resolved inside the guest's tree) is listed.
+            with contextlib.suppress(RuntimeError, FilesError):
+                pointed = _lookup(g, str(g.realpath(entry.path)), source)
+                if pointed.kind == "directory":
+                    entry = pointed
         entries = _children(g, entry.path) if entry.kind == "directory" else [entry]
         return Listing(
             source.domain, export.manifest.backup_id, source.disk, mounts, entry.path, entries
@@ -213,6 +217,10 @@ def _opened(source: Source, progress: Progress) -> Iterator[tuple[Export, Any, d
             try:
                 mounts = _mount(g, source, export)
                 yield export, g, mounts
+            except RuntimeError as err:
+                # What the binding raises when the appliance fails or dies mid-way.
+                export.check()
+                raise FilesError(f"the libguestfs appliance failed: {_one_line(err)}") from err
             finally:
                 with contextlib.suppress(RuntimeError):
                     g.shutdown()

@@ -147,6 +147,7 @@ def build_backed(tmp: Path) -> Backed:
     os.chmod(tree / "sub" / "nested.txt", 0o640)
     os.symlink("/etc/passwd", tree / "escape")
     os.symlink("../../../../etc", tree / "sub" / "up")
+    os.symlink("sub", tree / "to-sub")
     fs = tmp / "fs.img"
     _mkfs(tree, fs)
 
@@ -211,7 +212,8 @@ def test_ls_shows_the_partitioned_ext4_tree_with_links_as_links(
     assert entries["escape"]["type"] == "symlink"
     assert entries["escape"]["target"] == "/etc/passwd"
 
-    run = _files(backed, "--backup", backed.full.backup_id, "--disk", "vda", "ls", "sub")
+    # A link to a directory named on the command line is listed as that directory.
+    run = _files(backed, "--backup", backed.full.backup_id, "--disk", "vda", "ls", "to-sub")
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     nested = next(line for line in lines if line.endswith(" nested.txt"))
@@ -246,11 +248,12 @@ def test_get_of_a_directory_copies_the_tree_and_never_follows_links(
     for path, data in backed.v2.items():
         assert (root / path.lstrip("/")).read_bytes() == data, path
     assert (root / "sub" / "nested.txt").stat().st_mode & 0o777 == 0o640
-    for link, target in (("escape", "/etc/passwd"), ("sub/up", "../../../../etc")):
+    links = (("escape", "/etc/passwd"), ("sub/up", "../../../../etc"), ("to-sub", "sub"))
+    for link, target in links:
         assert (root / link).is_symlink()
         assert os.readlink(root / link) == target
     doc = json.loads(run.stdout)
-    assert doc["symlinks"] == 2 and doc["files"] == len(backed.v2)
+    assert doc["symlinks"] == 3 and doc["files"] == len(backed.v2)
 
     # A local link in the way, pointing outside: refused, then --force replaces the
     # link itself; the file it points to is never written.
