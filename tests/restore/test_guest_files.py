@@ -11,7 +11,6 @@ libguestfs appliance (TCG), and what it returns must be byte-exact with each ver
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fixtures.common import in_ci, require_binary
+from tests.fixtures.common import require_binary
 from tests.storage.format2_driver import Disk, back_up
 from vmvault.storage.format import Manifest
 from vmvault.storage.region import SUB_BLOCK
@@ -48,32 +47,9 @@ class Backed:
     v2: dict[str, bytes]
 
 
-def _appliance_probe() -> str | None:
-    """None if libguestfs starts an appliance here (TCG), else why not."""
-    try:
-        guestfs = importlib.import_module("guestfs")  # Debian python3-guestfs, no stubs
-    except ImportError:
-        return "python3-guestfs is not installed: run 'make setup'"
-    g = guestfs.GuestFS(python_return_dict=True)
-    g.set_backend("direct")
-    g.set_backend_settings(["force_tcg"])
-    g.add_drive_scratch(1 * MiB)
-    try:
-        g.launch()
-    except RuntimeError as err:
-        return f"libguestfs cannot start an appliance here: {err}"
-    finally:
-        g.close()
-    return None
-
-
-@pytest.fixture(scope="module")
-def appliance() -> None:
-    why = _appliance_probe()
-    if why is not None:
-        if in_ci():
-            pytest.fail(why)
-        pytest.skip(why)
+@pytest.fixture
+def appliance(guestfs_appliance: None) -> None:
+    """libguestfs starts an appliance here (tests/fixtures/guestfs.py), else skip/fail."""
 
 
 def _mkfs(tree: Path, image: Path) -> None:
