@@ -22,6 +22,7 @@ _COMMAND_GROUPS = (
     "vmvault.scheduler.commands.backup",
     "vmvault.scheduler.commands.restore",
     "vmvault.scheduler.commands.serve",
+    "vmvault.scheduler.commands.files",
     "vmvault.scheduler.commands.fleet",
 )
 

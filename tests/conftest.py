@@ -3,6 +3,7 @@
 pytest_plugins = [
     "tests.fixtures.qemu",
     "tests.fixtures.guest",
+    "tests.fixtures.guestfs",
     "tests.fixtures.redis",
     "tests.fixtures.s3",
 ]

@@ -18,3 +18,9 @@ class RestoreError(WorkerError):
 class ServeError(WorkerError):
     """``vmvault serve`` could not start or keep its NBD server (nbdkit missing or exited,
     socket path taken). Not retryable as it stands: the message says what to change."""
+
+
+class FilesError(WorkerError):
+    """``vmvault files`` could not list or fetch as asked: no such path or filesystem, a
+    file in the way, or the libguestfs appliance failed. Not retryable as it stands: the
+    message says what to change or install."""

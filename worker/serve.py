@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -137,6 +137,42 @@ def serve(
 ) -> None:
     """Serve the chosen backup until SIGTERM/SIGINT (raised as exceptions by the CLI's
     ``signals_as_exceptions``) or until nbdkit exits; ``ServeError`` in the latter case."""
+    with exported(config, config_file, domain, listen, backup_id, at, disks, cache_mib) as export:
+        on_ready(export.info)
+        _watch(export.proc, export.lease, export.tail)
+
+
+@dataclass
+class Export:
+    """A running nbdkit serving one backup, as ``exported`` yields it."""
+
+    info: ServeInfo
+    manifest: Manifest
+    proc: subprocess.Popen[bytes]
+    lease: Lease
+    tail: deque[str]
+
+    def check(self) -> None:
+        """``ServeError`` if nbdkit has exited (a client's read error is then explained)."""
+        code = self.proc.poll()
+        if code is not None:
+            raise ServeError(f"nbdkit exited with code {code}: {_last_error(self.tail)}")
+
+
+@contextlib.contextmanager
+def exported(
+    config: FleetConfig,
+    config_file: Path,
+    domain: str,
+    listen: Listen,
+    backup_id: str | None = None,
+    at: datetime | None = None,
+    disks: list[str] | None = None,
+    cache_mib: int = DEFAULT_CACHE_MIB,
+) -> Iterator[Export]:
+    """nbdkit serving the chosen backup's disks, ready for clients, for the ``with`` block;
+    then stopped, the socket removed and the lease released (``vmvault files`` reads
+    through it too)."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError(
@@ -166,8 +202,7 @@ def serve(
             listen=f"{listen.host}:{listen.port}" if listen.socket is None else None,
         )
         log.info("serving backup %s of %s: nbdkit pid %d", manifest.backup_id, domain, proc.pid)
-        on_ready(info)
-        _watch(proc, lease, tail)
+        yield Export(info, manifest, proc, lease, tail)
 
 
 def start_nbdkit(
