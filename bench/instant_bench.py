@@ -156,16 +156,18 @@ def guest_reader(ctl: Path, size: int, proc: subprocess.Popen[str], reads: Guest
     """Random 64 KiB reads of vda, one at a time, from the moment the VM runs until the
     copy (the mirror job) is gone or the live restore exits."""
     rnd = random.Random(13)
-    session = QmpSession("bench", ctl)
+    session: QmpSession | None = None
     try:
         while True:  # QEMU and its monitors appear once the live restore starts it
+            session = QmpSession("bench", ctl)  # a closed session cannot connect again
             try:
                 session.connect(timeout=1)
                 if session.query_status() == "running":
                     break
-                session.close()
             except QmpError:
                 pass
+            session.close()
+            session = None
             if proc.poll() is not None:
                 return
             time.sleep(0.01)
@@ -184,7 +186,8 @@ def guest_reader(ctl: Path, size: int, proc: subprocess.Popen[str], reads: Guest
     except BaseException as err:  # reported by the caller
         reads.error = err
     finally:
-        session.close()
+        if session is not None:
+            session.close()
 
 
 def time_live(
@@ -391,15 +394,15 @@ def main() -> None:
         ):
             total_s = statistics.median(total)
             print(
-                f"{label + ': VM running after':26}{statistics.median(up):6.2f} s"
+                f"{label + ': VM running after':33}{statistics.median(up):6.2f} s"
                 f"                rounds {rounds_of(up)}"
             )
             print(
-                f"{label + ': copy (running->done)':26}{statistics.median(copy_d):6.2f} s"
+                f"{label + ': copy (running->done)':33}{statistics.median(copy_d):6.2f} s"
                 f"                rounds {rounds_of(copy_d)}"
             )
             print(
-                f"{label + ': duration_s':26}{total_s:6.2f} s  {size_mib / total_s:7.0f} MiB/s"
+                f"{label + ': duration_s':33}{total_s:6.2f} s  {size_mib / total_s:7.0f} MiB/s"
                 f"   rounds {rounds_of(total)} (command wall {rounds_of(wall_d)})"
             )
         per_round = zip(read_counts, read_means, strict=True)
