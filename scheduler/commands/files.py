@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import EXIT_USAGE, add_command
-from vmvault.scheduler.commands.restore import _parse_time
+from vmvault.scheduler.commands.restore import add_backup_choice
 
 if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
@@ -24,14 +24,7 @@ def register(commands: Any) -> None:
         "list or fetch files inside a backup's disk (read in a libguestfs appliance)",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to read")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
-    which.add_argument(
-        "--at",
-        metavar="ISO-TIME",
-        type=_parse_time,
-        help="the newest backup taken at or before this time (UTC unless it has an offset)",
-    )
+    add_backup_choice(parser)
     parser.add_argument("--disk", metavar="NAME", required=True, help="the disk to read")
     parser.add_argument(
         "--filesystem",

@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from vmvault.worker.restore import RestoreResult
 
 
+def add_backup_choice(parser: Any) -> None:
+    """``--backup ID`` or ``--at TIME``: which backup a command reads (restore, serve,
+    files); neither means the newest."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
+    which.add_argument(
+        "--at",
+        metavar="ISO-TIME",
+        type=_parse_time,
+        help="the newest backup taken at or before this time (UTC unless it has an offset)",
+    )
+
+
 def register(commands: Any) -> None:
     """Add the ``restore`` command."""
     parser = add_command(
@@ -27,14 +40,7 @@ def register(commands: Any) -> None:
         " (--incoming), or live: the guest runs while the backup is copied in (--live)",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to restore")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
-    which.add_argument(
-        "--at",
-        metavar="ISO-TIME",
-        type=_parse_time,
-        help="the newest backup taken at or before this time (UTC unless it has an offset)",
-    )
+    add_backup_choice(parser)
     # Kept as text: Path("") is Path("."), and an empty --to must not mean "here".
     parser.add_argument(
         "--to",

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import EXIT_USAGE, add_command
-from vmvault.scheduler.commands.restore import _parse_time
+from vmvault.scheduler.commands.restore import add_backup_choice
 
 if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
@@ -23,14 +23,7 @@ def register(commands: Any) -> None:
         "serve a backup's disks as read-only NBD exports (instant access) until stopped",
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to serve")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--backup", metavar="ID", help="backup id (default: the newest)")
-    which.add_argument(
-        "--at",
-        metavar="ISO-TIME",
-        type=_parse_time,
-        help="the newest backup taken at or before this time (UTC unless it has an offset)",
-    )
+    add_backup_choice(parser)
     parser.add_argument(
         "--disk", metavar="NAME", action="append", help="only this disk (repeatable)"
     )
