@@ -343,26 +343,37 @@ class Repository:
             raise WriterError(f"parent {parent.backup_id} is newer than the repository format")
         now = datetime.now(UTC)
         backup_id = new_backup_id(now)
-        lease = Lease(self.backend, "shared", f"backup {domain}/{backup_id}", self.lease_ttl)
-        lease.acquire()
-        # The caller read ``parent`` before our lease existed: a prune (and a GC after
-        # it) may have removed it and its chunks since. Now that GC is held off, the
-        # parent's manifest still existing means every chunk its index names does too.
-        if parent is not None:
-            try:
-                alive = self.backend.exists(parent.key)
-            except BaseException:
-                lease.release()
-                raise
-            if not alive:
-                lease.release()
-                raise WriterError(
-                    f"parent backup {parent.backup_id} of {domain} no longer exists "
-                    "(pruned meanwhile): take a full backup or use the latest one"
-                )
+        lease = self.lease_on(parent, f"backup {domain}/{backup_id}")
+        if lease is None:
+            assert parent is not None
+            raise WriterError(
+                f"parent backup {parent.backup_id} of {domain} no longer exists "
+                "(pruned meanwhile): take a full backup or use the latest one"
+            )
         from vmvault.storage.writer import BackupWriter  # the writer builds on this module
 
         return BackupWriter(self, domain, backup_id, parent, kind, reason, checkpoint, now, lease)
+
+    def lease_on(self, manifest: Manifest | None, what: str) -> Lease | None:
+        """A shared lease (GC held off) for work that needs ``manifest``'s objects; None,
+        with nothing held, when the manifest is gone once the lease is.
+
+        The caller read ``manifest`` before its lease existed: a prune (and a GC after it)
+        may have removed it and its chunks since. Under the lease, the manifest still
+        existing means every object its indexes name does too.
+        """
+        lease = Lease(self.backend, "shared", what, self.lease_ttl).acquire()
+        if manifest is None:
+            return lease
+        try:
+            alive = self.backend.exists(manifest.key)
+        except BaseException:
+            lease.release()
+            raise
+        if not alive:
+            lease.release()
+            return None
+        return lease
 
     # ------------------------------------------------------------------ reading
 

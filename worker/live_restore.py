@@ -76,6 +76,7 @@ from vmvault.worker.restore import (
 )
 from vmvault.worker.restore_cleanup import (
     RestoreJournal,
+    fsync_dir,
     make_private_dir,
     remove_leftovers_locked,
     run_dir,
@@ -258,13 +259,7 @@ def run_live_restore(
         manifest = select_backup(repo, domain, backup_id, at)
         chosen = select_disks(manifest, None)
         paths = {d.name: target_dir / f"{d.name}.qcow2" for d in chosen}
-        checkpoint = restore_checkpoint_name(manifest)
-        if checkpoint is None:
-            log.warning(
-                "backup %s of %s records no checkpoint: the next backup after this restore is full",
-                manifest.backup_id,
-                domain,
-            )
+        checkpoint = restore_checkpoint_name(manifest)  # warns when there is none
         stack.enter_context(domain_lock(config.state_dir, domain, job="restore"))
         remove_leftovers_locked(config.state_dir, domain)
         ensure_qmp_free(domain, domain_cfg.qmp)
@@ -687,12 +682,4 @@ def _settle(result: LiveRestoreResult) -> None:
         os.replace(partial_path(disk.path), disk.path)
         overlay_path(disk.path).unlink(missing_ok=True)
     for directory in {d.path.parent for d in result.disks}:
-        _fsync_dir(directory)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(directory)

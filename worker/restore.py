@@ -62,6 +62,7 @@ from vmvault.worker.restore_cleanup import (
     COMMITTING,
     RestoreCleanupError,
     RestoreJournal,
+    fsync_dir,
     make_private_dir,
     remove_leftovers_locked,
     undo,
@@ -364,13 +365,7 @@ def _run(
         assert to_dir is not None
         target_dir = to_dir
     paths = {d.name: target_dir / f"{d.name}.qcow2" for d in chosen}
-    checkpoint = restore_checkpoint_name(manifest)
-    if checkpoint is None:
-        log.warning(
-            "backup %s of %s records no checkpoint: the next backup after this restore is full",
-            manifest.backup_id,
-            domain,
-        )
+    checkpoint = restore_checkpoint_name(manifest)  # warns when there is none
     meter = DiskProgress(progress, sum(d.virtual_size for d in chosen))
     with domain_lock(config.state_dir, domain, job="restore"):
         # A restore of this domain that died (SIGKILL, crash) left a journal: undo it first.
@@ -442,7 +437,7 @@ def _commit(journal: RestoreJournal) -> None:
     for disk in journal.disks:
         os.replace(disk.partial, disk.final)
     for directory in {Path(d.final).parent for d in journal.disks}:
-        _fsync_dir(directory)  # the renames themselves survive a power loss
+        fsync_dir(directory)  # the renames themselves survive a power loss
     journal.set_phase(COMMITTED)
     for disk in journal.disks:
         if disk.aside is not None:
@@ -450,14 +445,6 @@ def _commit(journal: RestoreJournal) -> None:
                 os.unlink(disk.aside)
             except OSError as err:  # only costs space; the restore itself is done
                 log.warning("restore: cannot remove the replaced image %s: %s", disk.aside, err)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _finish(journal: RestoreJournal) -> None:

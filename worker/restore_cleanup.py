@@ -191,12 +191,12 @@ class RestoreJournal:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     # -- records, each saved before the thing it names is created ------------------------
 
@@ -234,7 +234,8 @@ class RestoreJournal:
         self.save()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (renames, removals) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -324,7 +325,7 @@ def undo(journal: RestoreJournal, done: list[str]) -> None:
     with contextlib.suppress(OSError):
         for parent in {Path(d.final).parent for d in journal.disks}:
             if parent.exists():
-                _fsync_dir(parent)
+                fsync_dir(parent)
     for sockdir in journal.socket_dirs:
         if os.path.lexists(sockdir):
             shutil.rmtree(sockdir, ignore_errors=True)

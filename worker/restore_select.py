@@ -3,6 +3,7 @@ the checkpoint that ties the restored images to it. Pure reads of the repository
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,8 @@ from vmvault.storage.repository import Manifest, Repository
 from vmvault.worker.checkpoints import bitmap_name
 from vmvault.worker.config import FleetConfig
 from vmvault.worker.errors import RestoreError
+
+log = logging.getLogger(__name__)
 
 # Fetch threads. 8 GET as fast as 16 from the bench's SeaweedFS (843 vs 860 MiB/s) and
 # kept the restore's peak RSS at 315 instead of 380 MiB. For file:// decompression is
@@ -81,6 +84,11 @@ def restore_checkpoint_name(manifest: Manifest) -> str | None:
     checkpoint exists on the fresh image (worker/checkpoints.py naming).
     """
     if manifest.checkpoint is None:
+        log.warning(
+            "backup %s of %s records no checkpoint: the next backup after this restore is full",
+            manifest.backup_id,
+            manifest.domain,
+        )
         return None
     return bitmap_name(manifest.checkpoint, None)
 

@@ -298,19 +298,8 @@ def _stale_socket(path: Path) -> bool:
 def take_lease(repo: Repository, manifest: Manifest) -> Lease:
     """A shared lease (GC waits), then a check that the backup still exists under it: a
     prune and GC may have removed it between choosing it and taking the lease."""
-    lease = Lease(
-        repo.backend,
-        "shared",
-        f"serve {manifest.domain}/{manifest.backup_id}",
-        repo.lease_ttl,
-    ).acquire()
-    try:
-        alive = repo.backend.exists(manifest.key)
-    except BaseException:
-        lease.release()
-        raise
-    if not alive:
-        lease.release()
+    lease = repo.lease_on(manifest, f"serve {manifest.domain}/{manifest.backup_id}")
+    if lease is None:
         raise ServeError(
             f"backup {manifest.backup_id} of {manifest.domain} was pruned meanwhile:"
             f" serve another one ('vmvault list {manifest.domain}')"
