@@ -174,6 +174,17 @@ def copy_jobs(session: QmpSession) -> list[dict[str, Any]]:
     return [j for j in session.block_jobs() if j["type"] == "mirror"]
 
 
+def sized_copy_jobs(session: QmpSession) -> list[dict[str, Any]]:
+    """The copy jobs once QEMU has sized them: a mirror reports ``len`` 0 until its first pass."""
+    deadline = time.monotonic() + 10
+    while True:
+        jobs = copy_jobs(session)
+        if all(j["len"] > 0 for j in jobs):
+            return jobs
+        assert time.monotonic() < deadline, jobs
+        time.sleep(0.05)
+
+
 def test_stop_on_error_adds_to_disk_devices_only() -> None:
     argv = ["qemu", "-device", "virtio-blk-pci,drive=fmt-vda,id=vda", "-device", "virtio-rng",
             "-drive", "file=a.qcow2,if=virtio",
@@ -196,7 +207,7 @@ def test_live_restore_guest_runs_during_copy_then_incremental(live: Live, tmp_pa
         try:
             # The guest runs and the copy is far from done.
             assert session.query_status() == "running"
-            jobs = copy_jobs(session)
+            jobs = sized_copy_jobs(session)
             assert len(jobs) == 1 and jobs[0]["offset"] < jobs[0]["len"] // 2, jobs
             assert session.execute("qom-get", {"path": "/machine/peripheral/vda",
                                                "property": "rerror"}) == "stop"  # fmt: skip
