@@ -45,7 +45,7 @@ def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
                 cleaned += 1
         except Exception as err:
             log.warning("reaper: leftovers of a restore of %s not removed: %s", name, err)
-        if not domain.qmp.exists():
+        if domain.qmp is None or not domain.qmp.exists():
             continue
         if not thorough and not has_leftovers(config.state_dir, name):
             continue

@@ -373,7 +373,7 @@ def _run(
         remove_leftovers_locked(config.state_dir, domain)
         if incoming:
             # Before any file is touched: a running domain is never restored into.
-            ensure_qmp_free(domain, domain_cfg.qmp)
+            ensure_qmp_free(domain, domain_cfg.qmp_socket(domain))
         # Checked before anything is created: a refused restore leaves nothing behind.
         check_target_dir(target_dir)
         _check_targets(list(paths.values()), force)
@@ -607,7 +607,7 @@ def _restore_incoming(
         disks=restored,
         duration_s=0.0,
         checkpoint=checkpoint,
-        qmp=domain_cfg.qmp,
+        qmp=domain_cfg.qmp_socket(domain),
         qemu_pid=qemu.pid,
         booted=boot,
         qemu_log=log_path,
@@ -632,7 +632,7 @@ def _start_domain(
     restore's writes (QEMU 7.2+; 10.0 has ``blockdev-set-active``).
     """
     assert domain_cfg.launch is not None
-    qmp_path = domain_cfg.qmp
+    qmp_path = domain_cfg.qmp_socket(domain)
     argv = render_argv(domain, domain_cfg.launch, qmp_path, paths, incoming=not boot)
     qemu = start_qemu(domain, argv, qmp_path, log_path)
     if boot:
