@@ -13,7 +13,7 @@ from vmvault.worker.libvirt_backup import checkpoint_name
 from vmvault.worker.restore import run_restore
 
 
-def _restore(env: LibvirtEnv, backup_id: str) -> dict[str, bytes]:
+def restore_raw(env: LibvirtEnv, backup_id: str) -> dict[str, bytes]:
     """Restore ``backup_id`` to files and read each disk back raw."""
     target = env.tmp / f"restored-{backup_id}"
     run_restore(env.config, "lv", backup_id=backup_id, to_dir=target)
@@ -64,7 +64,7 @@ def test_full_incremental_crash_full_and_restore_every_backup(libvirt_env: Libvi
     _assert_in_step(env, last)
 
     for backup_id, ref in refs.items():
-        assert _restore(env, backup_id) == ref, backup_id
+        assert restore_raw(env, backup_id) == ref, backup_id
     assert vm.job_type() == 0  # no job left behind
     assert not any((env.config.state_dir / "scratch").glob("*/*"))
 
@@ -81,7 +81,7 @@ def test_lost_checkpoint_metadata_gives_a_full_backup_with_the_reason(
     second = run_backup(env.config, "lv")
     assert second.kind == "full"
     assert f"libvirt has no checkpoint {checkpoint_name(first.checkpoint)}" in second.reason
-    assert _restore(env, second.backup_id) == env.capture()
+    assert restore_raw(env, second.backup_id) == env.capture()
 
 
 def test_mode_incremental_refuses_when_libvirt_lost_the_checkpoint(
