@@ -199,10 +199,18 @@ class LibvirtDomain:
             flag = self._lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
             self._call(f"deleting checkpoint {name} metadata", point.delete, flag)
 
-    def redefine_checkpoint(self, name: str, disks: Sequence[str]) -> None:
+    def delete_checkpoint_metadata(self, name: str) -> None:
+        """Forget a checkpoint whose bitmaps are gone (its images were replaced)."""
+        point = self._call(f"checkpoint {name}", self._dom.checkpointLookupByName, name)
+        flag = self._lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY
+        self._call(f"deleting checkpoint {name} metadata", point.delete, flag)
+
+    def redefine_checkpoint(self, name: str, disks: Sequence[str], created: int) -> None:
         """Give libvirt the metadata of checkpoint ``name`` whose bitmaps already exist in
-        the images (a restore wrote them): ``VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE``."""
-        doc = checkpoint_xml(name, disks, self.xml(inactive=not self.is_active()))
+        the images (a restore wrote them): ``VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE``;
+        ``created`` is its creation time (Unix seconds), which a redefinition must carry."""
+        domain_xml = self.xml(inactive=not self.is_active())
+        doc = checkpoint_xml(name, disks, f"<creationTime>{created}</creationTime>{domain_xml}")
         flag = self._lv.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
         self._call(f"redefining checkpoint {name}", self._dom.checkpointCreateXML, doc, flag)
 
@@ -266,12 +274,13 @@ def backup_xml(
     )
 
 
-def checkpoint_xml(name: str, disks: Sequence[str], domain_xml: str | None = None) -> str:
-    """The ``<domaincheckpoint>`` document (pure); a redefinition carries the domain XML."""
+def checkpoint_xml(name: str, disks: Sequence[str], extra: str | None = None) -> str:
+    """The ``<domaincheckpoint>`` document (pure); a redefinition's ``extra`` carries its
+    creation time and the domain XML."""
     parts = "".join(f"<disk name={quoteattr(d)} checkpoint='bitmap'/>" for d in disks)
     return (
         f"<domaincheckpoint><name>{_text(name)}</name><disks>{parts}</disks>"
-        f"{domain_xml or ''}</domaincheckpoint>"
+        f"{extra or ''}</domaincheckpoint>"
     )
 
 

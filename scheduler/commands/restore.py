@@ -241,6 +241,9 @@ def _say_result(ctx: CliContext, result: RestoreResult) -> None:
         )
     if result.checkpoint:
         ctx.say(f"  checkpoint {result.checkpoint}: the next backup is incremental")
+    if result.mode == "libvirt":
+        state = "started through libvirt" if result.booted else "left shut off"
+        ctx.say(f"  libvirt domain {result.domain} restored into its images; {state}")
     if result.mode == "incoming":
         state = "running" if result.booted else "paused in incoming mode"
         ctx.say(f"  QEMU pid {result.qemu_pid} is {state}; QMP socket: {result.qmp}")
