@@ -35,6 +35,7 @@ from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.storage.repository import Repository
 from vmvault.storage.writer import BackupWriter
 from vmvault.worker import checkpoints as cp
+from vmvault.worker import offline
 from vmvault.worker.backup import (
     BackupError,
     BackupResult,
@@ -180,12 +181,9 @@ class _LibvirtJob:
 
     def run(self, allow: list[str] | None) -> BackupResult:
         lv, domain = self.lv, self.domain
-        if not lv.is_active():
-            raise DomainStateError(
-                f"libvirt domain {domain!r} is shut off: backups of shut-off libvirt domains "
-                "are not supported yet; start it, or back it up while it runs"
-            )
         check_socket_dir(self.state_dir, domain)
+        if not lv.is_active():
+            return self._run_shut_off(allow)
         self.step = "removing leftovers"
         leftovers = remove_libvirt_leftovers(lv, self.state_dir)
 
@@ -245,6 +243,84 @@ class _LibvirtJob:
             leftovers_removed=leftovers,
             consistency="crash",
             consistency_reason="libvirt domain: guest file systems not frozen",
+        )
+
+    def _run_shut_off(self, allow: list[str] | None) -> BackupResult:
+        """A shut-off domain: its images (paths from the XML) read whole through
+        qemu-storage-daemon, which holds their locks so the domain cannot start meanwhile.
+
+        libvirt takes no checkpoint of a shut-off domain, and nothing has written since its
+        newest one: the backup records that checkpoint (when libvirt still has it), so the
+        next online backup diffs from it. Changes since it are a superset of changes since
+        this backup, so that incremental stays exact; an unclean stop that broke its bitmap
+        makes libvirt refuse it, and that backup is full with the reason.
+        """
+        domain, lv = self.domain, self.lv
+        for stale in (scratch_dir(self.state_dir, domain), job_marker(self.state_dir, domain)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        self.step = "planning"
+        disks = lv.disks(allow)
+        chain = LibvirtChain(lv.checkpoints())
+        manifests = self.repo.list_manifests(domain)
+        kept = next(
+            (
+                m.checkpoint
+                for m in reversed(manifests)
+                if m.checkpoint is not None
+                and all(chain.why_unusable(m.checkpoint, d.name) is None for d in disks)
+            ),
+            None,
+        )
+        if self.mode == "incremental":
+            raise IncrementalUnavailableError(
+                f"domain {domain!r} is shut off: its images are read whole (libvirt takes no "
+                "checkpoint of a shut-off domain); run with --mode full or --mode auto"
+            )
+        reason = "domain shut off: images read whole (libvirt takes no checkpoint of it)"
+        images = {d.name: d.path for d in disks}
+        timeout = self.config.backup.io_timeout_seconds
+        self.step = "opening the images"
+        with offline.storage_daemon(domain, images, self.state_dir, timeout) as qsd:
+            infos = offline.list_images(qsd, images)
+            self.socket.unlink(missing_ok=True)
+            qsd.nbd_server_start(self.socket)
+            os.chmod(self.socket, 0o600)
+            try:
+                for disk in infos:
+                    qsd.block_export_add(f"vmv-e-{disk.name}", disk.node, disk.name, [])
+                writer = self.repo.open_backup(domain, None, "full", reason, kept)
+                try:
+                    self.step = "pulling data into the repository"
+                    results = self._pull(writer, infos, {})
+                    self.step = "committing the manifest"
+                    manifest = writer.commit(
+                        layout=disk_layout(infos),
+                        extra={
+                            "dirty_bytes": {r.name: r.dirty_bytes for r in results},
+                            "state": "shut-off",
+                            "consistency": "crash",
+                            "consistency_reason": "domain shut off: its disks as the guest "
+                            "left them (clean after a clean shutdown)",
+                        },
+                    )
+                except BaseException:
+                    writer.abort()
+                    raise
+            finally:
+                self.socket.unlink(missing_ok=True)
+        return BackupResult(
+            backup_id=manifest.backup_id,
+            domain=domain,
+            kind="full",
+            reason=reason,
+            parent=None,
+            checkpoint=kept or "",
+            disks=results,
+            duration_s=0.0,
+            state="shut-off",
         )
 
     def _begin(

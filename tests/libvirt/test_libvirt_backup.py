@@ -94,3 +94,29 @@ def test_mode_incremental_refuses_when_libvirt_lost_the_checkpoint(
     with pytest.raises(IncrementalUnavailableError, match="inconsistent"):
         run_backup(env.config, "lv", mode="incremental")
     assert vm.job_type() == 0
+
+
+def test_shut_off_domain_is_read_from_its_images_and_the_chain_goes_on(
+    libvirt_env: LibvirtEnv,
+) -> None:
+    env, vm = libvirt_env, libvirt_env.vm
+    vm.write("vda", 0, 1 * MiB, 0x31)
+    online = run_backup(env.config, "lv")
+    vm.write("vdb", 2 * MiB, 64 * KiB, 0x32)
+    vm.shutdown()
+    off = run_backup(env.config, "lv")
+    ref_off = env.capture()
+    assert (off.state, off.kind) == ("shut-off", "full")
+    assert off.checkpoint == online.checkpoint  # nothing wrote since: the chain goes on
+    assert restore_raw(env, off.backup_id) == ref_off
+    with pytest.raises(IncrementalUnavailableError, match="shut off"):
+        run_backup(env.config, "lv", mode="incremental")
+
+    vm.start()
+    vm.write("vda", 8 * MiB, 64 * KiB, 0x33)
+    back = run_backup(env.config, "lv")
+    assert back.kind == "incremental" and back.parent == off.backup_id
+    # Changes since the online backup's checkpoint: a superset of those since the shut-off one.
+    assert {d.name: d.dirty_bytes for d in back.disks} == {"vda": 64 * KiB, "vdb": 64 * KiB}
+    assert restore_raw(env, back.backup_id) == env.capture()
+    assert vm.checkpoints() == [checkpoint_name(back.checkpoint)]
