@@ -52,10 +52,13 @@ def register(commands: Any) -> None:
         "--incoming",
         action="store_true",
         help="start the domain's QEMU paused (-S -incoming defer) from its launch config"
-        " and restore into it",
+        " and restore into it; a libvirt domain (shut off) gets fresh images at the paths"
+        " of its XML",
     )
     parser.add_argument(
-        "--boot", action="store_true", help="with --incoming: then restart the domain normally"
+        "--boot",
+        action="store_true",
+        help="with --incoming: then restart the domain normally (libvirt: start it)",
     )
     parser.add_argument(
         "--live",
