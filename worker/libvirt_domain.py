@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ _OPERATIONS = {
     10: "snapshot delete",
 }
 BACKUP_JOB = _OPERATIONS[9]
+_JOB_END_TIMEOUT = 30.0
 
 
 class LibvirtError(WorkerError):
@@ -168,10 +170,23 @@ class LibvirtDomain:
         sock = server.get("socket") if server is not None else None
         return Path(sock) if sock else None
 
-    def abort_job(self) -> None:
+    def abort_job(self, timeout: float = _JOB_END_TIMEOUT) -> None:
         """End the running job; for a pull-mode backup this is the normal end (libvirt
-        stops the NBD server and deletes the scratch files it created)."""
+        stops the NBD server and deletes the scratch files it created).
+
+        virDomainAbortJob can return while libvirt still winds the job down (its block
+        jobs end asynchronously): wait until it reports none, so that the next job on the
+        domain does not find this one.
+        """
         self._call("abortJob", self._dom.abortJob)
+        deadline = time.monotonic() + timeout
+        while self.job() is not None:
+            if time.monotonic() > deadline:
+                raise LibvirtError(
+                    f"libvirt domain {self.domain!r}: its job did not end within {timeout:.0f}s "
+                    "of virDomainAbortJob"
+                )
+            time.sleep(0.05)
 
     # -- checkpoints --------------------------------------------------------------------------
 
