@@ -54,6 +54,13 @@ class LibvirtError(WorkerError):
         self.code = code  # libvirt's virErrorNumber, 0 when not from libvirt
 
 
+class LibvirtSetupError(LibvirtError):
+    """The domain does not fit the config: no such libvirt domain, a configured disk it
+    lacks, a disk that is not qcow2. Not retryable: fix the config or the domain."""
+
+    retryable = False
+
+
 class CheckpointInconsistentError(LibvirtError):
     """libvirt has the checkpoint but its bitmap is missing or broken (QEMU exited
     uncleanly): a full backup is needed. Not retryable as an incremental."""
@@ -128,17 +135,17 @@ class LibvirtDomain:
         names = {d.name for d in found}
         missing = sorted(set(allow or []) - names)
         if missing:
-            raise LibvirtError(
+            raise LibvirtSetupError(
                 f"libvirt domain {self.domain!r} has no disk {', '.join(missing)} "
                 f"(its disks: {', '.join(sorted(names)) or 'none'}): "
                 f"fix domains.{self.domain}.disks"
             )
         chosen = [d for d in found if allow is None or d.name in allow]
         if not chosen:
-            raise LibvirtError(f"libvirt domain {self.domain!r} has no writable file disk")
+            raise LibvirtSetupError(f"libvirt domain {self.domain!r} has no writable file disk")
         for disk in chosen:
             if disk.format != "qcow2":
-                raise LibvirtError(
+                raise LibvirtSetupError(
                     f"libvirt domain {self.domain!r} disk {disk.name} is {disk.format}: libvirt "
                     "checkpoints need qcow2 images; convert it or leave it out of "
                     f"domains.{self.domain}.disks"
@@ -329,7 +336,7 @@ def open_domain(domain: str, uri: str, name: str) -> Iterator[LibvirtDomain]:
             dom = conn.lookupByName(name)
         except lv.libvirtError as err:
             if err.get_error_code() == _ERR_NO_DOMAIN:
-                raise LibvirtError(
+                raise LibvirtSetupError(
                     f"domain {domain!r}: libvirt at {uri} has no domain {name!r}: "
                     f"check domains.{domain}.libvirt.name",
                     _ERR_NO_DOMAIN,

@@ -10,6 +10,7 @@ from tests.libvirt.conftest import LibvirtEnv
 from vmvault.worker import qemu_img
 from vmvault.worker.backup import BackupResult, IncrementalUnavailableError, run_backup
 from vmvault.worker.libvirt_backup import checkpoint_name
+from vmvault.worker.libvirt_domain import LibvirtSetupError
 from vmvault.worker.restore import run_restore
 
 
@@ -120,3 +121,22 @@ def test_shut_off_domain_is_read_from_its_images_and_the_chain_goes_on(
     assert {d.name: d.dirty_bytes for d in back.disks} == {"vda": 64 * KiB, "vdb": 64 * KiB}
     assert restore_raw(env, back.backup_id) == env.capture()
     assert vm.checkpoints() == [checkpoint_name(back.checkpoint)]
+
+
+def test_a_domain_libvirt_lacks_or_a_disk_it_lacks_is_named(libvirt_env: LibvirtEnv) -> None:
+    env = libvirt_env
+    lv = env.config.domains["lv"]
+    assert lv.libvirt is not None
+    ghost = lv.model_copy(update={"libvirt": lv.libvirt.model_copy(update={"name": "ghost"})})
+    config = env.config.model_copy(update={"domains": {"lv": ghost}})
+    with pytest.raises(
+        LibvirtSetupError, match=r"has no domain 'ghost': check domains\.lv\.libvirt\.name"
+    ) as info:
+        run_backup(config, "lv")
+    assert not info.value.retryable
+    config = env.config.model_copy(
+        update={"domains": {"lv": lv.model_copy(update={"disks": ["vda", "vdz"]})}}
+    )
+    with pytest.raises(LibvirtSetupError, match="has no disk vdz"):
+        run_backup(config, "lv")
+    assert env.vm.job_type() == 0 and env.vm.checkpoints() == []
