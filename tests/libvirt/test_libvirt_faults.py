@@ -17,6 +17,7 @@ from tests.libvirt.test_libvirt_backup import restore_raw
 from vmvault.worker.backup import DomainStateError, run_backup
 from vmvault.worker.libvirt_backup import checkpoint_name
 from vmvault.worker.libvirt_domain import LibvirtDisk, open_domain
+from vmvault.worker.locks import DomainBusyError
 from vmvault.worker.reaper import reap_host
 
 
@@ -92,3 +93,22 @@ def test_a_job_libvirt_runs_for_someone_else_refuses_the_backup(
         finally:
             lv.abort_job()
     run_backup(env.config, "lv")  # and once it ended, the backup runs
+
+
+def test_a_second_backup_of_the_same_domain_is_refused_while_one_runs(
+    libvirt_env: LibvirtEnv,
+) -> None:
+    env, vm = libvirt_env, libvirt_env.vm
+    vm.write("vda", 0, 1 * MiB, 0x51)
+    refused: list[Exception] = []
+
+    def second(phase: str, done: int, total: int) -> None:
+        if not refused:
+            with pytest.raises(DomainBusyError, match="domain 'lv' is busy") as info:
+                run_backup(env.config, "lv")
+            refused.append(info.value)
+
+    first = run_backup(env.config, "lv", progress=second)
+    assert refused
+    assert restore_raw(env, first.backup_id) == env.capture()
+    assert vm.job_type() == 0 and vm.checkpoints() == [checkpoint_name(first.checkpoint)]
