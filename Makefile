@@ -7,7 +7,8 @@ STAMP     := $(VENV)/.setup-stamp
 DEB_PKGS  := qemu-system-x86 qemu-utils python3-venv python3-libnbd libnbd-bin redis-server \
              procps openssl busybox-static qemu-guest-agent kmod cpio e2fsprogs \
              nbdkit nbdkit-plugin-python python3-guestfs guestfish guestmount \
-             linux-image-amd64 xfsprogs
+             linux-image-amd64 xfsprogs \
+             libvirt-daemon-system libvirt-clients python3-libvirt virtnbdbackup
 # The test guest's kernel package (downloaded only; tests/fixtures/guest_image.py).
 GUEST_DEBS := $(VENV)/guest-debs
 

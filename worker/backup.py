@@ -23,12 +23,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import Manifest
@@ -197,11 +197,18 @@ class BackupResult:
         return cls(**{**doc, "disks": [DiskResult(**d) for d in doc["disks"]]})
 
 
+class ChainView(Protocol):
+    """What planning asks of a disk's checkpoint chain: QEMU's bitmaps
+    (``cp.DiskChain``) or libvirt's checkpoints (``worker/libvirt_backup.py``)."""
+
+    def why_unusable(self, checkpoint_id: str, disk: str) -> str | None: ...
+
+
 def plan_backup(
     domain: str,
     mode: BackupMode,
     disks: Sequence[DiskInfo],
-    chains: dict[str, cp.DiskChain],
+    chains: Mapping[str, ChainView],
     manifests: Sequence[Manifest],
 ) -> Plan:
     """Choose full or incremental (pure). ``manifests`` oldest → newest, as the repo lists them.
@@ -234,7 +241,7 @@ def plan_backup(
 
 
 def _why_not_parent(
-    manifest: Manifest, disks: Sequence[DiskInfo], chains: dict[str, cp.DiskChain]
+    manifest: Manifest, disks: Sequence[DiskInfo], chains: Mapping[str, ChainView]
 ) -> str | None:
     if manifest.checkpoint is None:
         return f"backup {manifest.backup_id} has no checkpoint"
@@ -326,6 +333,11 @@ def run_backup(
         raise BackupError(f"unknown backup mode {mode!r}: use one of {', '.join(MODES)}")
     dom_cfg = config.domain(domain)  # UnknownDomainError for a name not in the config
     with chunk_friendly_malloc():
+        if dom_cfg.libvirt is not None:
+            # Imported here: python3-libvirt is needed on hosts with libvirt domains only.
+            from vmvault.worker.libvirt_backup import run_libvirt_backup
+
+            return run_libvirt_backup(config, domain, mode, progress, dom_cfg)
         return _run_backup(config, domain, mode, progress, dom_cfg)
 
 
@@ -349,7 +361,7 @@ def _run_backup(
                 job.images = offline.image_paths(dom_cfg, dom_cfg.disks)
                 connection = offline.storage_daemon(domain, job.images, state_dir, timeout)
             else:
-                connection = open_session(domain, dom_cfg.qmp, timeout)
+                connection = open_session(domain, dom_cfg.qmp_socket(domain), timeout)
             with connection as session, config.repository.open() as repo:
                 job.session = session
                 result = _backup(job, repo, dom_cfg.disks)
@@ -373,7 +385,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
             f"domain {domain!r} is in state {status!r} (migration or restore in progress): "
             "back it up once it runs"
         )
-    _check_socket_dir(state_dir, domain)
+    check_socket_dir(state_dir, domain)
     job.step = Step.CLEANUP
     leftovers = remove_leftovers(qmp, state_dir)
     thaw_leftover(job.config, domain)  # a guest a dead job left frozen
@@ -412,7 +424,7 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
         pulled = sum(r.virtual_size for r in job.results.values())
         job.progress("commit", pulled, pulled)
         manifest = writer.commit(
-            layout=_layout(disks),
+            layout=disk_layout(disks),
             extra={
                 "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
                 "paused_ms": round(job.paused_ms, 1),
@@ -484,7 +496,7 @@ def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
     """
     qmp, domain, state_dir = job.qmp, job.domain, job.config.state_dir
     assert job.images is not None
-    _check_socket_dir(state_dir, domain)
+    check_socket_dir(state_dir, domain)
     # The QEMU that a dead job's markers were about has gone, and its objects with it.
     for marker in (job_marker, paused_marker, frozen_marker):
         marker(state_dir, domain).unlink(missing_ok=True)
@@ -512,7 +524,7 @@ def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
         pulled = sum(r.virtual_size for r in job.results.values())
         job.progress("commit", pulled, pulled)
         manifest = writer.commit(
-            layout=_layout(disks),
+            layout=disk_layout(disks),
             extra={
                 "dirty_bytes": {name: r.dirty_bytes for name, r in job.results.items()},
                 "state": "shut-off",
@@ -529,7 +541,7 @@ def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
     return _trim_and_report(job, repo, manifest, plan, new_id, state="shut-off")
 
 
-def _check_socket_dir(state_dir: Path, domain: str) -> None:
+def check_socket_dir(state_dir: Path, domain: str) -> None:
     sock = nbd_socket_path(state_dir, domain)
     if len(os.fsencode(sock)) > _MAX_SOCKET_PATH:
         raise BackupError(
@@ -787,7 +799,7 @@ def _read_failure(job: _Job, disk: DiskInfo, err: NbdError) -> BackupError:
     )
 
 
-def _layout(disks: Sequence[DiskInfo]) -> dict[str, Any]:
+def disk_layout(disks: Sequence[DiskInfo]) -> dict[str, Any]:
     """The domain's disk layout, for restore: names, sizes, formats, node names, files."""
     return {
         "disks": [

@@ -14,7 +14,7 @@ from vmvault.worker.qmp import open_session
 def chain_report(config: FleetConfig, domain: str) -> dict[str, Any]:
     """Per disk: checkpoints oldest → newest, their state and backup; and the next backup's plan."""
     dom = config.domain(domain)
-    with open_session(domain, dom.qmp) as qmp, config.repository.open() as repo:
+    with open_session(domain, dom.qmp_socket(domain)) as qmp, config.repository.open() as repo:
         disks = list_disks(qmp, dom.disks)
         manifests = repo.list_manifests(domain)
     by_checkpoint = {m.checkpoint: m.backup_id for m in manifests if m.checkpoint}

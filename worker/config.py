@@ -216,11 +216,29 @@ class GuestHook(_Strict):
         return argv
 
 
+class LibvirtConfig(_Strict):
+    """A domain libvirt manages: backed up through its checkpoint and backup API
+    (worker/libvirt_backup.py), never through QMP."""
+
+    uri: str = "qemu:///system"
+    # The libvirt domain name; None = the config's key (``domains.<name>``).
+    name: str | None = Field(default=None, min_length=1)
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, uri: str) -> str:
+        if not re.match(r"^[a-z][a-z0-9+]*://", uri):
+            raise ValueError(f"bad libvirt URI {uri!r}: use e.g. qemu:///system")
+        return uri
+
+
 class DomainConfig(_Strict):
-    """One VM: which host's worker owns it and how to reach its QEMU."""
+    """One VM: which host's worker owns it and how to reach its QEMU (``qmp``) or the
+    libvirt that manages it (``libvirt``): exactly one of the two."""
 
     host: Name
-    qmp: Path
+    qmp: Path | None = None
+    libvirt: LibvirtConfig | None = None
     disks: list[Name] | None = None
     launch: LaunchConfig | None = None
     # Application-consistent backups through qemu-guest-agent (worker/freeze.py).
@@ -234,8 +252,8 @@ class DomainConfig(_Strict):
 
     @field_validator("qmp")
     @classmethod
-    def _absolute(cls, path: Path) -> Path:
-        if not path.is_absolute():
+    def _absolute(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_absolute():
             raise ValueError(f"QMP socket path must be absolute, got {str(path)!r}")
         return path
 
@@ -246,6 +264,37 @@ class DomainConfig(_Strict):
             if not path.startswith("/"):
                 raise ValueError(f"mountpoints must be absolute paths in the guest, got {path!r}")
         return paths
+
+    @model_validator(mode="after")
+    def _qmp_or_libvirt(self) -> DomainConfig:
+        if (self.qmp is None) == (self.libvirt is None):
+            raise ValueError(
+                "set exactly one of qmp (the QEMU's QMP socket path) and libvirt "
+                "({uri, name} of a domain libvirt manages)"
+            )
+        if self.libvirt is not None:
+            # libvirt owns the QEMU: its disks, its start and its monitor.
+            for key in ("launch", "guest_agent"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to qmp domains only, not libvirt ones")
+        return self
+
+    def qmp_socket(self, domain: str) -> Path:
+        """The QMP socket of a QMP domain; ``ConfigError`` for a libvirt domain, whose
+        QEMU only libvirt may talk to."""
+        if self.qmp is None:
+            raise ConfigError(
+                [
+                    f"domains.{domain}: this operation needs a QMP domain (domains.{domain}.qmp);"
+                    f" {domain} is managed by libvirt"
+                ]
+            )
+        return self.qmp
+
+    def libvirt_name(self, domain: str) -> str:
+        """The libvirt domain name of a libvirt domain (``libvirt.name``, else the key)."""
+        assert self.libvirt is not None
+        return self.libvirt.name or domain
 
     @model_validator(mode="after")
     def _freeze_needs_agent(self) -> DomainConfig:

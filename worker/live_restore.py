@@ -262,7 +262,7 @@ def run_live_restore(
         checkpoint = restore_checkpoint_name(manifest)  # warns when there is none
         stack.enter_context(domain_lock(config.state_dir, domain, job="restore"))
         remove_leftovers_locked(config.state_dir, domain)
-        ensure_qmp_free(domain, domain_cfg.qmp)
+        ensure_qmp_free(domain, domain_cfg.qmp_socket(domain))
         check_target_dir(target_dir)
         _check_targets(list(paths.values()), force)
         _check_overlays(list(paths.values()))
@@ -284,7 +284,7 @@ def run_live_restore(
             domain=domain,
             disks=[LiveDisk(d.name, paths[d.name], d.virtual_size) for d in chosen],
             socket=socket,
-            qmp=domain_cfg.qmp,
+            qmp=domain_cfg.qmp_socket(domain),
             qemu_pid=0,
             qemu_log=config.state_dir / "logs" / f"{domain}.qemu.log",
             checkpoint=checkpoint,
@@ -401,10 +401,14 @@ def _start(
             # nothing to put back): a crash before the guest runs removes it too.
             journal.add_disk(disk.name, overlays[disk.name], overlays[disk.name])
             _create_overlay(overlays[disk.name], disk.virtual_size, backing_spec(listen, disk.name))
-        argv = render_argv(domain, domain_cfg.launch, domain_cfg.qmp, overlays, incoming=False)
+        argv = render_argv(
+            domain, domain_cfg.launch, domain_cfg.qmp_socket(domain), overlays, incoming=False
+        )
         argv = [*stop_on_error(argv), "-S"]
         record: Callable[[int], None] = lambda pid: journal.add_process("qemu", pid)  # noqa: E731
-        qemu = start_qemu(domain, argv, domain_cfg.qmp, result.qemu_log, on_start=record)
+        qemu = start_qemu(
+            domain, argv, domain_cfg.qmp_socket(domain), result.qemu_log, on_start=record
+        )
         session = connect_qmp(qemu)
         for disk in result.disks:
             node = _format_node(session, domain, disk.name, overlays[disk.name])

@@ -60,7 +60,7 @@ class ShutOffBackupError(WorkerError):
 def is_shut_off(dom: DomainConfig) -> bool:
     """Back up from the images: nothing listens on the QMP socket and the images are known."""
     launch = dom.launch
-    if launch is None or launch.image_dir is None:
+    if launch is None or launch.image_dir is None or dom.qmp is None:
         return False
     return not socket_is_listening(dom.qmp)
 

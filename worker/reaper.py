@@ -45,7 +45,11 @@ def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
                 cleaned += 1
         except Exception as err:
             log.warning("reaper: leftovers of a restore of %s not removed: %s", name, err)
-        if not domain.qmp.exists():
+        if domain.libvirt is not None:
+            if thorough or has_leftovers(config.state_dir, name):
+                cleaned += _reap_libvirt(config, name)
+            continue
+        if domain.qmp is None or not domain.qmp.exists():
             continue
         if not thorough and not has_leftovers(config.state_dir, name):
             continue
@@ -63,6 +67,28 @@ def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
         except Exception as err:
             log.warning("reaper: leftovers of domain %s not removed: %s", name, err)
     return cleaned
+
+
+def _reap_libvirt(config: FleetConfig, name: str) -> int:
+    """End the backup job a dead job left on libvirt domain ``name``; 1 when it did."""
+    # Imported here: python3-libvirt is needed on hosts with libvirt domains only.
+    from vmvault.worker.backup import DomainStateError
+    from vmvault.worker.libvirt_backup import remove_libvirt_leftovers
+    from vmvault.worker.libvirt_domain import open_domain
+
+    dom = config.domain(name)
+    assert dom.libvirt is not None
+    try:
+        with (
+            domain_lock(config.state_dir, name, "cleanup"),
+            open_domain(name, dom.libvirt.uri, dom.libvirt_name(name)) as lv,
+        ):
+            return int(remove_libvirt_leftovers(lv, config.state_dir))
+    except (DomainBusyError, DomainStateError):
+        return 0  # a live job of ours, or someone else's job (a migration): not ours to end
+    except Exception as err:
+        log.warning("reaper: leftovers of libvirt domain %s not removed: %s", name, err)
+        return 0
 
 
 class Reaper:

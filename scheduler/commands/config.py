@@ -44,7 +44,11 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
     ctx.say(f"  domains     {len(config.domains)}")
     for name, domain in sorted(config.domains.items()):
         disks = ", ".join(domain.disks) if domain.disks else "all writable disks"
-        ctx.say(f"    {name:<20} host={domain.host} qmp={domain.qmp} disks: {disks}")
+        if domain.libvirt is not None:
+            reach = f"libvirt={domain.libvirt.uri} name={domain.libvirt_name(name)}"
+        else:
+            reach = f"qmp={domain.qmp}"
+        ctx.say(f"    {name:<20} host={domain.host} {reach} disks: {disks}")
     ctx.say(f"  schedules   {len(config.schedules)}")
     for name, sched in sorted(config.schedules.items()):
         matched = config.domains_matching(sched.domains)

@@ -52,10 +52,13 @@ def register(commands: Any) -> None:
         "--incoming",
         action="store_true",
         help="start the domain's QEMU paused (-S -incoming defer) from its launch config"
-        " and restore into it",
+        " and restore into it; a libvirt domain (shut off) gets fresh images at the paths"
+        " of its XML",
     )
     parser.add_argument(
-        "--boot", action="store_true", help="with --incoming: then restart the domain normally"
+        "--boot",
+        action="store_true",
+        help="with --incoming: then restart the domain normally (libvirt: start it)",
     )
     parser.add_argument(
         "--live",
@@ -241,6 +244,9 @@ def _say_result(ctx: CliContext, result: RestoreResult) -> None:
         )
     if result.checkpoint:
         ctx.say(f"  checkpoint {result.checkpoint}: the next backup is incremental")
+    if result.mode == "libvirt":
+        state = "started through libvirt" if result.booted else "left shut off"
+        ctx.say(f"  libvirt domain {result.domain} restored into its images; {state}")
     if result.mode == "incoming":
         state = "running" if result.booted else "paused in incoming mode"
         ctx.say(f"  QEMU pid {result.qemu_pid} is {state}; QMP socket: {result.qmp}")

@@ -165,7 +165,7 @@ def test_compose_config_points_at_compose_services() -> None:
     # QEMU on the host and the worker in the container must see the same paths.
     assert mounts[str(config.state_dir)] == str(config.state_dir)
     for domain in config.domains.values():
-        qmp_dir = str(domain.qmp.parent)
+        qmp_dir = str(domain.qmp_socket("docker example").parent)
         assert mounts.get(qmp_dir) == qmp_dir, f"QMP dir {qmp_dir} not mounted at the same path"
     host = worker["command"][worker["command"].index("--host") + 1]
     assert host in {d.host for d in config.domains.values()}
