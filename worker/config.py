@@ -275,6 +275,13 @@ class RetentionPolicy(_Strict):
         return self
 
 
+class NamedRepositoryConfig(RepositoryConfig):
+    """A further repository (``repositories:``), e.g. an off-site copy of the primary:
+    the same keys, plus the retention ``prune --repository NAME`` applies there."""
+
+    retention: RetentionPolicy | None = None
+
+
 class ScheduleConfig(_Strict):
     """A cron schedule of backups for the domains matching ``domains`` (names or globs)."""
 
@@ -371,6 +378,9 @@ class FleetConfig(_Strict):
     """The whole fleet: repository, broker, state directory, domains and schedules."""
 
     repository: RepositoryConfig
+    # More repositories by name (off-site copies, ``vmvault copy --to NAME``); backups
+    # are written to ``repository`` only.
+    repositories: dict[Name, NamedRepositoryConfig] = Field(default_factory=dict)
     broker: str | None = None
     broker_password_file: AbsolutePath | None = None
     state_dir: Path = Path("/var/lib/vmvault")
@@ -439,6 +449,31 @@ class FleetConfig(_Strict):
             if host not in used:
                 raise ValueError(f"hosts.{host}: no domain runs on this host (check the name)")
         return self
+
+    @model_validator(mode="after")
+    def _repositories_are_distinct(self) -> FleetConfig:
+        seen = {self.repository.url: "repository"}
+        for name, repo in self.repositories.items():
+            other = seen.setdefault(repo.url, f"repositories.{name}")
+            if other != f"repositories.{name}":
+                raise ValueError(
+                    f"repositories.{name}: url {repo.url} is the url of {other} too "
+                    "(a copy needs two repositories)"
+                )
+        return self
+
+    def repository_config(self, name: str | None = None) -> RepositoryConfig:
+        """The repository called ``name`` in ``repositories``; None: the primary one.
+        ``ConfigError`` naming the known ones for any other name."""
+        if name is None:
+            return self.repository
+        try:
+            return self.repositories[name]
+        except KeyError:
+            known = ", ".join(sorted(self.repositories)) or "none are configured"
+            raise ConfigError(
+                [f"repository {name!r} is not in the config's repositories ({known})"]
+            ) from None
 
     def broker_url(self) -> str | None:
         """The URL to connect to the broker with: ``broker`` plus the password from

@@ -25,13 +25,15 @@ from vmvault.worker.job_frame import (
 )
 from vmvault.worker.job_policy import (
     JobRefusedError,
+    check_copy,
     check_gc,
     check_prune,
+    check_repository,
     check_restore,
     check_verify,
 )
 
-__all__ = ["WORKER_HOST_ENV", "backup", "gc", "ping", "prune", "restore", "verify"]
+__all__ = ["WORKER_HOST_ENV", "backup", "copy", "gc", "ping", "prune", "restore", "verify"]
 
 
 @app.task(bind=True, name="vmvault.backup", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
@@ -114,17 +116,51 @@ def restore(
     reject_on_worker_lost=True,
     throws=(JobRefusedError,),
 )
-def verify(self: Task, backup_id: str | None = None, read_data: bool = False) -> dict[str, Any]:
+def verify(
+    self: Task, backup_id: str | None = None, read_data: bool = False, repository: Any = None
+) -> dict[str, Any]:
     """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
     from vmvault.storage.verify import verify as verify_repository
 
     admit(self, "verify", None, lambda: check_verify(backup_id, read_data))
+    name = admit(
+        self, "verify", None, lambda: check_repository(fleet_config(), "verify", repository)
+    )
 
     def work(progress: JobProgress) -> Any:
-        with fleet_repository() as repo:
+        with fleet_repository(name) as repo:
             return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
 
     return run_job(self, "verify", None, work)
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.copy",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(JobRefusedError,),
+)
+def copy(
+    self: Task,
+    to: Any,
+    source: Any = None,
+    domains: Any = None,
+    backup_id: Any = None,
+) -> dict[str, Any]:
+    """Copy backups from ``source`` (None: the primary) to repository ``to`` (storage
+    queue; never touches a hypervisor). Resumable: a redelivery skips what is there."""
+    from vmvault.storage.copy import copy_backups, select_backups
+
+    config = fleet_config()
+    names = admit(self, "copy", None, lambda: check_copy(config, to, source, domains, backup_id))
+
+    def work(progress: JobProgress) -> Any:
+        with fleet_repository(names.source) as src, fleet_repository(names.to) as dst:
+            chosen = select_backups(src, names.domains, names.backup_id)
+            return copy_backups(src, dst, chosen, progress).to_json()
+
+    return run_job(self, "copy", None, work)
 
 
 @app.task(  # type: ignore[untyped-decorator]
@@ -140,6 +176,7 @@ def prune(
     domains: list[str] | None = None,
     dry_run: bool = False,
     schedule: str = "",
+    repository: Any = None,
 ) -> dict[str, Any]:
     """Apply a retention policy to ``domains`` (all when None); chunks are left to GC.
 
@@ -148,12 +185,12 @@ def prune(
     """
     from vmvault.storage.prune import KeepPolicy, plan_prune
 
-    rules = admit(
-        self, "prune", None, lambda: check_prune(fleet_config(), policy, domains, dry_run)
-    )
+    config = fleet_config()
+    name = admit(self, "prune", None, lambda: check_repository(config, "prune", repository))
+    rules = admit(self, "prune", None, lambda: check_prune(config, policy, domains, dry_run, name))
 
     def work(progress: JobProgress) -> Any:
-        with fleet_repository() as repo:
+        with fleet_repository(name) as repo:
             # Damaged manifests are planned too: neither kept nor removed, but named in
             # the result, as `vmvault prune` names them.
             scans = [repo.scan_manifests(d) for d in (domains if domains is not None else [None])]
@@ -179,15 +216,19 @@ def prune(
     reject_on_worker_lost=True,
     throws=(JobRefusedError,),
 )
-def gc(self: Task, dry_run: bool = False, grace: float | None = None) -> dict[str, Any]:
+def gc(
+    self: Task, dry_run: bool = False, grace: float | None = None, repository: Any = None
+) -> dict[str, Any]:
     """Mark-and-sweep GC under the repository's exclusive lock (storage queue); the grace
     window is never shorter than worker.gc_grace_seconds (its default too)."""
     from vmvault.storage.gc import collect_garbage
 
-    window = admit(self, "gc", None, lambda: check_gc(fleet_config(), grace, dry_run))
+    config = fleet_config()
+    name = admit(self, "gc", None, lambda: check_repository(config, "gc", repository))
+    window = admit(self, "gc", None, lambda: check_gc(config, grace, dry_run))
 
     def work(progress: JobProgress) -> Any:
-        with fleet_repository() as repo:
+        with fleet_repository(name) as repo:
             return collect_garbage(repo, grace=window, dry_run=dry_run, progress=progress)
 
     try:
