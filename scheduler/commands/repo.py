@@ -128,10 +128,15 @@ def _open(ctx: CliContext, args: argparse.Namespace) -> Repository:
     return ctx.repository_config(args).open()
 
 
-def _with_repository(args: argparse.Namespace, job: dict[str, Any]) -> dict[str, Any]:
+def _with_repository(
+    ctx: CliContext, args: argparse.Namespace, job: dict[str, Any]
+) -> dict[str, Any]:
     """A queued job's arguments, naming the repository when it is not the primary one
-    (a worker that does not know the name refuses the job)."""
-    return {**job, "repository": args.repository} if args.repository else job
+    (checked here first; a worker whose config lacks the name refuses the job)."""
+    if not args.repository:
+        return job
+    ctx.repository_config(args)
+    return {**job, "repository": args.repository}
 
 
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -343,7 +348,8 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
             return verify(repo, args.backup_id, read_data=args.read_data, progress=progress)
 
     with count_bars(ctx) as progress:
-        job = _with_repository(args, {"backup_id": args.backup_id, "read_data": args.read_data})
+        job = {"backup_id": args.backup_id, "read_data": args.read_data}
+        job = _with_repository(ctx, args, job)
         report = run_job(ctx, args, "verify", job, progress, local, VerifyReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
@@ -386,7 +392,7 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
         plan = plan_prune(policy, scan.manifests, scan.damaged)
         with count_bars(ctx) as progress:
             job = {"policy": policy.to_json(), "domains": args.domain and [args.domain]}
-            job = _with_repository(args, job)
+            job = _with_repository(ctx, args, job)
             removed = run_job(
                 ctx,
                 args,
@@ -421,7 +427,7 @@ def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
             return collect_garbage(repo, grace=args.grace, dry_run=args.dry_run, progress=progress)
 
     with count_bars(ctx) as progress:
-        job = _with_repository(args, {"grace": args.grace, "dry_run": args.dry_run})
+        job = _with_repository(ctx, args, {"grace": args.grace, "dry_run": args.dry_run})
         report = run_job(ctx, args, "gc", job, progress, local, GcReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
