@@ -282,6 +282,15 @@ class NamedRepositoryConfig(RepositoryConfig):
     retention: RetentionPolicy | None = None
 
 
+def _valid_cron(expr: str) -> str:
+    # Imported here: only configs with schedules need it, and it costs CLI start-up.
+    from croniter import croniter
+
+    if not croniter.is_valid(expr):
+        raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
+    return expr
+
+
 class ScheduleConfig(_Strict):
     """A cron schedule of backups for the domains matching ``domains`` (names or globs)."""
 
@@ -295,12 +304,26 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, expr: str) -> str:
-        # Imported here: only configs with schedules need it, and it costs CLI start-up.
-        from croniter import croniter
+        return _valid_cron(expr)
 
-        if not croniter.is_valid(expr):
-            raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
-        return expr
+
+class CopyJobConfig(_Strict):
+    """A cron schedule of copies of the domains matching ``domains`` to repository ``to``
+    (``vmvault copy`` as a fleet job on the storage queue), then ``retention`` there."""
+
+    cron: str
+    domains: list[str] = Field(min_length=1)
+    to: Name
+    # Where from: a key of ``repositories``; None = the primary repository.
+    source: Name | None = Field(default=None, alias="from")
+    retention: RetentionPolicy | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, expr: str) -> str:
+        return _valid_cron(expr)
 
 
 class HostConfig(_Strict):
@@ -386,6 +409,7 @@ class FleetConfig(_Strict):
     state_dir: Path = Path("/var/lib/vmvault")
     domains: dict[Name, DomainConfig] = Field(default_factory=dict)
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
+    copy_jobs: dict[Name, CopyJobConfig] = Field(default_factory=dict)
     hosts: dict[Name, HostConfig] = Field(default_factory=dict)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
@@ -460,6 +484,24 @@ class FleetConfig(_Strict):
                     f"repositories.{name}: url {repo.url} is the url of {other} too "
                     "(a copy needs two repositories)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _copy_jobs_name_repositories(self) -> FleetConfig:
+        for job_name, job in self.copy_jobs.items():
+            for key, repo in (("to", job.to), ("from", job.source)):
+                if repo is not None and repo not in self.repositories:
+                    known = ", ".join(sorted(self.repositories)) or "none"
+                    raise ValueError(
+                        f"copy_jobs.{job_name}.{key}: {repo!r} is not in repositories ({known})"
+                    )
+            if job.to == job.source:
+                raise ValueError(f"copy_jobs.{job_name}: 'from' and 'to' are the same")
+            for pattern in job.domains:
+                if not fnmatch.filter(self.domains, pattern):
+                    raise ValueError(
+                        f"copy_jobs.{job_name}.domains: {pattern!r} matches no configured domain"
+                    )
         return self
 
     def repository_config(self, name: str | None = None) -> RepositoryConfig:

@@ -251,12 +251,22 @@ def check_repository(config: FleetConfig, job: str, repository: Any) -> str | No
 
 @dataclass(frozen=True)
 class CopyArgs:
-    """A queued copy's arguments, checked."""
+    """A queued copy's arguments, checked; ``retention`` applies on the target after it."""
 
     to: str
     source: str | None
     domains: list[str]
     backup_id: str | None
+    retention: RetentionPolicy | None = None
+
+
+def check_copy_job(config: FleetConfig, copy_job: Any) -> CopyArgs:
+    """A scheduled copy: everything comes from this worker's ``copy_jobs`` entry."""
+    if not isinstance(copy_job, str) or copy_job not in config.copy_jobs:
+        raise _refuse("copy", "copy_jobs", f"{str(copy_job)[:80]!r} is not in this worker's config")
+    job = config.copy_jobs[copy_job]
+    domains = config.domains_matching(job.domains)
+    return CopyArgs(job.to, job.source, domains, None, job.retention)
 
 
 def check_copy(config: FleetConfig, to: Any, source: Any, domains: Any, backup_id: Any) -> CopyArgs:

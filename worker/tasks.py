@@ -26,6 +26,7 @@ from vmvault.worker.job_frame import (
 from vmvault.worker.job_policy import (
     JobRefusedError,
     check_copy,
+    check_copy_job,
     check_gc,
     check_prune,
     check_repository,
@@ -143,22 +144,46 @@ def verify(
 )
 def copy(
     self: Task,
-    to: Any,
+    to: Any = None,
     source: Any = None,
     domains: Any = None,
     backup_id: Any = None,
+    copy_job: Any = None,
 ) -> dict[str, Any]:
     """Copy backups from ``source`` (None: the primary) to repository ``to`` (storage
-    queue; never touches a hypervisor). Resumable: a redelivery skips what is there."""
+    queue; never touches a hypervisor). Resumable: a redelivery skips what is there.
+
+    A scheduled copy names only its ``copy_job``: repositories, domains and the retention
+    applied on the target afterwards come from this worker's config."""
     from vmvault.storage.copy import copy_backups, select_backups
+    from vmvault.storage.prune import KeepPolicy, plan_prune
 
     config = fleet_config()
-    names = admit(self, "copy", None, lambda: check_copy(config, to, source, domains, backup_id))
+    names = admit(
+        self,
+        "copy",
+        None,
+        lambda: (
+            check_copy_job(config, copy_job)
+            if copy_job is not None
+            else check_copy(config, to, source, domains, backup_id)
+        ),
+    )
 
     def work(progress: JobProgress) -> Any:
         with fleet_repository(names.source) as src, fleet_repository(names.to) as dst:
             chosen = select_backups(src, names.domains, names.backup_id)
-            return copy_backups(src, dst, chosen, progress).to_json()
+            doc: dict[str, Any] = copy_backups(src, dst, chosen, progress).to_json()
+            if names.retention is not None and names.domains:
+                rules = names.retention.model_dump(exclude_none=True)
+                scans = [dst.scan_manifests(d) for d in names.domains]
+                plan = plan_prune(
+                    KeepPolicy.from_rules(rules),
+                    [m for scan in scans for m in scan.manifests],
+                    [d for scan in scans for d in scan.damaged],
+                )
+                doc["pruned"] = plan.execute(dst, progress)
+            return doc
 
     return run_job(self, "copy", None, work)
 

@@ -63,3 +63,49 @@ def test_queued_copy_runs_on_the_storage_queue(fleet: Fleet) -> None:
     )
     record = fleet.wait_jobs([job_id])[job_id]
     assert record.state == "failed" and "repository 'elsewhere' is not in" in record.error
+
+
+def test_scheduled_copy_job_runs_once_per_slot_and_applies_its_retention(fleet: Fleet) -> None:
+    from datetime import UTC, datetime
+
+    from vmvault.scheduler.scheduler_loop import Scheduler
+
+    primary = f"file://{fleet.tmp / 'repo'}"
+    offsite = f"file://{fleet.tmp / 'offsite'}"
+    init_repository(primary, chunk_size=CHUNK).close()
+    init_repository(offsite, chunk_size=CHUNK, passphrase=b"other key", scrypt_n=2**12).close()
+    (fleet.tmp / "offsite.pass").write_bytes(b"other key\n")
+    disks = [os.urandom(2 * CHUNK) for _ in range(3)]
+    with open_repository(primary) as repo:
+        made = [write_full(repo, "web1", {"vda": d}) for d in disks]
+        write_full(repo, "db1", {"vda": os.urandom(CHUNK)})
+    config = fleet.write(
+        repositories={
+            "offsite": {"url": offsite, "passphrase_file": str(fleet.tmp / "offsite.pass")}
+        },
+        copy_jobs={
+            "nightly": {
+                "cron": "0 3 * * *",
+                "domains": ["web*"],
+                "to": "offsite",
+                "retention": {"keep_last": 2},
+            }
+        },
+        scheduler={"gc_interval_seconds": None},
+    )
+    fleet.start_worker("hv1", "--storage")
+    now = datetime(2026, 12, 3, 3, 0, 30, tzinfo=UTC)
+    first = Scheduler(config, fleet.redis.client(), fleet.app(), name="s1")
+    second = Scheduler(config, fleet.redis.client(), fleet.app(), name="s2")
+    sent = first.tick(now).enqueued + first.tick(now).enqueued + second.tick(now).enqueued
+    assert len(sent) == 1  # one copy per slot, whoever ticks
+    record = fleet.wait_jobs(sent)[sent[0]]
+    assert record.state == "succeeded", record.error
+    doc = json.loads(record.result)
+    assert doc["mode"] == "rebuild" and len(doc["copied"]) == 3
+    assert doc["pruned"] == [made[0].backup_id]
+    with open_repository(offsite, passphrase=b"other key") as dst:
+        kept = dst.list_manifests()
+        assert [m.backup_id for m in kept] == [m.backup_id for m in made[1:]]  # no db1
+        for m, data in zip(kept, disks[1:], strict=True):
+            assert read_back(dst, m, "vda") == data
