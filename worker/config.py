@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -503,6 +504,23 @@ class FleetConfig(_Strict):
                         f"copy_jobs.{job_name}.domains: {pattern!r} matches no configured domain"
                     )
         return self
+
+    # Set by ``with_primary``: which ``repositories`` entry ``repository`` now is (the
+    # nbdkit plugin, which loads the config file itself, is told the same name).
+    _repository_name: str | None = PrivateAttr(default=None)
+
+    @property
+    def repository_name(self) -> str | None:
+        return self._repository_name
+
+    def with_primary(self, name: str | None) -> FleetConfig:
+        """This config acting on ``repositories[name]`` as its repository (restore,
+        serve and files read a copy this way); itself for None."""
+        if name is None:
+            return self
+        copy = self.model_copy(update={"repository": self.repository_config(name)})
+        copy._repository_name = name
+        return copy
 
     def repository_config(self, name: str | None = None) -> RepositoryConfig:
         """The repository called ``name`` in ``repositories``; None: the primary one.

@@ -73,6 +73,7 @@ def restore(
     disks: list[str] | None = None,
     live: bool = False,
     speed: int = 0,
+    repository: Any = None,
 ) -> dict[str, Any]:
     """Restore one domain (runs on the domain's host), within the worker's queue policy.
 
@@ -83,6 +84,10 @@ def restore(
     from vmvault.worker.restore import run_restore
 
     config = fleet_config()
+    name = admit(self, "restore", domain, lambda: check_repository(config, "restore", repository))
+    if name is not None and live:
+        admit(self, "restore", domain, lambda: _refuse_live_named(name))
+    config = config.with_primary(name)
     args = admit(
         self,
         "restore",
@@ -107,6 +112,12 @@ def restore(
         "restore",
         args.domain,
         lambda progress: run_restore(config, progress=progress, **args.run_kwargs()),
+    )
+
+
+def _refuse_live_named(name: str) -> None:
+    raise JobRefusedError(
+        f"restore refused: a live restore reads the primary repository only, not {name!r}"
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def test_copy_to_offsite_and_repository_flag(
     cfg = tmp_path / "vmvault.yaml"
     cfg.write_text(
         f"repository:\n  url: {primary}\n"
+        "domains:\n  web1: {host: hv1, qmp: /run/vmvault/web1.qmp}\n"
         "repositories:\n"
         f"  offsite:\n    url: {offsite}\n    endpoint_url: {s3_server.endpoint_url}\n"
         f"    passphrase_file: {tmp_path / 'offsite.pass'}\n"
@@ -73,6 +75,24 @@ def test_copy_to_offsite_and_repository_flag(
         capsys, "verify", "--repository", "offsite", "--read-data", "--config", c, "--json"
     )
     assert code == 0 and doc["ok"] and doc["backups"] == 1
+
+    # Restore from the copy (qcow2 files, read back and verified): the newest kept one.
+    out = tmp_path / "restored"
+    code, doc, err = _run(
+        capsys, "restore", "web1", "--repository", "offsite", "--to", str(out), "--config", c,
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert doc["backup_id"] == made[1].backup_id and doc["disks"][0]["verified"] is True
+    raw = tmp_path / "restored.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", doc["disks"][0]["path"], str(raw)], check=True
+    )
+    assert raw.read_bytes() == disks[1]
+    code, _, err = _run(
+        capsys, "restore", "web1", "--repository", "offsite", "--live", "--config", c
+    )
+    assert code == 2 and "--live restores from the primary repository only" in err
 
     # Unknown names: a one-line error, exit 2, nothing touched.
     code, _, err = _run(capsys, "list", "--repository", "nope", "--config", c)
