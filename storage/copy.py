@@ -21,6 +21,7 @@ what is there (raw) or finds its chunks stored (rebuild), and GC sweeps the rest
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -174,6 +175,7 @@ class _RawCopier:
         # One listing per side: sizes are the read limits, presence the skip test.
         self.source_sizes = _sizes(source, (CHUNKS_PREFIX, PACKS_PREFIX))
         self.target_sizes = _sizes(target, (CHUNKS_PREFIX, PACKS_PREFIX))
+        self._lock = threading.Lock()  # objects are copied from the target's pool
 
     def copy(self, m: Manifest, progress: Progress) -> bool:
         lease = self.target.lease_on(None, f"copy {m.domain}/{m.backup_id} from {self.source.url}")
@@ -208,24 +210,29 @@ class _RawCopier:
             lease.release()
 
     def _copy_object(self, key: str) -> None:
-        if key in self.target_sizes:
-            self.report.objects_skipped += 1
-            self.report.bytes_skipped += self.target_sizes[key]
-            return
+        with self._lock:
+            there = self.target_sizes.get(key)
+            if there is not None:
+                self.report.objects_skipped += 1
+                self.report.bytes_skipped += there
+                return
         size = self.source_sizes.get(key)
         if size is None:
             raise ObjectNotFoundError(f"{self.source.url}: object {key} is missing from the source")
         self._copy_whole(key, size)
-        self.target_sizes[key] = size
+        with self._lock:
+            self.target_sizes[key] = size
 
     def _copy_whole(self, key: str, max_size: int) -> None:
         data = self.source.backend.get(key, max_size=max_size)
-        if self.target.backend.put(key, data, if_absent=True, defer_sync=True):
-            self.report.objects_copied += 1
-            self.report.bytes_copied += len(data)
-        else:
-            self.report.objects_skipped += 1
-            self.report.bytes_skipped += len(data)
+        stored = self.target.backend.put(key, data, if_absent=True, defer_sync=True)
+        with self._lock:
+            if stored:
+                self.report.objects_copied += 1
+                self.report.bytes_copied += len(data)
+            else:  # another copy stored it meanwhile (the same bytes: same name, same key)
+                self.report.objects_skipped += 1
+                self.report.bytes_skipped += len(data)
 
 
 def _sizes(repo: Repository, prefixes: Iterable[str]) -> dict[str, int]:

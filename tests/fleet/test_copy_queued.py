@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 from tests.fixtures.common import VENV_BIN
 from tests.fleet.conftest import Fleet
@@ -109,3 +110,45 @@ def test_scheduled_copy_job_runs_once_per_slot_and_applies_its_retention(fleet: 
         assert [m.backup_id for m in kept] == [m.backup_id for m in made[1:]]  # no db1
         for m, data in zip(kept, disks[1:], strict=True):
             assert read_back(dst, m, "vda") == data
+
+
+def test_queue_policy_checks_copy_and_repository_arguments(tmp_path: Path) -> None:
+    import pytest
+
+    from tests.fleet.conftest import make_config
+    from vmvault.worker.job_policy import (
+        JobRefusedError,
+        check_copy,
+        check_copy_job,
+        check_prune,
+        check_repository,
+    )
+
+    config = make_config(
+        tmp_path,
+        repositories={"offsite": {"url": f"file://{tmp_path}/off", "retention": {"keep_last": 3}}},
+        copy_jobs={"n": {"cron": "0 3 * * *", "domains": ["web*"], "to": "offsite"}},
+    )
+    assert check_repository(config, "gc", None) is None
+    assert check_repository(config, "gc", "offsite") == "offsite"
+    for bad in ("elsewhere", ["offsite"], {"a": 1}, 7, "x" * 10_000):
+        with pytest.raises(JobRefusedError, match="repositories"):
+            check_repository(config, "gc", bad)
+    args = check_copy(config, "offsite", None, ["web1"], None)
+    assert (args.to, args.source, args.domains) == ("offsite", None, ["web1"])
+    with pytest.raises(JobRefusedError, match="needs a target"):
+        check_copy(config, None, None, None, None)
+    with pytest.raises(JobRefusedError, match="both"):
+        check_copy(config, "offsite", "offsite", None, None)
+    with pytest.raises(JobRefusedError, match="backup_id"):
+        check_copy(config, "offsite", None, None, "../../etc")
+    with pytest.raises(JobRefusedError):
+        check_copy(config, "offsite", None, [{"nested": ["deep"]}], None)
+    job = check_copy_job(config, "n")
+    assert (job.to, job.domains) == ("offsite", ["web1", "web2"])
+    with pytest.raises(JobRefusedError, match="copy_jobs"):
+        check_copy_job(config, "other")
+    # The repository's own retention admits a queued prune of it, not of the primary.
+    assert check_prune(config, {"keep_last": 3}, ["web1"], False, "offsite") == {"last": 3}
+    with pytest.raises(JobRefusedError):
+        check_prune(config, {"keep_last": 3}, ["web1"], False, None)

@@ -60,14 +60,20 @@ KILLER = textwrap.dedent(
     from vmvault.storage.copy import copy_backups, select_backups
     from vmvault.storage.repository import open_repository
 
-    src = open_repository(sys.argv[1])
-    dst = open_repository(sys.argv[2], endpoint_url=sys.argv[3])
     after = int(sys.argv[4])
+    src_pass = sys.argv[5].encode() or None
+    dst_pass = sys.argv[6].encode() or None
+    src = open_repository(sys.argv[1], passphrase=src_pass)
+    dst = open_repository(sys.argv[2], endpoint_url=sys.argv[3] or None, passphrase=dst_pass)
+    seen = 0
 
     def progress(phase, done, total):
-        # A real SIGKILL in the middle of a backup's objects: no cleanup runs.
-        if phase.endswith("objects") and done >= after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        # A real SIGKILL in the middle of a backup's objects or regions: no cleanup runs.
+        global seen
+        if phase.startswith("copy ") and "/" in phase and done:
+            seen += 1
+            if seen >= after:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     copy_backups(src, dst, select_backups(src), progress)
     """
@@ -88,7 +94,7 @@ def test_copy_file_to_s3_and_back_killed_resumed_incremental(
 
     # Killed mid-copy: some objects are on the target, no manifest of the backup in flight.
     child = subprocess.run(
-        [sys.executable, "-c", KILLER, src_t.url, dst_t.url, str(dst_t.endpoint_url), "3"],
+        [sys.executable, "-c", KILLER, src_t.url, dst_t.url, str(dst_t.endpoint_url), "5", "", ""],
         env={**os.environ},
         capture_output=True,
         check=False,
@@ -165,7 +171,33 @@ def test_copy_between_different_keys_rebuilds_and_dedups(tmp_path: Path) -> None
             assert child.disks[0].stats.chunks_parent > 0
 
 
-def test_tampered_source_object_is_refused(tmp_path: Path) -> None:
+def test_rebuild_killed_and_resumed(tmp_path: Path) -> None:
+    src_t = Target("file", f"file://{tmp_path}/src")
+    dst_t = Target("file", f"file://{tmp_path}/dst")
+    with src_t.init(passphrase=b"one") as src:
+        images = _chain(src, "web", 8, 2)
+    with dst_t.init():
+        pass
+    child = subprocess.run(
+        [sys.executable, "-c", KILLER, src_t.url, dst_t.url, "", "30", "one", ""],
+        capture_output=True,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    with src_t.open(b"one") as src, dst_t.open() as dst:
+        before = len(dst.list_manifests())
+        assert before < len(images)  # killed before the end
+        left = _object_count(dst)
+        report = copy_backups(src, dst, select_backups(src))
+        assert report.mode == "rebuild" and len(report.copied) == len(images) - before
+        # Every chunk it reports stored is new on the target (one index and one manifest
+        # per backup besides): what the killed copy left is not stored again.
+        assert _object_count(dst) == left + report.objects_copied - 2 * len(report.copied)
+        _restores(dst, images)
+
+
+@pytest.mark.parametrize("key", [None, b"other"], ids=["raw", "rebuild"])
+def test_tampered_source_object_is_refused(tmp_path: Path, key: bytes | None) -> None:
     src_t = Target("file", f"file://{tmp_path}/src", root=tmp_path / "src")
     dst_t = Target("file", f"file://{tmp_path}/dst")
     with src_t.init() as src:
@@ -176,24 +208,27 @@ def test_tampered_source_object_is_refused(tmp_path: Path) -> None:
     data = bytearray(chunk.read_bytes())
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with src_t.open() as src, dst_t.init() as dst:
+    with src_t.open() as src, dst_t.init(passphrase=key) as dst:
         with pytest.raises(CorruptObjectError, match=chunk.name):
             copy_backups(src, dst, select_backups(src))
         assert dst.list_manifests() == []
 
 
-def test_two_copies_at_once_do_not_corrupt_the_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("a", "b"), [(None, None), (b"a", b"b")], ids=["raw", "rebuild"])
+def test_two_copies_at_once_do_not_corrupt_the_target(
+    tmp_path: Path, a: bytes | None, b: bytes | None
+) -> None:
     src_t = Target("file", f"file://{tmp_path}/src")
     dst_t = Target("file", f"file://{tmp_path}/dst")
-    with src_t.init(passphrase=b"a") as src:
+    with src_t.init(passphrase=a) as src:
         images = _chain(src, "web", 6, 2)
-    with dst_t.init(passphrase=b"b"):
+    with dst_t.init(passphrase=b):
         pass
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            with src_t.open(b"a") as src, dst_t.open(b"b") as dst:
+            with src_t.open(a) as src, dst_t.open(b) as dst:
                 copy_backups(src, dst, select_backups(src))
         except BaseException as err:  # reported by the assertion below
             errors.append(err)
@@ -204,6 +239,6 @@ def test_two_copies_at_once_do_not_corrupt_the_target(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    with dst_t.open(b"b") as dst:
+    with dst_t.open(b) as dst:
         assert len(dst.list_manifests()) == len(images)
         _restores(dst, images)
