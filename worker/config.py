@@ -100,6 +100,9 @@ class RepositoryConfig(_Strict):
                     raise ValueError(f"{key} applies to s3:// repositories only")
         return self
 
+    # The config section errors name (``repositories.NAME`` for those; see FleetConfig).
+    _where: str = PrivateAttr(default="repository")
+
     def read_passphrase(self) -> bytes | None:
         """The repository passphrase from ``passphrase_file`` (trailing newline dropped).
 
@@ -112,13 +115,16 @@ class RepositoryConfig(_Strict):
             data = self.passphrase_file.read_bytes()
         except OSError as err:
             raise ConfigError(
-                [f"repository.passphrase_file: cannot read {self.passphrase_file}: {err.strerror}"]
+                [
+                    f"{self._where}.passphrase_file: cannot read {self.passphrase_file}: "
+                    f"{err.strerror}"
+                ]
             ) from err
         passphrase = data.rstrip(b"\r\n")
         if not passphrase:
             raise ConfigError(
                 [
-                    f"repository.passphrase_file: passphrase file {self.passphrase_file} is "
+                    f"{self._where}.passphrase_file: passphrase file {self.passphrase_file} is "
                     "empty: write the passphrase into it"
                 ]
             )
@@ -479,6 +485,7 @@ class FleetConfig(_Strict):
     def _repositories_are_distinct(self) -> FleetConfig:
         seen = {self.repository.url: "repository"}
         for name, repo in self.repositories.items():
+            repo._where = f"repositories.{name}"
             other = seen.setdefault(repo.url, f"repositories.{name}")
             if other != f"repositories.{name}":
                 raise ValueError(

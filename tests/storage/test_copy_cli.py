@@ -94,6 +94,13 @@ def test_copy_to_offsite_and_repository_flag(
     )
     assert code == 2 and "--live restores from the primary repository only" in err
 
+    code, text, _ = _run(capsys, "config", "--config", c)
+    assert code == 0 and f"offsite              {offsite} (encrypted)" in text
+    (tmp_path / "offsite.pass").write_bytes(b"")
+    code, _, err = _run(capsys, "config", "--config", c)
+    assert code == 2 and "repositories.offsite.passphrase_file: passphrase file" in err
+    (tmp_path / "offsite.pass").write_bytes(b"off-site secret\n")
+
     # Unknown names: a one-line error, exit 2, nothing touched.
     code, _, err = _run(capsys, "list", "--repository", "nope", "--config", c)
     assert code == 2 and "'nope' is not in the config's repositories (offsite)" in err
