@@ -73,7 +73,9 @@ class CopyReport:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> CopyReport:
-        return cls(**doc)
+        """The report a copy job returned; members it does not know (a scheduled copy's
+        ``pruned``) are left out."""
+        return cls(**{k: v for k, v in doc.items() if k in cls.__dataclass_fields__})
 
 
 def same_key_material(source: Repository, target: Repository) -> bool:
