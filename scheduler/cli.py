@@ -19,6 +19,7 @@ from vmvault import __version__
 _COMMAND_GROUPS = (
     "vmvault.scheduler.commands.config",
     "vmvault.scheduler.commands.repo",
+    "vmvault.scheduler.commands.copy",
     "vmvault.scheduler.commands.backup",
     "vmvault.scheduler.commands.restore",
     "vmvault.scheduler.commands.serve",

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     # most of the CLI's start-up time (bench/cli_bench.py).
     from rich.console import Console
 
-    from vmvault.worker.config import FleetConfig
+    from vmvault.worker.config import FleetConfig, RepositoryConfig
 
 
 @dataclass
@@ -37,6 +37,11 @@ class CliContext:
         from vmvault.worker.config import load_config
 
         return load_config(self.config_file)
+
+    def repository_config(self, args: argparse.Namespace) -> RepositoryConfig:
+        """The repository a command acts on: ``--repository NAME``, else the primary one
+        (``ConfigError``, exit 2, for a name the config does not have)."""
+        return self.config.repository_config(getattr(args, "repository", None))
 
     @cached_property
     def console(self) -> Console:
@@ -71,6 +76,15 @@ class CliContext:
     def note(self, message: str) -> None:
         """A status message about the work (queued, waiting, ...): always stderr."""
         self.console.print(message)
+
+
+def add_repository_flag(parser: argparse.ArgumentParser, verb: str = "act on") -> None:
+    """Add ``--repository NAME`` (a key of the config's ``repositories``)."""
+    parser.add_argument(
+        "--repository",
+        metavar="NAME",
+        help=f"{verb} this repository of the config's 'repositories' instead of the primary one",
+    )
 
 
 class Handler(Protocol):

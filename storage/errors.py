@@ -80,3 +80,8 @@ class ObjectTooLargeError(CorruptObjectError):
 class FormatUpgradeNeededError(StorageError):
     """A version 1 repository was asked to take a new backup. Not retryable: run
     ``vmvault upgrade`` (existing backups stay readable)."""
+
+
+class CopyError(StorageError):
+    """A copy between repositories cannot be made as asked (chunk sizes differ, the
+    target is format version 1). Not retryable: choose or make another target."""

@@ -10,7 +10,7 @@ Reading is storage/repository.py; a writer is started with ``Repository.open_bac
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -117,9 +117,18 @@ class BackupWriter:
         return writer
 
     def commit(
-        self, layout: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+        self,
+        layout: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
+        finished: datetime | None = None,
+        before_write: Callable[[Manifest], None] | None = None,
     ) -> Manifest:
-        """Write the manifest, last; the backup exists from this moment on."""
+        """Write the manifest, last; the backup exists from this moment on.
+
+        ``finished`` defaults to now (a copy keeps the source's); ``before_write`` sees
+        the manifest before it is written and may raise to abort (a copy re-reads the
+        regions it wrote through it).
+        """
         self.check_open()
         if not self.disks:
             raise WriterError(f"backup {self.backup_id} of {self.domain} has no disks")
@@ -137,13 +146,16 @@ class BackupWriter:
                 reason=self.reason,
                 checkpoint=self.checkpoint,
                 created=self.created,
-                finished=datetime.now(UTC),
+                finished=finished or datetime.now(UTC),
                 chunk_size=self.repo.chunk_size,
                 disks=[d.result for d in self.disks.values() if d.result is not None],
                 layout=dict(layout or {}),
                 extra=dict(extra or {}),
                 version=MANIFEST_VERSION,
             )
+            if before_write is not None:
+                before_write(manifest)
+                self.lease.check()
             data = self.repo.seal_manifest(manifest)
             if not self.repo.backend.put(manifest.key, data, if_absent=True):
                 raise WriterError(f"manifest {manifest.key} already exists")

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -99,6 +100,9 @@ class RepositoryConfig(_Strict):
                     raise ValueError(f"{key} applies to s3:// repositories only")
         return self
 
+    # The config section errors name (``repositories.NAME`` for those; see FleetConfig).
+    _where: str = PrivateAttr(default="repository")
+
     def read_passphrase(self) -> bytes | None:
         """The repository passphrase from ``passphrase_file`` (trailing newline dropped).
 
@@ -111,13 +115,16 @@ class RepositoryConfig(_Strict):
             data = self.passphrase_file.read_bytes()
         except OSError as err:
             raise ConfigError(
-                [f"repository.passphrase_file: cannot read {self.passphrase_file}: {err.strerror}"]
+                [
+                    f"{self._where}.passphrase_file: cannot read {self.passphrase_file}: "
+                    f"{err.strerror}"
+                ]
             ) from err
         passphrase = data.rstrip(b"\r\n")
         if not passphrase:
             raise ConfigError(
                 [
-                    f"repository.passphrase_file: passphrase file {self.passphrase_file} is "
+                    f"{self._where}.passphrase_file: passphrase file {self.passphrase_file} is "
                     "empty: write the passphrase into it"
                 ]
             )
@@ -324,6 +331,22 @@ class RetentionPolicy(_Strict):
         return self
 
 
+class NamedRepositoryConfig(RepositoryConfig):
+    """A further repository (``repositories:``), e.g. an off-site copy of the primary:
+    the same keys, plus the retention ``prune --repository NAME`` applies there."""
+
+    retention: RetentionPolicy | None = None
+
+
+def _valid_cron(expr: str) -> str:
+    # Imported here: only configs with schedules need it, and it costs CLI start-up.
+    from croniter import croniter
+
+    if not croniter.is_valid(expr):
+        raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
+    return expr
+
+
 class ScheduleConfig(_Strict):
     """A cron schedule of backups for the domains matching ``domains`` (names or globs)."""
 
@@ -337,12 +360,26 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, expr: str) -> str:
-        # Imported here: only configs with schedules need it, and it costs CLI start-up.
-        from croniter import croniter
+        return _valid_cron(expr)
 
-        if not croniter.is_valid(expr):
-            raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
-        return expr
+
+class CopyJobConfig(_Strict):
+    """A cron schedule of copies of the domains matching ``domains`` to repository ``to``
+    (``vmvault copy`` as a fleet job on the storage queue), then ``retention`` there."""
+
+    cron: str
+    domains: list[str] = Field(min_length=1)
+    to: Name
+    # Where from: a key of ``repositories``; None = the primary repository.
+    source: Name | None = Field(default=None, alias="from")
+    retention: RetentionPolicy | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, expr: str) -> str:
+        return _valid_cron(expr)
 
 
 class HostConfig(_Strict):
@@ -420,11 +457,15 @@ class FleetConfig(_Strict):
     """The whole fleet: repository, broker, state directory, domains and schedules."""
 
     repository: RepositoryConfig
+    # More repositories by name (off-site copies, ``vmvault copy --to NAME``); backups
+    # are written to ``repository`` only.
+    repositories: dict[Name, NamedRepositoryConfig] = Field(default_factory=dict)
     broker: str | None = None
     broker_password_file: AbsolutePath | None = None
     state_dir: Path = Path("/var/lib/vmvault")
     domains: dict[Name, DomainConfig] = Field(default_factory=dict)
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
+    copy_jobs: dict[Name, CopyJobConfig] = Field(default_factory=dict)
     hosts: dict[Name, HostConfig] = Field(default_factory=dict)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
@@ -488,6 +529,67 @@ class FleetConfig(_Strict):
             if host not in used:
                 raise ValueError(f"hosts.{host}: no domain runs on this host (check the name)")
         return self
+
+    @model_validator(mode="after")
+    def _repositories_are_distinct(self) -> FleetConfig:
+        seen = {self.repository.url: "repository"}
+        for name, repo in self.repositories.items():
+            repo._where = f"repositories.{name}"
+            other = seen.setdefault(repo.url, f"repositories.{name}")
+            if other != f"repositories.{name}":
+                raise ValueError(
+                    f"repositories.{name}: url {repo.url} is the url of {other} too "
+                    "(a copy needs two repositories)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _copy_jobs_name_repositories(self) -> FleetConfig:
+        for job_name, job in self.copy_jobs.items():
+            for key, repo in (("to", job.to), ("from", job.source)):
+                if repo is not None and repo not in self.repositories:
+                    known = ", ".join(sorted(self.repositories)) or "none"
+                    raise ValueError(
+                        f"copy_jobs.{job_name}.{key}: {repo!r} is not in repositories ({known})"
+                    )
+            if job.to == job.source:
+                raise ValueError(f"copy_jobs.{job_name}: 'from' and 'to' are the same")
+            for pattern in job.domains:
+                if not fnmatch.filter(self.domains, pattern):
+                    raise ValueError(
+                        f"copy_jobs.{job_name}.domains: {pattern!r} matches no configured domain"
+                    )
+        return self
+
+    # Set by ``with_primary``: which ``repositories`` entry ``repository`` now is (the
+    # nbdkit plugin, which loads the config file itself, is told the same name).
+    _repository_name: str | None = PrivateAttr(default=None)
+
+    @property
+    def repository_name(self) -> str | None:
+        return self._repository_name
+
+    def with_primary(self, name: str | None) -> FleetConfig:
+        """This config acting on ``repositories[name]`` as its repository (restore,
+        serve and files read a copy this way); itself for None."""
+        if name is None:
+            return self
+        copy = self.model_copy(update={"repository": self.repository_config(name)})
+        copy._repository_name = name
+        return copy
+
+    def repository_config(self, name: str | None = None) -> RepositoryConfig:
+        """The repository called ``name`` in ``repositories``; None: the primary one.
+        ``ConfigError`` naming the known ones for any other name."""
+        if name is None:
+            return self.repository
+        try:
+            return self.repositories[name]
+        except KeyError:
+            known = ", ".join(sorted(self.repositories)) or "none are configured"
+            raise ConfigError(
+                [f"repository {name!r} is not in the config's repositories ({known})"]
+            ) from None
 
     def broker_url(self) -> str | None:
         """The URL to connect to the broker with: ``broker`` plus the password from

@@ -348,9 +348,10 @@ def _registry_write(job_id: str, write: Callable[[], None], patience: float = 15
             time.sleep(0.5)
 
 
-def fleet_repository() -> Any:
-    """The fleet config's repository, opened for one storage job."""
-    return fleet_config().repository.open()
+def fleet_repository(name: str | None = None) -> Any:
+    """The fleet config's repository (``repositories[name]``; None: the primary one),
+    opened for one storage job."""
+    return fleet_config().repository_config(name).open()
 
 
 _LOCKED_RETRIES = 20

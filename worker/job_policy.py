@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -232,13 +233,72 @@ def _policy_rules(policy: Any) -> dict[str, int]:
     return {rule: rules[rule] for rule in KEEP_RULES if rule in rules}
 
 
-def check_prune(config: FleetConfig, policy: Any, domains: Any, dry_run: Any) -> dict[str, int]:
-    """A queued prune's rules ({rule: count}) if this worker's policy admits the prune."""
+def check_repository(config: FleetConfig, job: str, repository: Any) -> str | None:
+    """A queued storage job's repository name (None: the primary) if this worker's config
+    has it: a job for a repository the worker does not know is refused, not run on the
+    primary."""
+    if repository is None:
+        return None
+    if not isinstance(repository, str) or repository not in config.repositories:
+        known = ", ".join(sorted(config.repositories)) or "none"
+        raise _refuse(
+            job,
+            "repositories",
+            f"repository {str(repository)[:80]!r} is not in this worker's config (known: {known})",
+        )
+    return repository
+
+
+@dataclass(frozen=True)
+class CopyArgs:
+    """A queued copy's arguments, checked; ``retention`` applies on the target after it."""
+
+    to: str
+    source: str | None
+    domains: list[str]
+    backup_id: str | None
+    retention: RetentionPolicy | None = None
+
+
+def check_copy_job(config: FleetConfig, copy_job: Any) -> CopyArgs:
+    """A scheduled copy: everything comes from this worker's ``copy_jobs`` entry."""
+    if not isinstance(copy_job, str) or copy_job not in config.copy_jobs:
+        raise _refuse("copy", "copy_jobs", f"{str(copy_job)[:80]!r} is not in this worker's config")
+    job = config.copy_jobs[copy_job]
+    domains = config.domains_matching(job.domains)
+    return CopyArgs(job.to, job.source, domains, None, job.retention)
+
+
+def check_copy(config: FleetConfig, to: Any, source: Any, domains: Any, backup_id: Any) -> CopyArgs:
+    """A queued copy's arguments if this worker's config has both repositories."""
+    target = check_repository(config, "copy", to)
+    if target is None:
+        raise _refuse("copy", "repositories", "a copy needs a target repository name")
+    origin = check_repository(config, "copy", source)
+    if origin == target:
+        raise _refuse("copy", "repositories", f"source and target are both {target!r}")
+    names = _names("copy", "domains", domains)
+    if backup_id is not None:
+        try:
+            check_backup_id(backup_id)
+        except (StorageError, TypeError):
+            raise _refuse("copy", "backup_id", f"{str(backup_id)[:80]!r} is no backup id") from None
+    return CopyArgs(target, origin, list(names or []), backup_id)
+
+
+def check_prune(
+    config: FleetConfig, policy: Any, domains: Any, dry_run: Any, repository: str | None = None
+) -> dict[str, int]:
+    """A queued prune's rules ({rule: count}) if this worker's policy admits the prune:
+    a retention configured for the domains, the repository, or worker.prune_policies."""
     rules = _policy_rules(policy)
     names = _names("prune", "domains", domains)
     if _flag("prune", "dry_run", dry_run):
         return rules  # deletes nothing
     listed = [_rules(p) for p in config.worker.prune_policies]
+    own = config.repositories[repository].retention if repository is not None else None
+    if own is not None:
+        listed.append(_rules(own))
     if names is None:
         if not any(keeps_at_least(rules, allowed) for allowed in listed):
             raise _refuse(

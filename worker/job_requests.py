@@ -42,6 +42,7 @@ class RestoreRequest:
     disks: list[str] | None = None
     live: bool = False  # run_live_restore instead of run_restore
     speed: int = 0  # live only: bytes/s per disk, 0 unlimited
+    repository: str | None = None  # a key of the config's repositories; None: primary
 
     def to_job_kwargs(self) -> dict[str, Any]:
         """The restore task's arguments (JSON-safe: time as ISO 8601, directory as text).
@@ -60,12 +61,14 @@ class RestoreRequest:
         }
         if self.live:
             kwargs.update(live=True, speed=self.speed)
+        if self.repository is not None:
+            kwargs["repository"] = self.repository
         return kwargs
 
     def run_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``run_restore`` besides the config and progress."""
         kwargs = asdict(self)
-        del kwargs["live"], kwargs["speed"]
+        del kwargs["live"], kwargs["speed"], kwargs["repository"]
         return kwargs
 
     def live_kwargs(self) -> dict[str, Any]:

@@ -89,6 +89,7 @@ class Settings:
     """The plugin's parameters (``key=value`` on nbdkit's command line)."""
 
     config: Path | None = None
+    repository: str | None = None  # a key of the config's repositories; None: primary
     domain: str | None = None
     backup: str | None = None
     disks: list[str] = field(default_factory=list)
@@ -105,7 +106,7 @@ class Server:
 
         if settings.config is None or settings.domain is None or settings.backup is None:
             raise ValueError("the plugin needs config=, domain= and backup=")
-        config = load_config(settings.config)
+        config = load_config(settings.config).with_primary(settings.repository)
         self.repo: Repository = open_repo(config)
         manifest = self.repo.load_manifest(settings.domain, settings.backup)
         names = settings.disks or [d.name for d in manifest.disks]
@@ -226,6 +227,8 @@ def _eio(err: Exception) -> None:
 def config(key: str, value: str) -> None:
     if key == "config":
         _settings.config = Path(value)
+    elif key == "repository":
+        _settings.repository = value
     elif key == "domain":
         _settings.domain = value
     elif key == "backup":

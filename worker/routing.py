@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-JobType = Literal["backup", "restore", "verify", "prune", "gc"]
+JobType = Literal["backup", "restore", "verify", "copy", "prune", "gc"]
 
 # auto: incremental when the checkpoint chain allows, else full.
 BackupMode = Literal["auto", "full", "incremental"]
@@ -16,7 +16,14 @@ MODES: tuple[BackupMode, ...] = ("auto", "full", "incremental")
 
 # Celery priorities on the Redis transport: 0 is served first. Restores are what an
 # operator waits for, so they jump ahead of scheduled backups; storage chores come last.
-PRIORITY: dict[str, int] = {"restore": 0, "backup": 5, "verify": 7, "prune": 8, "gc": 9}
+PRIORITY: dict[str, int] = {
+    "restore": 0,
+    "backup": 5,
+    "verify": 7,
+    "copy": 8,
+    "prune": 8,
+    "gc": 9,
+}
 
 STORAGE_QUEUE = "storage"
 

@@ -190,7 +190,14 @@ def exported(
         lease = take_lease(repo, manifest)
         stack.callback(release, lease)
         proc, tail = start_nbdkit(
-            stack, config_file, domain, manifest.backup_id, chosen, listen, cache_mib
+            stack,
+            config_file,
+            domain,
+            manifest.backup_id,
+            chosen,
+            listen,
+            cache_mib,
+            repository=config.repository_name,
         )
         info = ServeInfo(
             domain=domain,
@@ -213,6 +220,7 @@ def start_nbdkit(
     disks: list[str],
     listen: Listen,
     cache_mib: int = DEFAULT_CACHE_MIB,
+    repository: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], deque[str]]:
     """Start nbdkit serving ``disks`` of one backup on ``listen``; return once it accepts
     connections. ``stack`` stops it (and removes its socket) when it closes; the caller
@@ -237,6 +245,7 @@ def start_nbdkit(
         "python",
         str(Path(nbdkit_plugin.__file__).resolve()),
         f"config={config_file.resolve()}",
+        *([f"repository={repository}"] if repository is not None else []),
         f"domain={domain}",
         f"backup={backup_id}",
         *(f"disk={name}" for name in disks),

@@ -25,13 +25,16 @@ from vmvault.worker.job_frame import (
 )
 from vmvault.worker.job_policy import (
     JobRefusedError,
+    check_copy,
+    check_copy_job,
     check_gc,
     check_prune,
+    check_repository,
     check_restore,
     check_verify,
 )
 
-__all__ = ["WORKER_HOST_ENV", "backup", "gc", "ping", "prune", "restore", "verify"]
+__all__ = ["WORKER_HOST_ENV", "backup", "copy", "gc", "ping", "prune", "restore", "verify"]
 
 
 @app.task(bind=True, name="vmvault.backup", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
@@ -70,6 +73,7 @@ def restore(
     disks: list[str] | None = None,
     live: bool = False,
     speed: int = 0,
+    repository: Any = None,
 ) -> dict[str, Any]:
     """Restore one domain (runs on the domain's host), within the worker's queue policy.
 
@@ -80,6 +84,10 @@ def restore(
     from vmvault.worker.restore import run_restore
 
     config = fleet_config()
+    name = admit(self, "restore", domain, lambda: check_repository(config, "restore", repository))
+    if name is not None and live:
+        admit(self, "restore", domain, lambda: _refuse_live_named(name))
+    config = config.with_primary(name)
     args = admit(
         self,
         "restore",
@@ -107,6 +115,12 @@ def restore(
     )
 
 
+def _refuse_live_named(name: str) -> None:
+    raise JobRefusedError(
+        f"restore refused: a live restore reads the primary repository only, not {name!r}"
+    )
+
+
 @app.task(  # type: ignore[untyped-decorator]
     bind=True,
     name="vmvault.verify",
@@ -114,17 +128,75 @@ def restore(
     reject_on_worker_lost=True,
     throws=(JobRefusedError,),
 )
-def verify(self: Task, backup_id: str | None = None, read_data: bool = False) -> dict[str, Any]:
+def verify(
+    self: Task, backup_id: str | None = None, read_data: bool = False, repository: Any = None
+) -> dict[str, Any]:
     """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
     from vmvault.storage.verify import verify as verify_repository
 
     admit(self, "verify", None, lambda: check_verify(backup_id, read_data))
+    name = admit(
+        self, "verify", None, lambda: check_repository(fleet_config(), "verify", repository)
+    )
 
     def work(progress: JobProgress) -> Any:
-        with fleet_repository() as repo:
+        with fleet_repository(name) as repo:
             return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
 
     return run_job(self, "verify", None, work)
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.copy",
+    acks_late=True,
+    reject_on_worker_lost=True,
+    throws=(JobRefusedError,),
+)
+def copy(
+    self: Task,
+    to: Any = None,
+    source: Any = None,
+    domains: Any = None,
+    backup_id: Any = None,
+    copy_job: Any = None,
+) -> dict[str, Any]:
+    """Copy backups from ``source`` (None: the primary) to repository ``to`` (storage
+    queue; never touches a hypervisor). Resumable: a redelivery skips what is there.
+
+    A scheduled copy names only its ``copy_job``: repositories, domains and the retention
+    applied on the target afterwards come from this worker's config."""
+    from vmvault.storage.copy import copy_backups, select_backups
+    from vmvault.storage.prune import KeepPolicy, plan_prune
+
+    config = fleet_config()
+    names = admit(
+        self,
+        "copy",
+        None,
+        lambda: (
+            check_copy_job(config, copy_job)
+            if copy_job is not None
+            else check_copy(config, to, source, domains, backup_id)
+        ),
+    )
+
+    def work(progress: JobProgress) -> Any:
+        with fleet_repository(names.source) as src, fleet_repository(names.to) as dst:
+            chosen = select_backups(src, names.domains, names.backup_id)
+            doc: dict[str, Any] = copy_backups(src, dst, chosen, progress).to_json()
+            if names.retention is not None and names.domains:
+                rules = names.retention.model_dump(exclude_none=True)
+                scans = [dst.scan_manifests(d) for d in names.domains]
+                plan = plan_prune(
+                    KeepPolicy.from_rules(rules),
+                    [m for scan in scans for m in scan.manifests],
+                    [d for scan in scans for d in scan.damaged],
+                )
+                doc["pruned"] = plan.execute(dst, progress)
+            return doc
+
+    return run_job(self, "copy", None, work)
 
 
 @app.task(  # type: ignore[untyped-decorator]
@@ -140,6 +212,7 @@ def prune(
     domains: list[str] | None = None,
     dry_run: bool = False,
     schedule: str = "",
+    repository: Any = None,
 ) -> dict[str, Any]:
     """Apply a retention policy to ``domains`` (all when None); chunks are left to GC.
 
@@ -148,12 +221,12 @@ def prune(
     """
     from vmvault.storage.prune import KeepPolicy, plan_prune
 
-    rules = admit(
-        self, "prune", None, lambda: check_prune(fleet_config(), policy, domains, dry_run)
-    )
+    config = fleet_config()
+    name = admit(self, "prune", None, lambda: check_repository(config, "prune", repository))
+    rules = admit(self, "prune", None, lambda: check_prune(config, policy, domains, dry_run, name))
 
     def work(progress: JobProgress) -> Any:
-        with fleet_repository() as repo:
+        with fleet_repository(name) as repo:
             # Damaged manifests are planned too: neither kept nor removed, but named in
             # the result, as `vmvault prune` names them.
             scans = [repo.scan_manifests(d) for d in (domains if domains is not None else [None])]
@@ -179,15 +252,19 @@ def prune(
     reject_on_worker_lost=True,
     throws=(JobRefusedError,),
 )
-def gc(self: Task, dry_run: bool = False, grace: float | None = None) -> dict[str, Any]:
+def gc(
+    self: Task, dry_run: bool = False, grace: float | None = None, repository: Any = None
+) -> dict[str, Any]:
     """Mark-and-sweep GC under the repository's exclusive lock (storage queue); the grace
     window is never shorter than worker.gc_grace_seconds (its default too)."""
     from vmvault.storage.gc import collect_garbage
 
-    window = admit(self, "gc", None, lambda: check_gc(fleet_config(), grace, dry_run))
+    config = fleet_config()
+    name = admit(self, "gc", None, lambda: check_repository(config, "gc", repository))
+    window = admit(self, "gc", None, lambda: check_gc(config, grace, dry_run))
 
     def work(progress: JobProgress) -> Any:
-        with fleet_repository() as repo:
+        with fleet_repository(name) as repo:
             return collect_garbage(repo, grace=window, dry_run=dry_run, progress=progress)
 
     try:

@@ -27,6 +27,8 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
     # The file names a passphrase file: it must be there, readable and not empty, or
     # every repository command would fail later (ConfigError: exit 2).
     config.repository.read_passphrase()
+    for named in config.repositories.values():
+        named.read_passphrase()
     config.broker_url()  # an unreadable or empty broker_password_file is a config error
     if ctx.json:
         doc = config.model_dump(mode="json")
@@ -37,6 +39,8 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
     repo = config.repository
     ctx.say(f"config OK: {ctx.config_file or 'default location'}")
     ctx.say(f"  repository  {repo.url}" + (" (encrypted)" if repo.passphrase_file else ""))
+    for name, named in sorted(config.repositories.items()):
+        ctx.say(f"    {name:<20} {named.url}" + (" (encrypted)" if named.passphrase_file else ""))
     ctx.say(f"  broker      {_broker_line(config)}")
     if config.broker is not None:
         ctx.say(f"  queue policy {_policy_line(config)}")
@@ -53,6 +57,12 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
     for name, sched in sorted(config.schedules.items()):
         matched = config.domains_matching(sched.domains)
         ctx.say(f"    {name:<20} '{sched.cron}' -> {len(matched)} domain(s)")
+    if config.copy_jobs:
+        ctx.say(f"  copy_jobs   {len(config.copy_jobs)}")
+    for name, job in sorted(config.copy_jobs.items()):
+        matched = config.domains_matching(job.domains)
+        source = job.source or "repository"
+        ctx.say(f"    {name:<20} '{job.cron}' {source} -> {job.to}, {len(matched)} domain(s)")
     return 0
 
 

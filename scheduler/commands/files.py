@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import EXIT_USAGE, add_command
+from vmvault.scheduler.cli_context import add_repository_flag
 from vmvault.scheduler.commands.restore import add_backup_choice
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to read")
     add_backup_choice(parser)
+    add_repository_flag(parser, "read from")
     parser.add_argument("--disk", metavar="NAME", required=True, help="the disk to read")
     parser.add_argument(
         "--filesystem",
@@ -52,7 +54,7 @@ def _source(args: argparse.Namespace, ctx: CliContext) -> Source:
     from vmvault.worker.config import config_path
     from vmvault.worker.guest_files import Source
 
-    config = ctx.config
+    config = ctx.config.with_primary(args.repository)
     config.domain(args.domain)  # unknown domain → exit 2 before anything runs
     return Source(
         config=config,

@@ -2,7 +2,8 @@
 ``prune``, ``gc``.
 
 They act on the repository named by the config's ``repository`` section (the
-passphrase comes from ``repository.passphrase_file``). Every command takes ``--json``.
+passphrase comes from ``repository.passphrase_file``), or on the one ``--repository
+NAME`` names in ``repositories``. Every command takes ``--json``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import add_command
+from vmvault.scheduler.cli_context import add_repository_flag
 from vmvault.scheduler.dispatch import add_wait_flag, run_job
 from vmvault.scheduler.errors import SchedulerError
 from vmvault.scheduler.progress_bars import count_bars
@@ -50,6 +52,7 @@ def register(commands: Any) -> None:
         help=f"repository format (default {FORMAT_VERSION}); 1 only for hosts that still run "
         "a vmvault without format 2 ('vmvault upgrade' converts it later)",
     )
+    add_repository_flag(p)
     p.set_defaults(func=_init)
 
     p = add_command(
@@ -57,6 +60,7 @@ def register(commands: Any) -> None:
         "upgrade",
         "make a format version 1 repository version 2 (rewrites config and key; backups stay)",
     )
+    add_repository_flag(p)
     p.set_defaults(func=_upgrade)
 
     p = add_command(
@@ -69,14 +73,17 @@ def register(commands: Any) -> None:
         metavar="FILE",
         help="file holding the new passphrase; point repository.passphrase_file at it after",
     )
+    add_repository_flag(p)
     p.set_defaults(func=_passwd)
 
     p = add_command(commands, "list", "list committed backups, oldest first")
     p.add_argument("domain", nargs="?", help="only this domain's backups")
+    add_repository_flag(p)
     p.set_defaults(func=_list)
 
     p = add_command(commands, "show", "show one backup's manifest")
     p.add_argument("backup_id", metavar="BACKUP_ID")
+    add_repository_flag(p)
     p.set_defaults(func=_show)
 
     p = add_command(commands, "verify", "check the repository (or one backup) for damage")
@@ -87,6 +94,7 @@ def register(commands: Any) -> None:
         help="also download, decrypt, decompress and re-hash every referenced chunk",
     )
     add_wait_flag(p)
+    add_repository_flag(p)
     p.set_defaults(func=_verify)
 
     p = add_command(commands, "prune", "remove backups that no retention rule keeps")
@@ -96,6 +104,7 @@ def register(commands: Any) -> None:
         p.add_argument(f"--keep-{rule}", type=int, metavar="N", help=f"keep N {what}")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
     add_wait_flag(p)
+    add_repository_flag(p)
     p.set_defaults(func=_prune)
 
     p = add_command(commands, "gc", "delete chunks no backup references (mark and sweep)")
@@ -108,14 +117,26 @@ def register(commands: Any) -> None:
         help=f"never delete objects younger than this (default {DEFAULT_GRACE:.0f})",
     )
     add_wait_flag(p)
+    add_repository_flag(p)
     p.set_defaults(func=_gc)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _open(ctx: CliContext) -> Repository:
-    return ctx.config.repository.open()
+def _open(ctx: CliContext, args: argparse.Namespace) -> Repository:
+    return ctx.repository_config(args).open()
+
+
+def _with_repository(
+    ctx: CliContext, args: argparse.Namespace, job: dict[str, Any]
+) -> dict[str, Any]:
+    """A queued job's arguments, naming the repository when it is not the primary one
+    (checked here first; a worker whose config lacks the name refuses the job)."""
+    if not args.repository:
+        return job
+    ctx.repository_config(args)
+    return {**job, "repository": args.repository}
 
 
 _SIZE_RE = re.compile(r"^(\d+)([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -177,7 +198,7 @@ def _summary(m: Manifest) -> dict[str, Any]:
 def _init(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.repository import init_repository
 
-    cfg = ctx.config.repository
+    cfg = ctx.repository_config(args)
     passphrase = cfg.read_passphrase()
     repo = init_repository(
         cfg.url,
@@ -212,8 +233,8 @@ def _init(args: argparse.Namespace, ctx: CliContext) -> int:
 def _upgrade(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.upgrade import upgrade_repository
 
-    with _open(ctx) as repo:
-        report = upgrade_repository(repo, ctx.config.repository.read_passphrase())
+    with _open(ctx, args) as repo:
+        report = upgrade_repository(repo, ctx.repository_config(args).read_passphrase())
     if ctx.json:
         ctx.emit(report.to_json())
         return 0
@@ -237,7 +258,7 @@ def _passwd(args: argparse.Namespace, ctx: CliContext) -> int:
         raise SchedulerError(
             f"cannot read --new-passphrase-file {args.new_passphrase_file}: {err.strerror}"
         ) from err
-    with _open(ctx) as repo:
+    with _open(ctx, args) as repo:
         repo.change_passphrase(new)
         url = repo.url
     if ctx.json:
@@ -259,7 +280,7 @@ def _damaged_summary(d: DamagedManifest) -> dict[str, Any]:
 
 
 def _list(args: argparse.Namespace, ctx: CliContext) -> int:
-    with _open(ctx) as repo:
+    with _open(ctx, args) as repo:
         scan = repo.scan_manifests(args.domain)
     manifests = scan.manifests
     if ctx.json:
@@ -296,7 +317,7 @@ def _say_damaged(ctx: CliContext, damaged: list[DamagedManifest]) -> None:
 
 
 def _show(args: argparse.Namespace, ctx: CliContext) -> int:
-    with _open(ctx) as repo:
+    with _open(ctx, args) as repo:
         m = repo.find_backup(args.backup_id)
     if ctx.json:
         ctx.emit(m.to_json())
@@ -323,11 +344,12 @@ def _verify(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.verify import VerifyReport, verify
 
     def local() -> VerifyReport:
-        with _open(ctx) as repo:
+        with _open(ctx, args) as repo:
             return verify(repo, args.backup_id, read_data=args.read_data, progress=progress)
 
     with count_bars(ctx) as progress:
         job = {"backup_id": args.backup_id, "read_data": args.read_data}
+        job = _with_repository(ctx, args, job)
         report = run_job(ctx, args, "verify", job, progress, local, VerifyReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())
@@ -353,15 +375,24 @@ def _prune(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.prune import KeepPolicy, plan_prune
 
     rules = {r: getattr(args, f"keep_{r}") for r in KEEP_RULES}
+    if all(v is None for v in rules.values()) and args.repository:
+        # A named repository's own retention (an off-site copy keeps longer, or less).
+        retention = getattr(ctx.repository_config(args), "retention", None)
+        if retention is not None:
+            rules = {r: getattr(retention, f"keep_{r}") for r in KEEP_RULES}
     if all(v is None for v in rules.values()):
-        ctx.note("vmvault prune: error: give at least one --keep-* rule (e.g. --keep-daily 7)")
+        ctx.note(
+            "vmvault prune: error: give at least one --keep-* rule (e.g. --keep-daily 7)"
+            + (f" or a retention for repositories.{args.repository}" if args.repository else "")
+        )
         return 2
     policy = KeepPolicy(**rules)
-    with _open(ctx) as repo:
+    with _open(ctx, args) as repo:
         scan = repo.scan_manifests(args.domain)
         plan = plan_prune(policy, scan.manifests, scan.damaged)
         with count_bars(ctx) as progress:
             job = {"policy": policy.to_json(), "domains": args.domain and [args.domain]}
+            job = _with_repository(ctx, args, job)
             removed = run_job(
                 ctx,
                 args,
@@ -392,11 +423,11 @@ def _gc(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.gc import GcReport, collect_garbage
 
     def local() -> GcReport:
-        with _open(ctx) as repo:
+        with _open(ctx, args) as repo:
             return collect_garbage(repo, grace=args.grace, dry_run=args.dry_run, progress=progress)
 
     with count_bars(ctx) as progress:
-        job = {"grace": args.grace, "dry_run": args.dry_run}
+        job = _with_repository(ctx, args, {"grace": args.grace, "dry_run": args.dry_run})
         report = run_job(ctx, args, "gc", job, progress, local, GcReport.from_json)
     if ctx.json:
         ctx.emit(report.to_json())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import EXIT_USAGE, add_command
+from vmvault.scheduler.cli_context import add_repository_flag
 from vmvault.scheduler.dispatch import add_wait_flag, run_job
 from vmvault.scheduler.progress_bars import byte_bar
 
@@ -41,6 +42,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to restore")
     add_backup_choice(parser)
+    add_repository_flag(parser, "restore from")
     # Kept as text: Path("") is Path("."), and an empty --to must not mean "here".
     parser.add_argument(
         "--to",
@@ -135,9 +137,16 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
     if problem is not None:
         print(f"vmvault restore: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
-    config = ctx.config
+    config = ctx.config.with_primary(args.repository)
     config.domain(args.domain)  # unknown domain → exit 2 before anything runs
     if args.live:
+        if args.repository:
+            print(
+                "vmvault restore: error: --live restores from the primary repository only;"
+                " restore --to DIR from the copy instead",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
         return _restore_live(args, ctx)
     request = RestoreRequest(
         domain=args.domain,
@@ -148,6 +157,7 @@ def _restore(args: argparse.Namespace, ctx: CliContext) -> int:
         boot=args.boot,
         force=args.force,
         disks=args.disk,
+        repository=args.repository,
     )
     with byte_bar(ctx) as progress:
         result = run_job(

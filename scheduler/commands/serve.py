@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmvault.scheduler.cli import EXIT_USAGE, add_command
+from vmvault.scheduler.cli_context import add_repository_flag
 from vmvault.scheduler.commands.restore import add_backup_choice
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def register(commands: Any) -> None:
     )
     parser.add_argument("domain", metavar="DOMAIN", help="domain whose backup to serve")
     add_backup_choice(parser)
+    add_repository_flag(parser, "serve from")
     parser.add_argument(
         "--disk", metavar="NAME", action="append", help="only this disk (repeatable)"
     )
@@ -61,7 +63,7 @@ def _serve(args: argparse.Namespace, ctx: CliContext) -> int:
         if args.socket is not None
         else Listen.parse_tcp(args.listen)
     )
-    config = ctx.config
+    config = ctx.config.with_primary(args.repository)
     config.domain(args.domain)  # unknown domain → exit 2 before anything runs
 
     def ready(info: ServeInfo) -> None:
