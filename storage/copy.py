@@ -89,12 +89,17 @@ def same_key_material(source: Repository, target: Repository) -> bool:
 
 
 def select_backups(
-    source: Repository, domains: Iterable[str] = (), backup_id: str | None = None
+    source: Repository, domains: Iterable[str] | None = None, backup_id: str | None = None
 ) -> list[Manifest]:
     """The backups to copy, parents before children: every readable backup (of
-    ``domains`` when given), or ``backup_id`` and its ancestors."""
-    wanted = set(domains)
-    manifests = [m for m in source.list_manifests() if not wanted or m.domain in wanted]
+    ``domains`` unless None), or ``backup_id`` and its ancestors.
+
+    An empty ``domains`` selects nothing: a copy job whose patterns match no domain
+    must not turn into a copy of the whole repository."""
+    manifests = source.list_manifests()
+    if domains is not None:
+        wanted = set(domains)
+        manifests = [m for m in manifests if m.domain in wanted]
     if backup_id is None:
         return manifests
     check_backup_id(backup_id)

@@ -255,7 +255,7 @@ class CopyArgs:
 
     to: str
     source: str | None
-    domains: list[str]
+    domains: list[str] | None  # None: every domain in the source
     backup_id: str | None
     retention: RetentionPolicy | None = None
 
@@ -283,7 +283,7 @@ def check_copy(config: FleetConfig, to: Any, source: Any, domains: Any, backup_i
             check_backup_id(backup_id)
         except (StorageError, TypeError):
             raise _refuse("copy", "backup_id", f"{str(backup_id)[:80]!r} is no backup id") from None
-    return CopyArgs(target, origin, list(names or []), backup_id)
+    return CopyArgs(target, origin, None if names is None else list(names), backup_id)
 
 
 def check_prune(

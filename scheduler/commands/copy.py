@@ -56,7 +56,7 @@ def _copy(args: argparse.Namespace, ctx: CliContext) -> int:
 
     def local() -> CopyReport:
         with source_cfg.open() as src, target_cfg.open() as dst:
-            chosen = select_backups(src, args.domains, args.backup_id)
+            chosen = select_backups(src, args.domains or None, args.backup_id)
             return copy_backups(src, dst, chosen, progress or no_progress)
 
     job: dict[str, Any] = {

@@ -242,3 +242,13 @@ def test_two_copies_at_once_do_not_corrupt_the_target(
     with dst_t.open(b) as dst:
         assert len(dst.list_manifests()) == len(images)
         _restores(dst, images)
+
+
+def test_select_backups_by_domain_and_an_empty_selection_selects_nothing(tmp_path: Path) -> None:
+    with Target("file", f"file://{tmp_path}/src").init() as src:
+        web = _chain(src, "web", 7, 1)
+        db = _chain(src, "db", 8, 0)
+        assert {m.backup_id for m in select_backups(src)} == set(web) | set(db)
+        assert {m.backup_id for m in select_backups(src, ["db"])} == set(db)
+        # A copy job whose patterns matched no domain must not copy the whole repository.
+        assert select_backups(src, []) == []
