@@ -55,12 +55,14 @@ from vmvault.storage.format import (
     MAX_CONFIG_BYTES,
     MAX_KEY_BYTES,
     MAX_MANIFEST_BYTES,
+    VERIFICATION_NAME,
     DamagedManifest,
     DiskStats,
     Kind,
     Manifest,
     ManifestDisk,
     RepoConfig,
+    backup_prefix,
     canonical_json,
     check_backup_id,
     check_chunk_size,
@@ -292,10 +294,12 @@ class Repository:
         raise BackupNotFoundError(f"no committed backup {backup_id} in {self.url}")
 
     def delete_backup(self, manifest: Manifest) -> None:
-        """Remove a backup: its manifest first (so it stops existing), then its indexes."""
+        """Remove a backup: its manifest first (so it stops existing), then its indexes
+        and its verification record (section 29)."""
         self.backend.delete(manifest.key)
         for d in manifest.disks:
             self.backend.delete(d.index_key)
+        self.backend.delete(backup_prefix(manifest.domain, manifest.backup_id) + VERIFICATION_NAME)
 
     # ------------------------------------------------------------------ indexes
 
