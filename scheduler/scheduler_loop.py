@@ -10,7 +10,9 @@ One tick (leader only):
    winners are sent, so a slot's job is sent once even across leader changes;
 4. once every backup of the slot is claimed and has ended, the schedule's retention runs
    (one ``prune`` job, claimed the same way);
-5. one ``gc`` per ``gc_interval_seconds`` period.
+5. one ``gc`` per ``gc_interval_seconds`` period;
+6. per ``verify_jobs`` entry, one ``verify`` job (storage queue) per cron slot, claimed the
+   same way: the newest slot at or before now (so a starting scheduler catches up once).
 
 State lives in Redis (active slot per schedule, claims) *and* in the leader's memory, so a
 Redis restart (no persistence) does not make the running leader re-send a slot.
@@ -37,6 +39,7 @@ from vmvault.scheduler.planner import (
     PlannedBackup,
     due_slot,
     gc_period,
+    latest_slot,
     next_slot,
     plan_slot,
     select_ready,
@@ -165,6 +168,7 @@ class Scheduler:
         for name, (slot, plan) in slots.items():
             report.enqueued += self._retention_if_done(name, slot, plan, now)
         report.enqueued += self._gc_if_due(now)
+        report.enqueued += self._verify_jobs_if_due(now)
         self._forget_old_claims(slots, now)
         report.seconds = time.monotonic() - started
         if report.enqueued:
@@ -178,6 +182,7 @@ class Scheduler:
         current = {job.job_id for _, plan in slots.values() for job in plan}
         current |= {slot_job_id("prune", name, slot) for name, (slot, _) in slots.items()}
         current.add(self._gc_id(now))
+        current.update(job_id for job_id, _, _ in self._verify_ids(now))
         self._claimed &= current
 
     def _follow(self, now: datetime) -> None:
@@ -201,6 +206,7 @@ class Scheduler:
             self._unclaimed(plan)  # records the leader's claims in self._claimed
         extra = [slot_job_id("prune", name, slot) for name, (slot, _) in slots.items()]
         extra += [job_id for job_id in [self._gc_id(now)] if job_id]
+        extra += [job_id for job_id, _, _ in self._verify_ids(now)]
         unknown = [job_id for job_id in extra if job_id not in self._claimed]
         if unknown:
             pipe = self.client.pipeline(transaction=False)
@@ -290,6 +296,34 @@ class Scheduler:
         if job_id in self._claimed or not self._claim([job_id], interval + CLAIM_MARGIN):
             return []
         return enqueue(self.app, self.store, [JobRequest(type="gc", kwargs={}, job_id=job_id)])
+
+    def _verify_ids(self, now: datetime) -> list[tuple[str, str, datetime]]:
+        """``(job id, verify job name, slot)`` of every verify job's newest slot."""
+        out = []
+        for name, job in sorted(self.config.verify_jobs.items()):
+            slot = latest_slot(job.cron, now)
+            out.append((slot_job_id("verify", name, slot), name, slot))
+        return out
+
+    def _verify_jobs_if_due(self, now: datetime) -> list[str]:
+        requests = []
+        for job_id, name, slot in self._verify_ids(now):
+            if job_id in self._claimed:
+                continue
+            cron = self.config.verify_jobs[name].cron
+            if not self._claim([job_id], claim_ttl(cron, slot, now)):
+                continue
+            log.info("verify job %s: slot %s is due", name, slot_stamp(slot))
+            requests.append(
+                JobRequest(
+                    type="verify",
+                    kwargs={"job": name},
+                    job_id=job_id,
+                    schedule=name,
+                    slot=slot.isoformat(),
+                )
+            )
+        return enqueue(self.app, self.store, requests) if requests else []
 
     # -- forever -------------------------------------------------------------------------
 

@@ -223,3 +223,12 @@ def load_records(
         if record is not None:
             out[(record.domain, record.backup_id)] = record
     return out
+
+
+def failed_checks(repo: Repository, domain: str) -> dict[str, str]:
+    """Backup id → summary, for ``domain``'s backups whose latest verification FAILED."""
+    return {
+        bid: record.summary()
+        for (_, bid), record in load_records(repo, domain).items()
+        if not record.latest.ok
+    }

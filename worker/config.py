@@ -288,12 +288,35 @@ class ScheduleConfig(_Strict):
     @field_validator("cron")
     @classmethod
     def _check_cron(cls, expr: str) -> str:
-        # Imported here: only configs with schedules need it, and it costs CLI start-up.
-        from croniter import croniter
+        return _valid_cron(expr)
 
-        if not croniter.is_valid(expr):
-            raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
-        return expr
+
+def _valid_cron(expr: str) -> str:
+    # Imported here: only configs with schedules need it, and it costs CLI start-up.
+    from croniter import croniter
+
+    if not croniter.is_valid(expr):
+        raise ValueError(f"bad cron expression {expr!r} (want 5 fields, e.g. '0 2 * * *')")
+    return expr
+
+
+class VerifyJobConfig(_Strict):
+    """A cron schedule of verifications of the backups of the domains matching ``domains``.
+
+    ``outdated_after`` (days), as Proxmox Backup Server's: a backup whose last successful
+    verification is younger is skipped; never-verified and failed ones are always due.
+    None: every backup is verified every time.
+    """
+
+    cron: str
+    domains: list[str] = Field(min_length=1)
+    read_data: bool = False
+    outdated_after: int | None = Field(default=None, ge=0, le=36500)
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, expr: str) -> str:
+        return _valid_cron(expr)
 
 
 class HostConfig(_Strict):
@@ -376,6 +399,7 @@ class FleetConfig(_Strict):
     state_dir: Path = Path("/var/lib/vmvault")
     domains: dict[Name, DomainConfig] = Field(default_factory=dict)
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
+    verify_jobs: dict[Name, VerifyJobConfig] = Field(default_factory=dict)
     hosts: dict[Name, HostConfig] = Field(default_factory=dict)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
@@ -424,12 +448,18 @@ class FleetConfig(_Strict):
 
     @model_validator(mode="after")
     def _schedules_match_domains(self) -> FleetConfig:
-        for sched_name, sched in self.schedules.items():
-            for pattern in sched.domains:
-                if not fnmatch.filter(self.domains, pattern):
-                    raise ValueError(
-                        f"schedules.{sched_name}.domains: {pattern!r} matches no configured domain"
-                    )
+        blocks: list[tuple[str, dict[str, ScheduleConfig] | dict[str, VerifyJobConfig]]] = [
+            ("schedules", self.schedules),
+            ("verify_jobs", self.verify_jobs),
+        ]
+        for block, entries in blocks:
+            for sched_name, sched in entries.items():
+                for pattern in sched.domains:
+                    if not fnmatch.filter(self.domains, pattern):
+                        raise ValueError(
+                            f"{block}.{sched_name}.domains: {pattern!r} matches no configured "
+                            "domain"
+                        )
         return self
 
     @model_validator(mode="after")

@@ -114,14 +114,22 @@ def restore(
     reject_on_worker_lost=True,
     throws=(JobRefusedError,),
 )
-def verify(self: Task, backup_id: str | None = None, read_data: bool = False) -> dict[str, Any]:
-    """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
+def verify(
+    self: Task, backup_id: str | None = None, read_data: bool = False, job: str | None = None
+) -> dict[str, Any]:
+    """Verify one backup, the whole repository, or (``job``) what a ``verify_jobs`` entry
+    of this worker's config is due to check (storage queue; writes only verification
+    records, so idempotent). A scheduled verify that finds damage fails."""
     from vmvault.storage.verify import verify as verify_repository
+    from vmvault.worker.verify_job import run_verify_job
 
-    admit(self, "verify", None, lambda: check_verify(backup_id, read_data))
+    config = fleet_config()
+    admit(self, "verify", None, lambda: check_verify(backup_id, read_data, job, config))
 
     def work(progress: JobProgress) -> Any:
         with fleet_repository() as repo:
+            if job is not None:
+                return run_verify_job(config, repo, job, progress=progress)
             return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
 
     return run_job(self, "verify", None, work)
