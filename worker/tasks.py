@@ -20,6 +20,7 @@ from vmvault.worker.job_frame import (
     JobProgress,
     admit,
     fleet_repository,
+    redis_client,
     retry_if_locked,
     run_job,
 )
@@ -121,16 +122,21 @@ def verify(
     of this worker's config is due to check (storage queue; writes only verification
     records, so idempotent). A scheduled verify that finds damage fails."""
     from vmvault.storage.verify import verify as verify_repository
-    from vmvault.worker.verify_job import run_verify_job
+    from vmvault.worker.metrics import record_verification_counts
+    from vmvault.worker.verify_job import run_verify_job, verification_counts
 
     config = fleet_config()
     admit(self, "verify", None, lambda: check_verify(backup_id, read_data, job, config))
 
     def work(progress: JobProgress) -> Any:
         with fleet_repository() as repo:
-            if job is not None:
-                return run_verify_job(config, repo, job, progress=progress)
-            return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
+            try:
+                if job is not None:
+                    return run_verify_job(config, repo, job, progress=progress)
+                return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
+            finally:
+                # Also after a failed verification: the gauges must show the failure.
+                record_verification_counts(redis_client(), verification_counts(repo))
 
     return run_job(self, "verify", None, work)
 
