@@ -221,19 +221,35 @@ class Repository:
         raw = json.dumps(doc, indent=2).encode() + b"\n"
         return self.codec.encrypt(manifest.key, raw)
 
-    def manifest_keys(self, domain: str | None = None) -> list[tuple[str, str, str]]:
-        """``(domain, backup_id, key)`` of every manifest object (unparsed)."""
+    def backup_objects(self, domain: str | None = None) -> list[tuple[str, str, str, str]]:
+        """``(domain, backup_id, leaf, key)`` of every well-named object under
+        ``backups/`` (of ``domain`` or all): one listing, for callers that need several
+        kinds of them (``vmvault list``: manifests and verification records)."""
         prefix = BACKUPS_PREFIX
         if domain is not None:
             prefix += check_name(domain, "domain") + "/"
         out = []
         for info in self.backend.list(prefix):
             parsed = parse_backup_key(info.key)
-            if parsed and parsed[2] == MANIFEST_NAME:
-                out.append((parsed[0], parsed[1], info.key))
+            if parsed:
+                out.append((*parsed, info.key))
         return out
 
-    def scan_manifests(self, domain: str | None = None) -> ManifestScan:
+    def manifest_keys(
+        self,
+        domain: str | None = None,
+        listing: list[tuple[str, str, str, str]] | None = None,
+    ) -> list[tuple[str, str, str]]:
+        """``(domain, backup_id, key)`` of every manifest object (unparsed); from
+        ``listing`` (``backup_objects``) when given."""
+        objects = self.backup_objects(domain) if listing is None else listing
+        return [(d, b, key) for d, b, leaf, key in objects if leaf == MANIFEST_NAME]
+
+    def scan_manifests(
+        self,
+        domain: str | None = None,
+        listing: list[tuple[str, str, str, str]] | None = None,
+    ) -> ManifestScan:
         """Read every manifest (of ``domain`` or all); damaged ones are set aside, not raised.
 
         One damaged manifest must not hide the other backups of its domain: listing,
@@ -253,7 +269,7 @@ class Repository:
 
         manifests: list[Manifest] = []
         damaged: list[DamagedManifest] = []
-        for result in self.pool.map(load, self.manifest_keys(domain)):
+        for result in self.pool.map(load, self.manifest_keys(domain, listing)):
             if isinstance(result, Manifest):
                 manifests.append(result)
             elif result is not None:

@@ -16,13 +16,11 @@ from typing import Any, Literal
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import (
-    BACKUPS_PREFIX,
     VERIFICATION_NAME,
     backup_prefix,
     canonical_json,
     check_name,
     iso,
-    parse_backup_key,
     parse_json,
     stored_limit,
 )
@@ -208,16 +206,15 @@ def record_check(repo: Repository, domain: str, backup_id: str, check: Check) ->
 
 
 def load_records(
-    repo: Repository, domain: str | None = None
+    repo: Repository,
+    domain: str | None = None,
+    listing: list[tuple[str, str, str, str]] | None = None,
 ) -> dict[tuple[str, str], Verification]:
     """Every good record (of ``domain`` or all), by ``(domain, backup_id)``: one listing
-    of ``backups/``, then a GET of each record found, in parallel."""
-    prefix = BACKUPS_PREFIX + (check_name(domain, "domain") + "/" if domain else "")
-    keys = []
-    for info in repo.backend.list(prefix):
-        parsed = parse_backup_key(info.key)
-        if parsed and parsed[2] == RECORD_NAME:
-            keys.append(info.key)
+    of ``backups/`` (or ``listing``, ``Repository.backup_objects``'s), then a GET of each
+    record found, in parallel."""
+    objects = repo.backup_objects(domain) if listing is None else listing
+    keys = [key for _, _, leaf, key in objects if leaf == RECORD_NAME]
     out: dict[tuple[str, str], Verification] = {}
     for record in repo.pool.map(lambda k: _read_key(repo, k), keys):
         if record is not None:

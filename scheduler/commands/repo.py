@@ -276,8 +276,10 @@ def _list(args: argparse.Namespace, ctx: CliContext) -> int:
     from vmvault.storage.verification import load_records
 
     with _open(ctx) as repo:
-        scan = repo.scan_manifests(args.domain)
-        records = load_records(repo, args.domain)
+        # One listing of backups/ for both the manifests and their verification records.
+        listing = repo.backup_objects(args.domain)
+        scan = repo.scan_manifests(args.domain, listing)
+        records = load_records(repo, args.domain, listing)
     manifests = scan.manifests
     if ctx.json:
         # Readable backups oldest first, then the damaged ones ("damaged": true).
