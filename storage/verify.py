@@ -8,6 +8,7 @@ Every problem names the domain, backup id, disk and byte offset it affects.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,8 @@ from vmvault.storage.region import Kind, Region
 from vmvault.storage.region_store import PACKS_PREFIX, chunk_name_key, pack_key
 from vmvault.storage.repository import Repository
 from vmvault.storage.verification import new_check, record_check
+
+log = logging.getLogger(__name__)
 
 # Where an object is used: (domain, backup_id, disk, offset).
 Ref = tuple[str, str, str, int]
@@ -233,10 +236,23 @@ def _record(repo: Repository, manifests: Iterable[Manifest], report: VerifyRepor
     kind = "data" if report.read_data else "structure"
     now = datetime.now(UTC)
 
-    def write(m: Manifest) -> None:
-        record_check(repo, m.domain, m.backup_id, new_check(kind, by_backup[m.backup_id], now))
+    def write(m: Manifest) -> str | None:
+        try:
+            record_check(repo, m.domain, m.backup_id, new_check(kind, by_backup[m.backup_id], now))
+        except StorageError as err:
+            return str(err)
+        return None
 
-    list(repo.pool.map(write, manifests))
+    # A repository this host may only read (read-only S3 credentials) can still be
+    # verified: the outcome is reported, only not recorded.
+    errors = [e for e in repo.pool.map(write, manifests) if e is not None]
+    if errors:
+        log.warning(
+            "verify: could not record %d verification(s) in %s (is the repository read-only?): %s",
+            len(errors),
+            repo.url,
+            errors[0],
+        )
 
 
 def _read_data(

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.storage.conftest import CHUNK, Target
 from tests.storage.helpers import image, write_full
 from vmvault.scheduler.cli import main
+from vmvault.storage.errors import StorageError
 from vmvault.storage.format import chunk_key
 from vmvault.storage.gc import collect_garbage
 from vmvault.storage.prune import KeepPolicy, plan_prune
@@ -172,3 +174,23 @@ def test_cli_list_and_show_print_verified_failed_and_unverified(
     code, text, err = _run(capsys, "show", bad.backup_id, "--config", c)
     assert "verification FAILED" in text + err
     repo.close()
+
+
+def test_verify_of_a_repository_it_cannot_write_reports_and_warns(
+    file_target: Target, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = file_target.init()
+    m = write_full(repo, "a", {"vda": image(2 * CHUNK, 1)})
+    backend = type(repo.backend)
+    real_put = backend.put
+
+    def refuse_records(self: Any, key: str, data: Any, **kw: Any) -> bool:
+        if key.endswith("/verification.json"):
+            raise StorageError(f"cannot write {key!r}: Permission denied")
+        return real_put(self, key, data, **kw)
+
+    monkeypatch.setattr(backend, "put", refuse_records)
+    report = verify(repo, read_data=True)
+    assert report.ok and report.backups == 1
+    assert read_record(repo, "a", m.backup_id) is None
+    assert any("could not record 1 verification(s)" in r.getMessage() for r in caplog.records)
