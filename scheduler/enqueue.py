@@ -23,6 +23,7 @@ TASK_NAMES = {
     "backup": "vmvault.backup",
     "restore": "vmvault.restore",
     "verify": "vmvault.verify",
+    "restore-test": "vmvault.restore_test",
     "prune": "vmvault.prune",
     "gc": "vmvault.gc",
     "ping": "vmvault.ping",

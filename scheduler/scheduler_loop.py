@@ -42,6 +42,7 @@ from vmvault.scheduler.planner import (
     latest_slot,
     next_slot,
     plan_slot,
+    restore_test_sample,
     select_ready,
     slot_job_id,
     slot_stamp,
@@ -323,6 +324,19 @@ class Scheduler:
                     slot=slot.isoformat(),
                 )
             )
+            # Restore tests of the slot go with it (the verify claim covers them).
+            requests += [
+                JobRequest(
+                    type="restore-test",
+                    kwargs={"domain": domain, "job": name},
+                    domain=domain,
+                    host=self.config.domains[domain].host,
+                    job_id=slot_job_id("restore-test", name, slot, domain),
+                    schedule=name,
+                    slot=slot.isoformat(),
+                )
+                for domain in restore_test_sample(self.config, name, slot)
+            ]
         return enqueue(self.app, self.store, requests) if requests else []
 
     # -- forever -------------------------------------------------------------------------

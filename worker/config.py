@@ -13,7 +13,7 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 import yaml
@@ -300,6 +300,16 @@ def _valid_cron(expr: str) -> str:
     return expr
 
 
+class RestoreTestConfig(_Strict):
+    """A verify job's restore tests: the latest backup of ``sample`` of its domains (those
+    with a ``launch`` description) restored on the domain's host and started isolated and
+    paused (``worker/restore_test.py``)."""
+
+    sample: int = Field(default=1, ge=1, le=1000)
+    boot: Literal["paused"] = "paused"
+    timeout_seconds: float = Field(default=120.0, ge=1, le=3600)
+
+
 class VerifyJobConfig(_Strict):
     """A cron schedule of verifications of the backups of the domains matching ``domains``.
 
@@ -312,6 +322,7 @@ class VerifyJobConfig(_Strict):
     domains: list[str] = Field(min_length=1)
     read_data: bool = False
     outdated_after: int | None = Field(default=None, ge=0, le=36500)
+    restore_test: RestoreTestConfig | None = None
 
     @field_validator("cron")
     @classmethod
@@ -461,6 +472,21 @@ class FleetConfig(_Strict):
                             "domain"
                         )
         return self
+
+    @model_validator(mode="after")
+    def _restore_tests_can_launch(self) -> FleetConfig:
+        for name in self.verify_jobs:
+            if self.verify_jobs[name].restore_test and not self.restore_test_domains(name):
+                raise ValueError(
+                    f"verify_jobs.{name}.restore_test: none of its domains has a launch "
+                    "description (domains.<name>.launch) to start a restored backup from"
+                )
+        return self
+
+    def restore_test_domains(self, job: str) -> list[str]:
+        """The domains verify job ``job`` may restore-test: its domains with a launch."""
+        patterns = self.verify_jobs[job].domains
+        return [d for d in self.domains_matching(patterns) if self.domains[d].launch]
 
     @model_validator(mode="after")
     def _hosts_are_used(self) -> FleetConfig:

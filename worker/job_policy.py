@@ -291,6 +291,18 @@ def check_gc(config: FleetConfig, grace: Any, dry_run: Any) -> float:
     return float(grace)
 
 
+def check_restore_test(config: FleetConfig, domain: Any, job: Any) -> None:
+    """Refuses a queued restore test that no ``verify_jobs`` entry of this worker's config
+    asks for (the job names the entry; the worker runs it as its config says)."""
+    entry = config.verify_jobs.get(job) if isinstance(job, str) else None
+    if entry is None or entry.restore_test is None:
+        raise _bad("restore-test", "job", job, "want a verify_jobs entry with restore_test")
+    if domain not in config.restore_test_domains(job):
+        raise _bad(
+            "restore-test", "domain", domain, f"want one of verify_jobs.{job}'s domains with launch"
+        )
+
+
 def check_verify(
     backup_id: Any, read_data: Any, job: Any = None, config: FleetConfig | None = None
 ) -> None:

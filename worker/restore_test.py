@@ -44,6 +44,10 @@ class RestoreTestError(WorkerError):
     """A restore test could not be set up (no backup, no launch description)."""
 
 
+class RestoreTestFailedError(WorkerError):
+    """A restore test ran and the restored backup did not start (recorded as FAILED)."""
+
+
 def scratch_root(state_dir: Path) -> Path:
     return state_dir / SCRATCH_DIR
 

@@ -29,10 +29,20 @@ from vmvault.worker.job_policy import (
     check_gc,
     check_prune,
     check_restore,
+    check_restore_test,
     check_verify,
 )
 
-__all__ = ["WORKER_HOST_ENV", "backup", "gc", "ping", "prune", "restore", "verify"]
+__all__ = [
+    "WORKER_HOST_ENV",
+    "backup",
+    "gc",
+    "ping",
+    "prune",
+    "restore",
+    "restore_test",
+    "verify",
+]
 
 
 @app.task(bind=True, name="vmvault.backup", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
@@ -139,6 +149,37 @@ def verify(
                 record_verification_counts(redis_client(), verification_counts(repo))
 
     return run_job(self, "verify", None, work)
+
+
+# Like a restore, a restore test that died half-way is not replayed blindly: the reaper
+# removes what it left, the next verify slot tests again.
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.restore_test",
+    acks_late=True,
+    reject_on_worker_lost=False,
+    throws=(JobRefusedError,),
+)
+def restore_test(self: Task, domain: str, job: str) -> dict[str, Any]:
+    """Restore-test the latest backup of ``domain`` for verify job ``job`` (host queue):
+    restored into a scratch directory, started isolated and paused, thrown away; the
+    outcome is recorded, and a failed test fails the job."""
+    from vmvault.worker.restore_test import RestoreTestFailedError, run_restore_test
+
+    config = fleet_config()
+    admit(self, "restore-test", domain, lambda: check_restore_test(config, domain, job))
+    entry = config.verify_jobs[job].restore_test
+    assert entry is not None  # checked by check_restore_test
+
+    def work(progress: JobProgress) -> Any:
+        out = run_restore_test(config, domain, timeout=entry.timeout_seconds)
+        if not out["ok"]:
+            raise RestoreTestFailedError(
+                f"restore test of {domain} backup {out['backup_id']} failed: {out['problems'][0]}"
+            )
+        return out
+
+    return run_job(self, "restore-test", domain, work)
 
 
 @app.task(  # type: ignore[untyped-decorator]

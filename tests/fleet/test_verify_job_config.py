@@ -12,7 +12,7 @@ from tests.fleet.conftest import make_config
 from vmvault.storage.format import Manifest
 from vmvault.storage.verification import Check, Verification
 from vmvault.worker.config import ConfigError
-from vmvault.worker.job_policy import JobRefusedError, check_verify
+from vmvault.worker.job_policy import JobRefusedError, check_restore_test, check_verify
 from vmvault.worker.verify_job import due_backups
 
 BACKUP_ID = "20260101T020000.000000Z-1a2b3c4d"
@@ -101,3 +101,23 @@ def test_due_is_never_verified_failed_or_last_ok_older_than_outdated_after() -> 
     due = due_backups(ms, records, 2, NOW)
     assert [m.backup_id for m in due] == [ids[0], ids[2], ids[4]]
     assert due_backups(ms, records, None, NOW) == ms
+
+
+def test_restore_test_needs_a_domain_with_launch_and_a_known_job(tmp_path: Path) -> None:
+    job = {"cron": "0 4 * * 0", "domains": ["web*"], "restore_test": {}}
+    with pytest.raises(ConfigError, match=r"verify_jobs\.v\.restore_test: none of its domains"):
+        make_config(tmp_path, verify_jobs={"v": job})
+    with pytest.raises(ConfigError, match=r"boot"):
+        make_config(tmp_path, verify_jobs={"v": {**job, "restore_test": {"boot": "agent"}}})
+    launch = {"argv": ["qemu-system-x86_64", "-qmp", "unix:{qmp},server=on,wait=off"]}
+    domains = {
+        "web1": {"host": "hv1", "qmp": "/run/vmv/web1.qmp", "launch": launch},
+        "web2": {"host": "hv1", "qmp": "/run/vmv/web2.qmp"},
+    }
+    config = make_config(tmp_path, domains=domains, verify_jobs={"v": job})
+    assert config.restore_test_domains("v") == ["web1"]
+    check_restore_test(config, "web1", "v")
+    with pytest.raises(JobRefusedError, match=r"bad domain 'web2'"):
+        check_restore_test(config, "web2", "v")
+    with pytest.raises(JobRefusedError, match=r"bad job"):
+        check_restore_test(config, "web1", "w")

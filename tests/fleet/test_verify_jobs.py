@@ -12,10 +12,13 @@ from __future__ import annotations
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from tests.fixtures.common import VENV_BIN, stop_process
 from tests.fixtures.qemu import MiB, VmFactory
 from tests.fleet.conftest import Fleet
+from tests.restore.conftest import make_image, write_backup
+from vmvault.scheduler import blank_vm
 from vmvault.scheduler.scheduler_loop import Scheduler
 from vmvault.storage.format import chunk_key
 from vmvault.storage.repository import init_repository, open_repository
@@ -133,3 +136,48 @@ def test_scheduled_verify_outdated_after_corruption_metrics_and_full_backup(
     assert "failed its verification" in b4.reason and b3.backup_id in b4.reason
     with open_repository(repo_url) as repo:
         assert len(repo.list_manifests("web1")) == 4
+
+
+def test_scheduled_restore_test_runs_on_the_domains_host_and_leaves_nothing(
+    fleet: Fleet,
+) -> None:
+    repo_url = f"file://{fleet.tmp / 'repo'}"
+    with init_repository(repo_url, chunk_size=256 * 1024) as repo:
+        image = make_image(fleet.tmp / "vda.raw", 2 * MiB, 3, [])
+        backup = write_backup(repo, "web1", {"vda": image})
+    state = Path(fleet.data["state_dir"])
+    job = {
+        "cron": "0 3 * * *",
+        "domains": ["*"],
+        "restore_test": {"sample": 1, "timeout_seconds": 30},
+    }
+    config = fleet.write(
+        repository={"url": repo_url},
+        domains={
+            "web1": {
+                "host": "hv1",
+                "qmp": str(state / "web1.qmp"),
+                "launch": {"argv": blank_vm.launch_argv(["vda"])},
+            },
+            "db1": {"host": "hv2", "qmp": str(state / "db1.qmp")},  # no launch: not sampled
+        },
+        verify_jobs={"nightly": job},
+        scheduler={"gc_interval_seconds": None},
+    )
+    fleet.start_worker("hv1", "--storage")
+    sched = Scheduler(config, fleet.redis.client(), fleet.app(), name="test")
+    report = sched.tick(SLOT + timedelta(seconds=1))
+    assert sorted(report.enqueued) == [
+        "restore-test-nightly-20260301T030000Z-web1",
+        "verify-nightly-20260301T030000Z",
+    ]
+    records = fleet.wait_jobs(report.enqueued, timeout=120)
+    assert {r.state for r in records.values()} == {"succeeded"}, records
+    test = records["restore-test-nightly-20260301T030000Z-web1"]
+    assert (test.queue, test.worker.split("@")[0]) == ("host.hv1", "hv1")
+    doc = json.loads(test.result)
+    assert (doc["ok"], doc["status"], doc["backup_id"]) == (True, "prelaunch", backup.backup_id)
+    assert list((state / "restore-tests").iterdir()) == []
+    with open_repository(repo_url) as repo:
+        record = load_records(repo)[("web1", backup.backup_id)]
+    assert record.latest.ok and record.last_ok is not None
