@@ -12,6 +12,7 @@ and is refused.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from vmvault.worker.errors import WorkerError
@@ -83,6 +84,58 @@ def is_nic(device: str) -> bool:
     props = _device_props(device)
     driver = str(props.get("driver", ""))
     return "netdev" in props or driver in _NIC_DRIVERS or "-net" in driver
+
+
+# Options whose value may name a host file or unix socket (a chardev backend spec).
+_CHARDEV_SPEC_OPTIONS = {"serial", "monitor", "qmp", "qmp-pretty", "parallel", "debugcon"}
+_PATH_OPTIONS = {"pidfile", "D"}
+_SPEC_PREFIXES = ("unix:", "file:", "pipe:")
+
+
+def relocate_files(argv: list[str], scratch: Path, keep: set[str]) -> list[str]:
+    """``argv`` with every host file or unix socket it names moved into ``scratch``.
+
+    A clone started next to the live domain must not truncate its serial log (a ``file``
+    chardev), steal its sockets (QEMU unlinks a server socket's path before binding it) or
+    overwrite its pid file. Relocated: ``-chardev`` ``path=``/``logfile=`` values,
+    ``unix:``/``file:``/``pipe:`` specs of ``-serial``, ``-monitor``, ``-qmp``, ... and
+    ``-pidfile``/``-D``. Paths in ``keep`` (the clone's own QMP socket, its images) stay.
+    """
+    out: list[str] = []
+    counter = 0
+
+    def new_path(old: str) -> str:
+        nonlocal counter
+        if old in keep or old.startswith(str(scratch) + "/"):
+            return old
+        counter += 1
+        return str(scratch / f"file-{counter}")
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name = _option(arg)
+        if i + 1 >= len(argv) or name is None:
+            out.append(arg)
+            i += 1
+            continue
+        value = argv[i + 1]
+        if name == "chardev":
+            parts = value.split(",")
+            for n, part in enumerate(parts):
+                key, eq, val = part.partition("=")
+                if eq and key in ("path", "logfile"):
+                    parts[n] = f"{key}={new_path(val)}"
+            value = ",".join(parts)
+        elif name in _CHARDEV_SPEC_OPTIONS and value.startswith(_SPEC_PREFIXES):
+            kind, _, rest = value.partition(":")
+            path, sep, opts = rest.partition(",")
+            value = f"{kind}:{new_path(path)}{sep}{opts}"
+        elif name in _PATH_OPTIONS:
+            value = new_path(value)
+        out += [arg, value]
+        i += 2
+    return out
 
 
 def isolated_argv(argv: list[str]) -> list[str]:

@@ -7,9 +7,10 @@ isolated and paused, check that QEMU accepts it, then throw it all away.
         images/         the restored disks
         qmp, qemu.log   the test QEMU's private QMP socket and output
 
-The QEMU runs from the domain's ``launch`` argv with its network devices removed
-(``worker/isolate.py``), its guest agent socket moved into the scratch directory (the live
-domain keeps its own) and ``-S``: the guest CPUs never run. The outcome is recorded as the
+The QEMU runs from the domain's ``launch`` argv with its network devices removed and
+its files and sockets (guest agent, serial logs, monitors) moved into the scratch
+directory (``worker/isolate.py``; the live domain keeps its own), and ``-S``: the guest
+CPUs never run. The outcome is recorded as the
 backup's verification (kind ``restore-test``). ``clean_restore_tests`` removes what a
 killed test left (the reaper calls it).
 """
@@ -31,7 +32,7 @@ from vmvault.storage.errors import StorageError
 from vmvault.storage.verification import new_check, record_check
 from vmvault.worker.config import FleetConfig
 from vmvault.worker.errors import WorkerError
-from vmvault.worker.isolate import isolated_argv
+from vmvault.worker.isolate import isolated_argv, relocate_files
 from vmvault.worker.launch import QemuProcess, connect_qmp, render_argv, start_qemu
 from vmvault.worker.restore import run_restore
 
@@ -130,7 +131,9 @@ def run_restore_test(config: FleetConfig, domain: str, timeout: float = 60.0) ->
                 # The live domain's agent socket must stay its own.
                 live, own = str(dom.guest_agent), str(scratch / "qga")
                 argv = [a.replace(live, own) for a in argv]
-            argv = [*isolated_argv(argv), "-S"]
+            # Its other files and sockets (serial logs, monitors) too.
+            keep = {str(scratch / "qmp"), *(str(p) for p in images.values())}
+            argv = [*isolated_argv(relocate_files(argv, scratch, keep)), "-S"]
 
             def note_pid(pid: int) -> None:
                 (scratch / "pid").write_text(str(pid))

@@ -60,6 +60,11 @@ def _qemus_under(path: Path) -> list[int]:
 
 def test_restore_test_passes_and_leaves_nothing(tmp_path: Path) -> None:
     data, state, backup_id = _setup(tmp_path)
+    # The live domain's serial log: a clone writing the same path would truncate it.
+    live_log = tmp_path / "web1.console"
+    live_log.write_text("the live domain's console\n")
+    serial = ["-chardev", f"file,id=con,path={live_log}", "-serial", "chardev:con"]
+    data["domains"]["web1"]["launch"]["argv"] += serial  # type: ignore[index]
     try:
         config = parse_config(data, "test")
         out = run_restore_test(config, "web1", timeout=30)
@@ -71,6 +76,7 @@ def test_restore_test_passes_and_leaves_nothing(tmp_path: Path) -> None:
         with config.repository.open() as repo:
             record = read_record(repo, "web1", backup_id)
         assert record is not None and record.latest.ok and record.latest.kind == "restore-test"
+        assert live_log.read_text() == "the live domain's console\n"
     finally:
         shutil.rmtree(state, ignore_errors=True)
 

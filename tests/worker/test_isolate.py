@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from vmvault.worker.isolate import IsolationError, is_nic, isolated_argv
+from vmvault.worker.isolate import IsolationError, is_nic, isolated_argv, relocate_files
 
 BASE = ["qemu-system-x86_64", "-machine", "q35", "-m", "256"]
 
@@ -76,3 +77,29 @@ def test_qemu_started_from_the_isolated_argv_has_no_network_device() -> None:
     assert out.returncode == 0, out.stderr
     # (Unisolated, it lists "virtio-net-pci.0: ...type=nic" and "n0: ...type=user".)
     assert "type=nic" not in out.stdout and "type=user" not in out.stdout
+
+
+def test_files_and_sockets_of_the_live_domain_are_relocated(tmp_path: Path) -> None:
+    scratch = tmp_path / "scratch"
+    argv = [
+        *BASE,
+        "-qmp", f"unix:{scratch}/qmp,server=on,wait=off",
+        "-chardev", "file,id=con,path=/var/log/web1.console",
+        "-chardev", "socket,id=qga,path=/run/web1.qga,server=on,wait=off,logfile=/var/log/q",
+        "-serial", "unix:/run/web1.serial,server=on,wait=off",
+        "-monitor", "stdio",
+        "-pidfile", "/run/web1.pid",
+        "-drive", "file=/images/vda.qcow2,if=none,id=d0",
+    ]  # fmt: skip
+    out = relocate_files(argv, scratch, keep={"/images/vda.qcow2"})
+    assert out == [
+        *BASE,
+        "-qmp", f"unix:{scratch}/qmp,server=on,wait=off",
+        "-chardev", f"file,id=con,path={scratch}/file-1",
+        "-chardev",
+        f"socket,id=qga,path={scratch}/file-2,server=on,wait=off,logfile={scratch}/file-3",
+        "-serial", f"unix:{scratch}/file-4,server=on,wait=off",
+        "-monitor", "stdio",
+        "-pidfile", f"{scratch}/file-5",
+        "-drive", "file=/images/vda.qcow2,if=none,id=d0",
+    ]  # fmt: skip
