@@ -306,7 +306,9 @@ class RestoreTestConfig(_Strict):
     paused (``worker/restore_test.py``)."""
 
     sample: int = Field(default=1, ge=1, le=1000)
-    boot: Literal["paused"] = "paused"
+    # paused: started with -S (the CPUs never run); agent: booted, and its guest agent
+    # must answer guest-ping (domains without guest_agent are then not sampled).
+    boot: Literal["paused", "agent"] = "paused"
     timeout_seconds: float = Field(default=120.0, ge=1, le=3600)
 
 
@@ -479,14 +481,20 @@ class FleetConfig(_Strict):
             if self.verify_jobs[name].restore_test and not self.restore_test_domains(name):
                 raise ValueError(
                     f"verify_jobs.{name}.restore_test: none of its domains has a launch "
-                    "description (domains.<name>.launch) to start a restored backup from"
+                    "description (domains.<name>.launch) to start a restored backup from "
+                    "(and, for boot: agent, a guest_agent)"
                 )
         return self
 
     def restore_test_domains(self, job: str) -> list[str]:
         """The domains verify job ``job`` may restore-test: its domains with a launch."""
-        patterns = self.verify_jobs[job].domains
-        return [d for d in self.domains_matching(patterns) if self.domains[d].launch]
+        entry = self.verify_jobs[job]
+        agent = entry.restore_test is not None and entry.restore_test.boot == "agent"
+        return [
+            d
+            for d in self.domains_matching(entry.domains)
+            if self.domains[d].launch and (self.domains[d].guest_agent or not agent)
+        ]
 
     @model_validator(mode="after")
     def _hosts_are_used(self) -> FleetConfig:

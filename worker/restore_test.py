@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from vmvault.storage.errors import StorageError
 from vmvault.storage.verification import new_check, record_check
 from vmvault.worker.config import FleetConfig
 from vmvault.worker.errors import WorkerError
+from vmvault.worker.guest_agent import GuestAgent, GuestAgentError
 from vmvault.worker.isolate import isolated_argv, relocate_files
 from vmvault.worker.launch import QemuProcess, connect_qmp, render_argv, start_qemu
 from vmvault.worker.restore import run_restore
@@ -105,9 +107,42 @@ def clean_restore_tests(state_dir: Path) -> int:
     return removed
 
 
-def run_restore_test(config: FleetConfig, domain: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Restore-test the latest backup of ``domain``; the outcome, also recorded."""
+def _wait_for_agent(domain: str, path: Path, process: QemuProcess, timeout: float) -> str:
+    """Wait until the restored guest's agent answers ``guest-ping``; ``"agent answered"``.
+    ``RestoreTestError`` after ``timeout`` seconds, or when QEMU exits."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not process.alive():
+            raise RestoreTestError(f"the restored {domain} exited while booting")
+        try:
+            with GuestAgent(domain, path, timeout=min(5.0, timeout)) as agent:
+                agent.connect()
+                agent.ping()
+                return "agent answered"
+        except GuestAgentError as err:
+            last = str(err)
+        time.sleep(0.5)
+    raise RestoreTestError(
+        f"the restored {domain}'s guest agent did not answer guest-ping within {timeout:.0f}s "
+        f"({last})"
+    )
+
+
+def run_restore_test(
+    config: FleetConfig, domain: str, timeout: float = 60.0, boot: str = "paused"
+) -> dict[str, Any]:
+    """Restore-test the latest backup of ``domain``; the outcome, also recorded.
+
+    ``boot``: ``paused`` (``-S``; QEMU must answer on QMP, the guest paused) or ``agent``
+    (booted; its guest agent must answer ``guest-ping`` within ``timeout``).
+    """
     dom = config.domain(domain)
+    if boot == "agent" and dom.guest_agent is None:
+        raise RestoreTestError(
+            f"domain {domain!r} has no guest_agent: a restore test with boot: agent waits "
+            "for the restored guest's agent"
+        )
     if dom.launch is None:
         raise RestoreTestError(
             f"domain {domain!r} has no launch description: a restore test starts the restored "
@@ -133,7 +168,9 @@ def run_restore_test(config: FleetConfig, domain: str, timeout: float = 60.0) ->
                 argv = [a.replace(live, own) for a in argv]
             # Its other files and sockets (serial logs, monitors) too.
             keep = {str(scratch / "qmp"), *(str(p) for p in images.values())}
-            argv = [*isolated_argv(relocate_files(argv, scratch, keep)), "-S"]
+            argv = isolated_argv(relocate_files(argv, scratch, keep))
+            if boot == "paused":
+                argv.append("-S")
 
             def note_pid(pid: int) -> None:
                 (scratch / "pid").write_text(str(pid))
@@ -151,7 +188,9 @@ def run_restore_test(config: FleetConfig, domain: str, timeout: float = 60.0) ->
                 status = session.query_status()
             finally:
                 session.close()
-            if status not in ("prelaunch", "paused"):
+            if boot == "agent":
+                status = _wait_for_agent(domain, scratch / "qga", process, timeout)
+            elif status not in ("prelaunch", "paused"):
                 problems.append(f"restored QEMU is {status!r}, not paused")
         except (WorkerError, StorageError) as err:
             problems.append(f"restore test of {manifest.backup_id}: {err}")

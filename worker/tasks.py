@@ -172,7 +172,7 @@ def restore_test(self: Task, domain: str, job: str) -> dict[str, Any]:
     assert entry is not None  # checked by check_restore_test
 
     def work(progress: JobProgress) -> Any:
-        out = run_restore_test(config, domain, timeout=entry.timeout_seconds)
+        out = run_restore_test(config, domain, timeout=entry.timeout_seconds, boot=entry.boot)
         if not out["ok"]:
             raise RestoreTestFailedError(
                 f"restore test of {domain} backup {out['backup_id']} failed: {out['problems'][0]}"

@@ -108,7 +108,7 @@ def test_restore_test_needs_a_domain_with_launch_and_a_known_job(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"verify_jobs\.v\.restore_test: none of its domains"):
         make_config(tmp_path, verify_jobs={"v": job})
     with pytest.raises(ConfigError, match=r"boot"):
-        make_config(tmp_path, verify_jobs={"v": {**job, "restore_test": {"boot": "agent"}}})
+        make_config(tmp_path, verify_jobs={"v": {**job, "restore_test": {"boot": "booted"}}})
     launch = {"argv": ["qemu-system-x86_64", "-qmp", "unix:{qmp},server=on,wait=off"]}
     domains = {
         "web1": {"host": "hv1", "qmp": "/run/vmv/web1.qmp", "launch": launch},
