@@ -193,6 +193,8 @@ def run_restore_test(
             elif status not in ("prelaunch", "paused"):
                 problems.append(f"restored QEMU is {status!r}, not paused")
         except (WorkerError, StorageError) as err:
+            if getattr(err, "retryable", False):
+                raise  # e.g. the domain is busy with a backup: no verdict on the backup
             problems.append(f"restore test of {manifest.backup_id}: {err}")
         finally:
             if process is not None:

@@ -11,14 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.fixtures.common import wait_until
 from tests.restore.conftest import MiB, make_image, short_tmp, write_backup
 from vmvault.scheduler import blank_vm
 from vmvault.storage.repository import init_repository
-from vmvault.storage.verification import read_record
+from vmvault.storage.verification import failed_checks, new_check, read_record, record_check
 from vmvault.worker.config import parse_config
+from vmvault.worker.locks import DomainBusyError, domain_lock
 from vmvault.worker.reaper import reap_host
 from vmvault.worker.restore_test import clean_restore_tests, run_restore_test, scratch_root
 
@@ -132,4 +134,22 @@ def test_killed_restore_test_is_cleaned_up(tmp_path: Path) -> None:
             child.wait(10)
         for pid in _qemus_under(state):
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_busy_domain_gives_no_verdict(tmp_path: Path) -> None:
+    data, state, backup_id = _setup(tmp_path)
+    try:
+        config = parse_config(data, "test")
+        with domain_lock(state, "web1", job="backup"), pytest.raises(DomainBusyError):
+            run_restore_test(config, "web1", timeout=30)
+        assert list(scratch_root(state).iterdir()) == []
+        with config.repository.open() as repo:
+            assert read_record(repo, "web1", backup_id) is None  # nothing recorded
+            # A failed restore test is reported, but does not force the next backup full.
+            record_check(repo, "web1", backup_id, new_check("restore-test", ["port in use"]))
+            assert failed_checks(repo, "web1") == {}
+            record_check(repo, "web1", backup_id, new_check("data", ["chunk x is missing"]))
+            assert set(failed_checks(repo, "web1")) == {backup_id}
+    finally:
         shutil.rmtree(state, ignore_errors=True)
