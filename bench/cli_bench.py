@@ -3,7 +3,8 @@
 Each command runs as a fresh process, as an operator runs it, several times; the median
 wall time is printed next to the same figure for ``python3 -c pass`` (the interpreter's
 own start-up, measured in the same run) and the ratio to it. ``list`` reads a
-``file://`` repository holding 20 backups of one domain, made here with the storage API.
+``file://`` repository holding 20 backups of one domain, made here with the storage API,
+first unverified, then with a verification record per backup (``list`` reads them too).
 Targets on this machine class (2 cores): ``--version`` ≤ 0.15 s, ``list`` ≤ 0.3 s.
 
     .venv/bin/python bench/cli_bench.py [--runs 9]
@@ -48,6 +49,15 @@ def _make_repository(root: Path) -> str:
     return url
 
 
+def _verify_all(url: str) -> None:
+    """A verification record for every backup (what ``vmvault verify`` leaves)."""
+    from vmvault.storage.repository import open_repository
+    from vmvault.storage.verify import verify
+
+    with open_repository(url) as repo:
+        assert verify(repo).ok
+
+
 def _median_wall(argv: list[str], runs: int, env: dict[str, str]) -> float:
     times = []
     for _ in range(runs):
@@ -74,7 +84,10 @@ def main() -> None:
         for label, argv, target in [
             ("vmvault --version", [vmvault, "--version"], 0.15),
             (f"vmvault list ({BACKUPS} backups)", [vmvault, "list"], 0.3),
+            (f"vmvault list ({BACKUPS} verified)", [vmvault, "list"], 0.3),
         ]:
+            if "verified" in label:
+                _verify_all(url)
             wall = _median_wall(argv, args.runs, env)
             verdict = "ok" if wall <= target else f"over the {target} s target"
             print(f"{label:<28} {wall:>13.3f} {wall / reference:>17.1f}  {verdict}")

@@ -24,6 +24,7 @@ TASK_NAMES = {
     "restore": "vmvault.restore",
     "verify": "vmvault.verify",
     "copy": "vmvault.copy",
+    "restore-test": "vmvault.restore_test",
     "prune": "vmvault.prune",
     "gc": "vmvault.gc",
     "ping": "vmvault.ping",

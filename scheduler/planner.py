@@ -147,6 +147,21 @@ def select_ready(
     return chosen
 
 
+def restore_test_sample(config: FleetConfig, job: str, slot: datetime) -> list[str]:
+    """The domains verify job ``job`` restore-tests in ``slot``: ``sample`` of those with a
+    launch description, chosen by a hash of (job, slot, domain), so that every replica
+    picks the same ones and successive slots go round the fleet."""
+    test = config.verify_jobs[job].restore_test
+    if test is None:
+        return []
+    stamp = slot_stamp(slot)
+
+    def rank(domain: str) -> bytes:
+        return hashlib.sha256(f"{job}\0{stamp}\0{domain}".encode()).digest()
+
+    return sorted(sorted(config.restore_test_domains(job), key=rank)[: test.sample])
+
+
 def gc_period(now: datetime, interval_seconds: int) -> int:
     """Index of the GC period containing ``now``; one GC is enqueued per period."""
     return int(now.timestamp()) // interval_seconds

@@ -13,6 +13,8 @@ One tick (leader only):
 5. one ``gc`` per ``gc_interval_seconds`` period;
 6. one ``copy`` per ``copy_jobs`` entry and cron slot (the newest slot, claimed the same
    way; the worker takes repositories, domains and retention from its own config).
+7. per ``verify_jobs`` entry, one ``verify`` job (storage queue) per cron slot, claimed the
+   same way: the newest slot at or before now (so a starting scheduler catches up once).
 
 State lives in Redis (active slot per schedule, claims) *and* in the leader's memory, so a
 Redis restart (no persistence) does not make the running leader re-send a slot.
@@ -42,6 +44,7 @@ from vmvault.scheduler.planner import (
     latest_slot,
     next_slot,
     plan_slot,
+    restore_test_sample,
     select_ready,
     slot_job_id,
     slot_stamp,
@@ -169,6 +172,7 @@ class Scheduler:
             report.enqueued += self._retention_if_done(name, slot, plan, now)
         report.enqueued += self._gc_if_due(now)
         report.enqueued += self._copies_if_due(now)
+        report.enqueued += self._verify_jobs_if_due(now)
         self._forget_old_claims(slots, now)
         report.seconds = time.monotonic() - started
         if report.enqueued:
@@ -183,6 +187,7 @@ class Scheduler:
         current |= {slot_job_id("prune", name, slot) for name, (slot, _) in slots.items()}
         current.add(self._gc_id(now))
         current |= set(self._copy_ids(now))
+        current.update(job_id for job_id, _, _ in self._verify_ids(now))
         self._claimed &= current
 
     def _follow(self, now: datetime) -> None:
@@ -207,6 +212,7 @@ class Scheduler:
         extra = [slot_job_id("prune", name, slot) for name, (slot, _) in slots.items()]
         extra += [job_id for job_id in [self._gc_id(now)] if job_id]
         extra += list(self._copy_ids(now))
+        extra += [job_id for job_id, _, _ in self._verify_ids(now)]
         unknown = [job_id for job_id in extra if job_id not in self._claimed]
         if unknown:
             pipe = self.client.pipeline(transaction=False)
@@ -322,6 +328,47 @@ class Scheduler:
                 )
             )
         return enqueue(self.app, self.store, requests)
+
+    def _verify_ids(self, now: datetime) -> list[tuple[str, str, datetime]]:
+        """``(job id, verify job name, slot)`` of every verify job's newest slot."""
+        out = []
+        for name, job in sorted(self.config.verify_jobs.items()):
+            slot = latest_slot(job.cron, now)
+            out.append((slot_job_id("verify", name, slot), name, slot))
+        return out
+
+    def _verify_jobs_if_due(self, now: datetime) -> list[str]:
+        requests = []
+        for job_id, name, slot in self._verify_ids(now):
+            if job_id in self._claimed:
+                continue
+            cron = self.config.verify_jobs[name].cron
+            if not self._claim([job_id], claim_ttl(cron, slot, now)):
+                continue
+            log.info("verify job %s: slot %s is due", name, slot_stamp(slot))
+            requests.append(
+                JobRequest(
+                    type="verify",
+                    kwargs={"job": name},
+                    job_id=job_id,
+                    schedule=name,
+                    slot=slot.isoformat(),
+                )
+            )
+            # Restore tests of the slot go with it (the verify claim covers them).
+            requests += [
+                JobRequest(
+                    type="restore-test",
+                    kwargs={"domain": domain, "job": name},
+                    domain=domain,
+                    host=self.config.domains[domain].host,
+                    job_id=slot_job_id("restore-test", name, slot, domain),
+                    schedule=name,
+                    slot=slot.isoformat(),
+                )
+                for domain in restore_test_sample(self.config, name, slot)
+            ]
+        return enqueue(self.app, self.store, requests) if requests else []
 
     # -- forever -------------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ CHUNKS_PREFIX = "chunks/"
 BACKUPS_PREFIX = "backups/"
 LOCKS_PREFIX = "locks/"
 MANIFEST_NAME = "manifest.json"
+VERIFICATION_NAME = "verification.json"  # section 30
 INDEX_SUFFIX = ".index"
 
 

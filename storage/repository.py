@@ -55,12 +55,14 @@ from vmvault.storage.format import (
     MAX_CONFIG_BYTES,
     MAX_KEY_BYTES,
     MAX_MANIFEST_BYTES,
+    VERIFICATION_NAME,
     DamagedManifest,
     DiskStats,
     Kind,
     Manifest,
     ManifestDisk,
     RepoConfig,
+    backup_prefix,
     canonical_json,
     check_backup_id,
     check_chunk_size,
@@ -219,19 +221,35 @@ class Repository:
         raw = json.dumps(doc, indent=2).encode() + b"\n"
         return self.codec.encrypt(manifest.key, raw)
 
-    def manifest_keys(self, domain: str | None = None) -> list[tuple[str, str, str]]:
-        """``(domain, backup_id, key)`` of every manifest object (unparsed)."""
+    def backup_objects(self, domain: str | None = None) -> list[tuple[str, str, str, str]]:
+        """``(domain, backup_id, leaf, key)`` of every well-named object under
+        ``backups/`` (of ``domain`` or all): one listing, for callers that need several
+        kinds of them (``vmvault list``: manifests and verification records)."""
         prefix = BACKUPS_PREFIX
         if domain is not None:
             prefix += check_name(domain, "domain") + "/"
         out = []
         for info in self.backend.list(prefix):
             parsed = parse_backup_key(info.key)
-            if parsed and parsed[2] == MANIFEST_NAME:
-                out.append((parsed[0], parsed[1], info.key))
+            if parsed:
+                out.append((*parsed, info.key))
         return out
 
-    def scan_manifests(self, domain: str | None = None) -> ManifestScan:
+    def manifest_keys(
+        self,
+        domain: str | None = None,
+        listing: list[tuple[str, str, str, str]] | None = None,
+    ) -> list[tuple[str, str, str]]:
+        """``(domain, backup_id, key)`` of every manifest object (unparsed); from
+        ``listing`` (``backup_objects``) when given."""
+        objects = self.backup_objects(domain) if listing is None else listing
+        return [(d, b, key) for d, b, leaf, key in objects if leaf == MANIFEST_NAME]
+
+    def scan_manifests(
+        self,
+        domain: str | None = None,
+        listing: list[tuple[str, str, str, str]] | None = None,
+    ) -> ManifestScan:
         """Read every manifest (of ``domain`` or all); damaged ones are set aside, not raised.
 
         One damaged manifest must not hide the other backups of its domain: listing,
@@ -251,7 +269,7 @@ class Repository:
 
         manifests: list[Manifest] = []
         damaged: list[DamagedManifest] = []
-        for result in self.pool.map(load, self.manifest_keys(domain)):
+        for result in self.pool.map(load, self.manifest_keys(domain, listing)):
             if isinstance(result, Manifest):
                 manifests.append(result)
             elif result is not None:
@@ -292,10 +310,12 @@ class Repository:
         raise BackupNotFoundError(f"no committed backup {backup_id} in {self.url}")
 
     def delete_backup(self, manifest: Manifest) -> None:
-        """Remove a backup: its manifest first (so it stops existing), then its indexes."""
+        """Remove a backup: its manifest first (so it stops existing), then its indexes
+        and its verification record (section 30)."""
         self.backend.delete(manifest.key)
         for d in manifest.disks:
             self.backend.delete(d.index_key)
+        self.backend.delete(backup_prefix(manifest.domain, manifest.backup_id) + VERIFICATION_NAME)
 
     # ------------------------------------------------------------------ indexes
 

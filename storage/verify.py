@@ -8,8 +8,11 @@ Every problem names the domain, backup id, disk and byte offset it affects.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 from vmvault.storage.disk_reader import DiskReader
@@ -20,6 +23,9 @@ from vmvault.storage.progress import Progress
 from vmvault.storage.region import Kind, Region
 from vmvault.storage.region_store import PACKS_PREFIX, chunk_name_key, pack_key
 from vmvault.storage.repository import Repository
+from vmvault.storage.verification import new_check, record_check
+
+log = logging.getLogger(__name__)
 
 # Where an object is used: (domain, backup_id, disk, offset).
 Ref = tuple[str, str, str, int]
@@ -141,14 +147,23 @@ def verify(
     backup_id: str | None = None,
     read_data: bool = False,
     progress: Progress | None = None,
+    only: Collection[str] | None = None,
+    record: bool = True,
 ) -> VerifyReport:
-    """Check one backup (``backup_id``) or the whole repository."""
+    """Check one backup (``backup_id``), the backups in ``only``, or the whole repository.
+
+    With ``record``, each checked backup whose manifest reads gets its verification record
+    (section 30) saying ok or FAILED with its first problems.
+    """
     report = VerifyReport(read_data=read_data)
     keys = repo.manifest_keys()
     if backup_id is not None:
         keys = [k for k in keys if k[1] == backup_id]
         if not keys:
             repo.find_backup(backup_id)  # raises BackupNotFoundError with the usual text
+    if only is not None:
+        wanted = set(only)
+        keys = [k for k in keys if k[1] in wanted]
 
     manifests: dict[str, Manifest] = {}
     for domain, bid, key in keys:
@@ -200,7 +215,44 @@ def verify(
 
     if read_data:
         _read_data(repo, refs, set(missing), bad_packs, report, progress)
+    if record:
+        _record(repo, manifests.values(), report)
     return report
+
+
+def problem_text(p: Problem) -> str:
+    """A problem as a record keeps it: what, then where in the backup."""
+    where = f" at {p.disk}" if p.disk is not None else ""
+    if p.offset is not None:
+        where += f" offset {p.offset}"
+    return p.message + where
+
+
+def _record(repo: Repository, manifests: Iterable[Manifest], report: VerifyReport) -> None:
+    """One verification record per checked backup (written after its manifest exists)."""
+    by_backup: dict[str, list[str]] = defaultdict(list)
+    for p in report.problems:
+        by_backup[p.backup_id].append(problem_text(p))
+    kind = "data" if report.read_data else "structure"
+    now = datetime.now(UTC)
+
+    def write(m: Manifest) -> str | None:
+        try:
+            record_check(repo, m.domain, m.backup_id, new_check(kind, by_backup[m.backup_id], now))
+        except StorageError as err:
+            return str(err)
+        return None
+
+    # A repository this host may only read (read-only S3 credentials) can still be
+    # verified: the outcome is reported, only not recorded.
+    errors = [e for e in repo.pool.map(write, manifests) if e is not None]
+    if errors:
+        log.warning(
+            "verify: could not record %d verification(s) in %s (is the repository read-only?): %s",
+            len(errors),
+            repo.url,
+            errors[0],
+        )
 
 
 def _read_data(

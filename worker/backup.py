@@ -35,6 +35,7 @@ from vmvault.storage.format import Manifest
 from vmvault.storage.progress import Progress, no_progress
 from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.storage.repository import Repository
+from vmvault.storage.verification import failed_checks
 from vmvault.storage.writer import BackupWriter
 from vmvault.worker import checkpoints as cp
 from vmvault.worker import offline, qemu_img
@@ -210,18 +211,25 @@ def plan_backup(
     disks: Sequence[DiskInfo],
     chains: Mapping[str, ChainView],
     manifests: Sequence[Manifest],
+    failed: Mapping[str, str] | None = None,
 ) -> Plan:
     """Choose full or incremental (pure). ``manifests`` oldest → newest, as the repo lists them.
 
     Incremental from the newest committed backup whose checkpoint is usable on every disk
     and whose disks match the domain's (names and sizes); else full with the reason the
-    newest backup could not serve as parent.
+    newest backup could not serve as parent. ``failed``: backup id → what its latest
+    verification found, for backups whose latest verification FAILED: a parent whose
+    chain holds one gives a full backup (so an intact backup exists again).
     """
     if mode == "full":
         return Plan("full", "full backup requested", None, None)
     reason = f"first backup of domain {domain}"
     for index, manifest in enumerate(reversed(manifests)):
         why = _why_not_parent(manifest, disks, chains)
+        damaged = _damaged_in_chain(manifest, manifests, failed or {})
+        if why is None and damaged is not None:
+            reason = damaged
+            break
         if why is None:
             assert manifest.checkpoint is not None
             return Plan(
@@ -238,6 +246,25 @@ def plan_backup(
             "run with --mode full or --mode auto"
         )
     return Plan("full", reason, None, None)
+
+
+def _damaged_in_chain(
+    manifest: Manifest, manifests: Sequence[Manifest], failed: Mapping[str, str]
+) -> str | None:
+    """Why ``manifest``'s chain (it and its ancestors still listed) must not be built on:
+    a backup in it whose latest verification FAILED; None when there is none."""
+    by_id = {m.backup_id: m for m in manifests}
+    seen: set[str] = set()
+    current: Manifest | None = manifest
+    while current is not None and current.backup_id not in seen:
+        seen.add(current.backup_id)
+        if current.backup_id in failed:
+            return (
+                f"backup {current.backup_id} in the parent chain failed its verification "
+                f"({failed[current.backup_id]})"
+            )
+        current = by_id.get(current.parent) if current.parent else None
+    return None
 
 
 def _why_not_parent(
@@ -397,7 +424,9 @@ def _backup(job: _Job, repo: Repository, allow: list[str] | None) -> BackupResul
     job.step = Step.PLAN
     job.disks = disks = list_disks(qmp, allow)
     chains = {d.name: cp.parse_chain(d.node, d.bitmaps) for d in disks}
-    plan = plan_backup(domain, job.mode, disks, chains, repo.list_manifests(domain))
+    plan = plan_backup(
+        domain, job.mode, disks, chains, repo.list_manifests(domain), failed_checks(repo, domain)
+    )
     new_id = cp.new_checkpoint_id(owner=repo_owner(repo))
     log.info("domain %s: %s backup (%s), checkpoint %s", domain, plan.kind, plan.reason, new_id)
 
@@ -504,7 +533,9 @@ def _backup_shut_off(job: _Job, repo: Repository) -> BackupResult:
     job.step = Step.PLAN
     job.disks = disks = offline.list_images(qmp, job.images)
     chains = {d.name: cp.parse_chain(d.node, d.bitmaps) for d in disks}
-    plan = plan_backup(domain, job.mode, disks, chains, repo.list_manifests(domain))
+    plan = plan_backup(
+        domain, job.mode, disks, chains, repo.list_manifests(domain), failed_checks(repo, domain)
+    )
     new_id = cp.new_checkpoint_id(owner=repo_owner(repo))
     log.info("domain %s (shut off): %s backup (%s)", domain, plan.kind, plan.reason)
     writer = repo.open_backup(domain, plan.parent, plan.kind, plan.reason, new_id)

@@ -13,7 +13,7 @@ import fnmatch
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import parse_qs, quote, urlparse, urlsplit, urlunsplit
 
 import yaml
@@ -382,6 +382,38 @@ class CopyJobConfig(_Strict):
         return _valid_cron(expr)
 
 
+class RestoreTestConfig(_Strict):
+    """A verify job's restore tests: the latest backup of ``sample`` of its domains (those
+    with a ``launch`` description) restored on the domain's host and started isolated and
+    paused (``worker/restore_test.py``)."""
+
+    sample: int = Field(default=1, ge=1, le=1000)
+    # paused: started with -S (the CPUs never run); agent: booted, and its guest agent
+    # must answer guest-ping (domains without guest_agent are then not sampled).
+    boot: Literal["paused", "agent"] = "paused"
+    timeout_seconds: float = Field(default=120.0, ge=1, le=3600)
+
+
+class VerifyJobConfig(_Strict):
+    """A cron schedule of verifications of the backups of the domains matching ``domains``.
+
+    ``outdated_after`` (days), as Proxmox Backup Server's: a backup whose last successful
+    verification is younger is skipped; never-verified and failed ones are always due.
+    None: every backup is verified every time.
+    """
+
+    cron: str
+    domains: list[str] = Field(min_length=1)
+    read_data: bool = False
+    outdated_after: int | None = Field(default=None, ge=0, le=36500)
+    restore_test: RestoreTestConfig | None = None
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, expr: str) -> str:
+        return _valid_cron(expr)
+
+
 class HostConfig(_Strict):
     """Per-hypervisor limits; hosts not listed get the defaults."""
 
@@ -466,6 +498,7 @@ class FleetConfig(_Strict):
     domains: dict[Name, DomainConfig] = Field(default_factory=dict)
     schedules: dict[Name, ScheduleConfig] = Field(default_factory=dict)
     copy_jobs: dict[Name, CopyJobConfig] = Field(default_factory=dict)
+    verify_jobs: dict[Name, VerifyJobConfig] = Field(default_factory=dict)
     hosts: dict[Name, HostConfig] = Field(default_factory=dict)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
@@ -514,13 +547,40 @@ class FleetConfig(_Strict):
 
     @model_validator(mode="after")
     def _schedules_match_domains(self) -> FleetConfig:
-        for sched_name, sched in self.schedules.items():
-            for pattern in sched.domains:
-                if not fnmatch.filter(self.domains, pattern):
-                    raise ValueError(
-                        f"schedules.{sched_name}.domains: {pattern!r} matches no configured domain"
-                    )
+        blocks: list[tuple[str, dict[str, ScheduleConfig] | dict[str, VerifyJobConfig]]] = [
+            ("schedules", self.schedules),
+            ("verify_jobs", self.verify_jobs),
+        ]
+        for block, entries in blocks:
+            for sched_name, sched in entries.items():
+                for pattern in sched.domains:
+                    if not fnmatch.filter(self.domains, pattern):
+                        raise ValueError(
+                            f"{block}.{sched_name}.domains: {pattern!r} matches no configured "
+                            "domain"
+                        )
         return self
+
+    @model_validator(mode="after")
+    def _restore_tests_can_launch(self) -> FleetConfig:
+        for name in self.verify_jobs:
+            if self.verify_jobs[name].restore_test and not self.restore_test_domains(name):
+                raise ValueError(
+                    f"verify_jobs.{name}.restore_test: none of its domains has a launch "
+                    "description (domains.<name>.launch) to start a restored backup from "
+                    "(and, for boot: agent, a guest_agent)"
+                )
+        return self
+
+    def restore_test_domains(self, job: str) -> list[str]:
+        """The domains verify job ``job`` may restore-test: its domains with a launch."""
+        entry = self.verify_jobs[job]
+        agent = entry.restore_test is not None and entry.restore_test.boot == "agent"
+        return [
+            d
+            for d in self.domains_matching(entry.domains)
+            if self.domains[d].launch and (self.domains[d].guest_agent or not agent)
+        ]
 
     @model_validator(mode="after")
     def _hosts_are_used(self) -> FleetConfig:

@@ -351,8 +351,29 @@ def check_gc(config: FleetConfig, grace: Any, dry_run: Any) -> float:
     return float(grace)
 
 
-def check_verify(backup_id: Any, read_data: Any) -> None:
-    """Refuses a queued verify whose arguments are not a backup id and a flag."""
+def check_restore_test(config: FleetConfig, domain: Any, job: Any) -> None:
+    """Refuses a queued restore test that no ``verify_jobs`` entry of this worker's config
+    asks for (the job names the entry; the worker runs it as its config says)."""
+    entry = config.verify_jobs.get(job) if isinstance(job, str) else None
+    if entry is None or entry.restore_test is None:
+        raise _bad("restore-test", "job", job, "want a verify_jobs entry with restore_test")
+    if domain not in config.restore_test_domains(job):
+        raise _bad(
+            "restore-test", "domain", domain, f"want one of verify_jobs.{job}'s domains with launch"
+        )
+
+
+def check_verify(
+    backup_id: Any, read_data: Any, job: Any = None, config: FleetConfig | None = None
+) -> None:
+    """Refuses a queued verify whose arguments are not a backup id and a flag, or that
+    names a verify job this worker's config does not define (it runs the job as its own
+    config says: the message only names it)."""
+    if job is not None:
+        if not isinstance(job, str) or config is None or job not in config.verify_jobs:
+            raise _bad("verify", "job", job, "want the name of a verify_jobs entry")
+        if backup_id is not None:
+            raise _bad("verify", "backup_id", backup_id, "a verify job picks its own backups")
     if backup_id is not None:
         try:
             check_backup_id(backup_id)

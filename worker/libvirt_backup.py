@@ -33,6 +33,7 @@ from vmvault.storage.errors import StorageError
 from vmvault.storage.progress import Progress, no_progress
 from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.storage.repository import Repository
+from vmvault.storage.verification import failed_checks
 from vmvault.storage.writer import BackupWriter
 from vmvault.worker import checkpoints as cp
 from vmvault.worker import offline
@@ -194,7 +195,11 @@ class _LibvirtJob:
         ]
         chain = LibvirtChain(lv.checkpoints())
         manifests = self.repo.list_manifests(domain)
-        plan = plan_backup(domain, self.mode, infos, {d.name: chain for d in disks}, manifests)
+        # A parent chain with a failed verification gives a full backup, as for QMP domains.
+        failed = failed_checks(self.repo, domain)
+        plan = plan_backup(
+            domain, self.mode, infos, {d.name: chain for d in disks}, manifests, failed
+        )
         new_id = cp.new_checkpoint_id(owner=repo_owner(self.repo))
 
         self.step = "starting libvirt's backup job"

@@ -29,6 +29,7 @@ from vmvault.worker.redis_keys import (
     METRICS_DURATION_SUM,
     METRICS_JOBS,
     METRICS_LAST_SUCCESS,
+    METRICS_VERIFICATION,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,21 @@ def record_job(
         log.warning("metrics: could not record %s job: %s", job_type, err)
 
 
+def record_verification_counts(
+    client: redis.Redis, counts: Mapping[str, Mapping[str, int]]
+) -> None:
+    """Replace the per-domain counts of unverified and failed backups (never raises)."""
+    try:
+        pipe = client.pipeline(transaction=True)
+        pipe.delete(METRICS_VERIFICATION)
+        for domain, per in counts.items():
+            for what, n in per.items():
+                pipe.hset(METRICS_VERIFICATION, f"{domain}|{what}", n)
+        pipe.execute()
+    except redis.RedisError as err:
+        log.warning("metrics: could not record verification counts: %s", err)
+
+
 def queue_depths(client: redis.Redis, queues: Iterable[str]) -> dict[str, int]:
     """Messages waiting per queue, summed over the transport's priority sub-lists."""
     names = list(queues)
@@ -116,7 +132,8 @@ class FleetCollector(Collector):
             for key in (METRICS_JOBS, METRICS_DURATION_SUM, METRICS_DURATION_COUNT, METRICS_BYTES):
                 pipe.hgetall(key)
             pipe.hgetall(METRICS_LAST_SUCCESS)
-            jobs, dsum, dcount, nbytes, last = (_decode_hash(r) for r in pipe.execute())
+            pipe.hgetall(METRICS_VERIFICATION)
+            jobs, dsum, dcount, nbytes, last, verified = (_decode_hash(r) for r in pipe.execute())
             depths = queue_depths(self.client, self.queues)
         except redis.RedisError as err:
             log.warning("metrics: Redis unreachable: %s", err)
@@ -156,12 +173,33 @@ class FleetCollector(Collector):
         for domain, stamp in sorted(last.items()):
             last_success.add_metric([domain], float(stamp))
         yield last_success
+        yield from _verification_gauges(verified)
         depth = GaugeMetricFamily(
             "vmvault_queue_depth", "Jobs waiting in each queue", labels=["queue"]
         )
         for queue, waiting in sorted(depths.items()):
             depth.add_metric([queue], waiting)
         yield depth
+
+
+def _verification_gauges(counts: Mapping[str, str]) -> Iterator[GaugeMetricFamily]:
+    gauges = {
+        "unverified": GaugeMetricFamily(
+            "vmvault_backups_unverified",
+            "Backups without a readable verification record, per domain (last verify job)",
+            labels=["domain"],
+        ),
+        "failed": GaugeMetricFamily(
+            "vmvault_backups_verification_failed",
+            "Backups whose latest verification FAILED, per domain (last verify job)",
+            labels=["domain"],
+        ),
+    }
+    for field, count in sorted(counts.items()):
+        domain, _, what = field.rpartition("|")
+        if what in gauges:
+            gauges[what].add_metric([domain], float(count))
+    yield from gauges.values()
 
 
 def serve(client: redis.Redis, queues: Iterable[str], port: int, addr: str = "0.0.0.0") -> None:
@@ -172,4 +210,11 @@ def serve(client: redis.Redis, queues: Iterable[str], port: int, addr: str = "0.
     log.info("metrics on http://%s:%d/metrics", addr, port)
 
 
-__all__ = ["FleetCollector", "byte_counts", "queue_depths", "record_job", "serve"]
+__all__ = [
+    "FleetCollector",
+    "byte_counts",
+    "queue_depths",
+    "record_job",
+    "record_verification_counts",
+    "serve",
+]

@@ -26,6 +26,7 @@ from vmvault.worker.freeze import thaw_leftover
 from vmvault.worker.locks import DomainBusyError, domain_lock
 from vmvault.worker.qmp import open_session
 from vmvault.worker.restore_cleanup import remove_restore_leftovers
+from vmvault.worker.restore_test import clean_restore_tests
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ def reap_host(config: FleetConfig, host: str, thorough: bool = False) -> int:
     domain that is down or busy is skipped: the next pass (or its next job) sees it.
     """
     cleaned = 0
+    try:
+        # Restore tests that were killed: their isolated QEMU and scratch directory.
+        cleaned += clean_restore_tests(config.state_dir)
+    except OSError as err:
+        log.warning("reaper: leftovers of restore tests not removed: %s", err)
     for name, domain in sorted(config.domains.items()):
         if domain.host != host:
             continue

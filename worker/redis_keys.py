@@ -22,6 +22,8 @@ METRICS_DURATION_SUM = "vmvault:metrics:duration_sum"
 METRICS_DURATION_COUNT = "vmvault:metrics:duration_count"
 METRICS_BYTES = "vmvault:metrics:bytes"
 METRICS_LAST_SUCCESS = "vmvault:metrics:last_success"
+# "<domain>|unverified" / "<domain>|failed" -> backups, as the last verify job counted them.
+METRICS_VERIFICATION = "vmvault:metrics:verification"
 
 # One backup or restore per domain fleet-wide (worker/redis_lock.py).
 DOMAIN_LOCK_PREFIX = "vmvault:lock:domain:"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-JobType = Literal["backup", "restore", "verify", "copy", "prune", "gc"]
+JobType = Literal["backup", "restore", "verify", "restore-test", "copy", "prune", "gc"]
 
 # auto: incremental when the checkpoint chain allows, else full.
 BackupMode = Literal["auto", "full", "incremental"]
@@ -20,6 +20,7 @@ PRIORITY: dict[str, int] = {
     "restore": 0,
     "backup": 5,
     "verify": 7,
+    "restore-test": 7,
     "copy": 8,
     "prune": 8,
     "gc": 9,
@@ -34,8 +35,9 @@ def host_queue(host: str) -> str:
 
 
 def queue_for(job_type: str, host: str | None) -> str:
-    """Where a job goes: backups/restores to their host, repository chores to ``storage``."""
-    if job_type in ("backup", "restore"):
+    """Where a job goes: backups/restores (and restore tests, which start a QEMU) to their
+    host, repository chores to ``storage``."""
+    if job_type in ("backup", "restore", "restore-test"):
         if host is None:
             raise ValueError(f"a {job_type} job needs the domain's host")
         return host_queue(host)

@@ -20,6 +20,7 @@ from vmvault.worker.job_frame import (
     JobProgress,
     admit,
     fleet_repository,
+    redis_client,
     retry_if_locked,
     run_job,
 )
@@ -31,10 +32,21 @@ from vmvault.worker.job_policy import (
     check_prune,
     check_repository,
     check_restore,
+    check_restore_test,
     check_verify,
 )
 
-__all__ = ["WORKER_HOST_ENV", "backup", "copy", "gc", "ping", "prune", "restore", "verify"]
+__all__ = [
+    "WORKER_HOST_ENV",
+    "backup",
+    "copy",
+    "gc",
+    "ping",
+    "prune",
+    "restore",
+    "restore_test",
+    "verify",
+]
 
 
 @app.task(bind=True, name="vmvault.backup", acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
@@ -121,6 +133,12 @@ def _refuse_live_named(name: str) -> None:
     )
 
 
+def _refuse_scheduled_verify_elsewhere(name: str) -> None:
+    raise JobRefusedError(
+        f"verify refused: verify_jobs check the primary repository only, not {name!r}"
+    )
+
+
 @app.task(  # type: ignore[untyped-decorator]
     bind=True,
     name="vmvault.verify",
@@ -129,21 +147,69 @@ def _refuse_live_named(name: str) -> None:
     throws=(JobRefusedError,),
 )
 def verify(
-    self: Task, backup_id: str | None = None, read_data: bool = False, repository: Any = None
+    self: Task,
+    backup_id: str | None = None,
+    read_data: bool = False,
+    repository: Any = None,
+    job: str | None = None,
 ) -> dict[str, Any]:
-    """Verify one backup or the whole repository (storage queue; read-only, idempotent)."""
+    """Verify one backup, the whole repository, or (``job``) what a ``verify_jobs`` entry
+    of this worker's config is due to check (storage queue; writes only verification
+    records, so idempotent). A scheduled verify that finds damage fails."""
     from vmvault.storage.verify import verify as verify_repository
+    from vmvault.worker.metrics import record_verification_counts
+    from vmvault.worker.verify_job import run_verify_job, verification_counts
 
-    admit(self, "verify", None, lambda: check_verify(backup_id, read_data))
-    name = admit(
-        self, "verify", None, lambda: check_repository(fleet_config(), "verify", repository)
-    )
+    config = fleet_config()
+    admit(self, "verify", None, lambda: check_verify(backup_id, read_data, job, config))
+    name = admit(self, "verify", None, lambda: check_repository(config, "verify", repository))
+    if job is not None and name is not None:
+        admit(self, "verify", None, lambda: _refuse_scheduled_verify_elsewhere(name))
 
     def work(progress: JobProgress) -> Any:
         with fleet_repository(name) as repo:
-            return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
+            try:
+                if job is not None:
+                    return run_verify_job(config, repo, job, progress=progress)
+                return verify_repository(repo, backup_id, read_data=read_data, progress=progress)
+            finally:
+                # Also after a failed verification: the gauges must show the failure. They
+                # describe the primary repository, where backups are written.
+                if name is None:
+                    record_verification_counts(redis_client(), verification_counts(repo))
 
     return run_job(self, "verify", None, work)
+
+
+# Like a restore, a restore test that died half-way is not replayed blindly: the reaper
+# removes what it left, the next verify slot tests again.
+@app.task(  # type: ignore[untyped-decorator]
+    bind=True,
+    name="vmvault.restore_test",
+    acks_late=True,
+    reject_on_worker_lost=False,
+    throws=(JobRefusedError,),
+)
+def restore_test(self: Task, domain: str, job: str) -> dict[str, Any]:
+    """Restore-test the latest backup of ``domain`` for verify job ``job`` (host queue):
+    restored into a scratch directory, started isolated and paused, thrown away; the
+    outcome is recorded, and a failed test fails the job."""
+    from vmvault.worker.restore_test import RestoreTestFailedError, run_restore_test
+
+    config = fleet_config()
+    admit(self, "restore-test", domain, lambda: check_restore_test(config, domain, job))
+    entry = config.verify_jobs[job].restore_test
+    assert entry is not None  # checked by check_restore_test
+
+    def work(progress: JobProgress) -> Any:
+        out = run_restore_test(config, domain, timeout=entry.timeout_seconds, boot=entry.boot)
+        if not out["ok"]:
+            raise RestoreTestFailedError(
+                f"restore test of {domain} backup {out['backup_id']} failed: {out['problems'][0]}"
+            )
+        return out
+
+    return run_job(self, "restore-test", domain, work)
 
 
 @app.task(  # type: ignore[untyped-decorator]

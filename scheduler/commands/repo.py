@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from vmvault.scheduler.cli_context import CliContext
     from vmvault.storage.gc import GcReport
     from vmvault.storage.repository import Repository
+    from vmvault.storage.verification import Verification
     from vmvault.storage.verify import VerifyReport
 
 
@@ -279,13 +280,34 @@ def _damaged_summary(d: DamagedManifest) -> dict[str, Any]:
     return doc
 
 
+def _verified(records: dict[tuple[str, str], Verification], m: Manifest) -> dict[str, Any]:
+    """``list``/``show --json``'s ``verification``: the record, or "unverified"."""
+    from vmvault.storage.verification import UNKNOWN_JSON
+
+    record = records.get((m.domain, m.backup_id))
+    return record.status_json() if record else dict(UNKNOWN_JSON)
+
+
+def _verified_text(records: dict[tuple[str, str], Verification], m: Manifest) -> str:
+    record = records.get((m.domain, m.backup_id))
+    return record.summary() if record else "unverified"
+
+
 def _list(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.storage.verification import load_records
+
     with _open(ctx, args) as repo:
-        scan = repo.scan_manifests(args.domain)
+        # One listing of backups/ for both the manifests and their verification records.
+        listing = repo.backup_objects(args.domain)
+        scan = repo.scan_manifests(args.domain, listing)
+        records = load_records(repo, args.domain, listing)
     manifests = scan.manifests
     if ctx.json:
         # Readable backups oldest first, then the damaged ones ("damaged": true).
-        docs = [{**_summary(m), "damaged": False} for m in manifests]
+        docs = [
+            {**_summary(m), "damaged": False, "verification": _verified(records, m)}
+            for m in manifests
+        ]
         ctx.emit(docs + [_damaged_summary(d) for d in scan.damaged])
         return 0
     if not manifests:
@@ -297,7 +319,7 @@ def _list(args: argparse.Namespace, ctx: CliContext) -> int:
     _say(
         ctx,
         f"{'BACKUP ID':<32}  {'DOMAIN':<16} {'KIND':<11} {'CREATED (UTC)':<19}  "
-        f"{'SIZE':>10} {'UPLOADED':>10}  DISKS",
+        f"{'SIZE':>10} {'UPLOADED':>10}  {'DISKS':<10}  VERIFICATION",
     )
     for m in manifests:
         s = _summary(m)
@@ -305,7 +327,8 @@ def _list(args: argparse.Namespace, ctx: CliContext) -> int:
             ctx,
             f"{m.backup_id:<32}  {m.domain:<16} {m.kind:<11} "
             f"{m.created:%Y-%m-%d %H:%M:%S}  {_human(s['virtual_size']):>10} "
-            f"{_human(s['bytes_uploaded']):>10}  {','.join(s['disks'])}",
+            f"{_human(s['bytes_uploaded']):>10}  {','.join(s['disks']):<10}  "
+            f"{_verified_text(records, m)}",
         )
     _say_damaged(ctx, scan.damaged)
     return 0
@@ -317,10 +340,14 @@ def _say_damaged(ctx: CliContext, damaged: list[DamagedManifest]) -> None:
 
 
 def _show(args: argparse.Namespace, ctx: CliContext) -> int:
+    from vmvault.storage.verification import read_record
+
     with _open(ctx, args) as repo:
         m = repo.find_backup(args.backup_id)
+        record = read_record(repo, m.domain, m.backup_id)
+    records = {(m.domain, m.backup_id): record} if record else {}
     if ctx.json:
-        ctx.emit(m.to_json())
+        ctx.emit({**m.to_json(), "verification": _verified(records, m)})
         return 0
     _say(ctx, f"backup   {m.backup_id}")
     _say(ctx, f"domain   {m.domain}")
@@ -337,6 +364,14 @@ def _show(args: argparse.Namespace, ctx: CliContext) -> int:
             f"from parent {st.chunks_parent}, patched {st.chunks_patched}), "
             f"uploaded {_human(st.bytes_uploaded)} in {st.objects_put} objects",
         )
+    _say(ctx, f"verification {_verified_text(records, m)}")
+    if record and not record.latest.ok:
+        for p in record.latest.problems[1:]:
+            _say(ctx, f"  problem: {p}")
+        if record.latest.problem_count > len(record.latest.problems):
+            _say(ctx, f"  ... {record.latest.problem_count} problems in all")
+    if record and record.last_ok and not record.latest.ok:
+        _say(ctx, f"last ok      {iso(record.last_ok.time)} ({record.last_ok.kind})")
     return 0
 
 
