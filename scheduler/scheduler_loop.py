@@ -10,7 +10,10 @@ One tick (leader only):
    winners are sent, so a slot's job is sent once even across leader changes;
 4. once every backup of the slot is claimed and has ended, the schedule's retention runs
    (one ``prune`` job, claimed the same way);
-5. one ``gc`` per ``gc_interval_seconds`` period.
+5. one ``gc`` per ``gc_interval_seconds`` period;
+6. notifications: overdue domains are opened/cleared as problems (``notify_overdue``) and
+   the event outbox is handed to the sender threads (``notify_delivery``), which never
+   hold up the tick.
 
 State lives in Redis (active slot per schedule, claims) *and* in the leader's memory, so a
 Redis restart (no persistence) does not make the running leader re-send a slot.
@@ -33,6 +36,8 @@ from kombu.exceptions import OperationalError
 
 from vmvault.scheduler.enqueue import JobRequest, enqueue
 from vmvault.scheduler.leader import Leadership
+from vmvault.scheduler.notify_delivery import Notifier
+from vmvault.scheduler.notify_overdue import check_overdue
 from vmvault.scheduler.planner import (
     PlannedBackup,
     due_slot,
@@ -68,6 +73,7 @@ class TickReport:
     planned: int = 0
     enqueued: list[str] = field(default_factory=list)
     skipped_claimed: int = 0
+    overdue: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -86,6 +92,7 @@ class Scheduler:
         self.app = app
         self.store = JobStore(client)
         self.leadership = Leadership(client, config.scheduler.lease_seconds, name)
+        self.notifier = Notifier(config, client)
         self._active: dict[str, datetime] = {}
         self._claimed: set[str] = set()
         self._stop = threading.Event()
@@ -166,6 +173,8 @@ class Scheduler:
             report.enqueued += self._retention_if_done(name, slot, plan, now)
         report.enqueued += self._gc_if_due(now)
         self._forget_old_claims(slots, now)
+        report.overdue = check_overdue(config, self.client, now)
+        self.notifier.pump()
         report.seconds = time.monotonic() - started
         if report.enqueued:
             log.info("tick: enqueued %d job(s) in %.2fs", len(report.enqueued), report.seconds)
@@ -310,6 +319,8 @@ class Scheduler:
                     log.exception("scheduler: tick failed")
                 self._stop.wait(interval)
         finally:
+            # A send in progress finishes (bounded by its timeout) before leadership goes.
+            self.notifier.join(timeout=30)
             with contextlib.suppress(redis.RedisError):
                 self.leadership.resign()
             log.info("scheduler %s: stopped", self.leadership.name)

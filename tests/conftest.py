@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.qemu",
     "tests.fixtures.guest",
     "tests.fixtures.guestfs",
+    "tests.fixtures.notify",
     "tests.fixtures.redis",
     "tests.fixtures.s3",
 ]

@@ -30,6 +30,7 @@ from vmvault.worker.errors import WorkerError
 from vmvault.worker.job_policy import JobRefusedError
 from vmvault.worker.jobs import JobRecord, JobStore
 from vmvault.worker.metrics import record_job
+from vmvault.worker.notify_events import job_ended
 from vmvault.worker.redis_keys import DOMAIN_LOCK_PREFIX
 from vmvault.worker.redis_lock import LockBusyError, RedisLease
 from vmvault.worker.routing import queue_for
@@ -247,6 +248,7 @@ def run_job(
     )
     log.info("job %s: %s %s started", job_id, job_type, domain or "")
     outcome = "failed"
+    error = ""
     result: dict[str, Any] = {}
     try:
         result = _result_json(_until_sigterm(work, JobProgress(task, store, job_id, lease)))
@@ -260,7 +262,8 @@ def run_job(
             outcome = "waiting"
         else:
             _store_final(task, states.FAILURE, err)
-        store.update(job_id, error=f"{type(err).__name__}: {err}")
+        error = f"{type(err).__name__}: {err}"
+        store.update(job_id, error=error)
         raise
     finally:
         finished = time.time()
@@ -276,6 +279,8 @@ def run_job(
             record_job(
                 client, job_type, outcome, finished - started, domain or "", finished, result
             )
+            # Only a job's end opens or clears its problem: a lock wait is no failure.
+            job_ended(client, job_type, domain, outcome, error)
         log.info(
             "job %s: %s %s %s in %.1fs", job_id, job_type, domain or "", outcome, finished - started
         )

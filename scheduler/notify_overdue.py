@@ -1,0 +1,89 @@
+"""Overdue backups as notification problems, checked by the scheduler leader each tick.
+
+The rule is ``vmvault status``'s (``planner.overdue``): a scheduled domain is overdue
+when its newest successful backup is older than the slot *before* its schedule's newest
+slot (one slot of grace: the newest slot's backup may still be queued or running).
+The time of the newest success comes from the job results the workers record in Redis
+(one HGETALL per tick, no repository listing). A domain with no recorded success counts
+from when the scheduler first saw it scheduled, so a new domain, or a Redis that lost
+its data, does not raise an alarm before two slots have passed.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import redis
+
+from vmvault.scheduler.planner import overdue
+from vmvault.worker.config import FleetConfig
+from vmvault.worker.notify_events import Event, clear_problem, open_problem
+from vmvault.worker.redis_keys import METRICS_LAST_SUCCESS, NOTIFY_FIRST_SEEN, NOTIFY_OPEN
+
+PREFIX = "overdue:"
+
+
+def check_overdue(config: FleetConfig, client: redis.Redis, now: datetime) -> list[str]:
+    """Open the overdue problem of each late domain, clear it for the others.
+
+    Returns the domains found overdue. Only changes cost a script call; a quiet tick is
+    three round trips whatever the fleet's size.
+    """
+    crons: dict[str, list[tuple[str, str]]] = {}
+    for name, sched in sorted(config.schedules.items()):
+        for domain in config.domains_matching(sched.domains):
+            crons.setdefault(domain, []).append((name, sched.cron))
+    if not config.notifications.overdue or not crons:
+        return []
+    stamp = now.timestamp()
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(METRICS_LAST_SUCCESS)
+    for domain in crons:
+        pipe.hsetnx(NOTIFY_FIRST_SEEN, domain, stamp)
+    pipe.hmget(NOTIFY_FIRST_SEEN, list(crons))
+    pipe.hkeys(NOTIFY_OPEN)
+    replies = pipe.execute()
+    last = {k.decode(): float(v) for k, v in replies[0].items()}
+    first_seen = dict(zip(crons, replies[-2], strict=True))
+    open_now = {key.decode() for key in replies[-1]}
+    late: list[str] = []
+    for domain, schedules in crons.items():
+        success = last.get(domain)
+        since = success if success is not None else float(first_seen[domain] or stamp)
+        when = datetime.fromtimestamp(since, UTC)
+        behind = [name for name, cron in schedules if overdue(cron, when, now)]
+        problem = PREFIX + domain
+        if behind:
+            late.append(domain)
+            if problem not in open_now:
+                what = "last good backup" if success is not None else "no good backup since"
+                open_problem(
+                    client,
+                    Event(
+                        event="problem",
+                        kind="overdue",
+                        problem=problem,
+                        summary=(
+                            f"backup of {domain} is overdue: {what} {when.isoformat()} "
+                            f"(schedule {', '.join(behind)})"
+                        ),
+                        time=now.replace(microsecond=0).isoformat(),
+                        domain=domain,
+                        job_type="backup",
+                    ),
+                )
+        elif problem in open_now:
+            clear_problem(
+                client,
+                Event(
+                    event="recovery",
+                    kind="overdue",
+                    problem=problem,
+                    summary=f"backup of {domain} is no longer overdue: good backup at "
+                    f"{when.isoformat()}",
+                    time=now.replace(microsecond=0).isoformat(),
+                    domain=domain,
+                    job_type="backup",
+                ),
+            )
+    return late
