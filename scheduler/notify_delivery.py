@@ -144,7 +144,7 @@ class Notifier:
                 return sent
             token = uuid.uuid4().hex
             lock = _LOCK_PREFIX + target
-            ttl = int(self._timeout(target)) + 30
+            ttl = int(self._timeout(target)) + 5  # a send ends within its timeout
             if not self.client.set(lock, token, nx=True, ex=ttl):
                 return sent  # another scheduler is sending to this target right now
             try:
