@@ -33,19 +33,20 @@ def check_overdue(config: FleetConfig, client: redis.Redis, now: datetime) -> li
     for name, sched in sorted(config.schedules.items()):
         for domain in config.domains_matching(sched.domains):
             crons.setdefault(domain, []).append((name, sched.cron))
-    if not config.notifications.overdue or not crons:
+    if not config.notifications.overdue:
         return []
     stamp = now.timestamp()
     pipe = client.pipeline(transaction=False)
+    pipe.hkeys(NOTIFY_OPEN)
     pipe.hgetall(METRICS_LAST_SUCCESS)
     for domain in crons:
         pipe.hsetnx(NOTIFY_FIRST_SEEN, domain, stamp)
-    pipe.hmget(NOTIFY_FIRST_SEEN, list(crons))
-    pipe.hkeys(NOTIFY_OPEN)
+    if crons:
+        pipe.hmget(NOTIFY_FIRST_SEEN, list(crons))
     replies = pipe.execute()
-    last = {k.decode(): float(v) for k, v in replies[0].items()}
-    first_seen = dict(zip(crons, replies[-2], strict=True))
-    open_now = {key.decode() for key in replies[-1]}
+    open_now = {key.decode() for key in replies[0]}
+    last = {k.decode(): float(v) for k, v in replies[1].items()}
+    first_seen = dict(zip(crons, replies[-1], strict=True)) if crons else {}
     late: list[str] = []
     for domain, schedules in crons.items():
         success = last.get(domain)
@@ -81,6 +82,22 @@ def check_overdue(config: FleetConfig, client: redis.Redis, now: datetime) -> li
                     problem=problem,
                     summary=f"backup of {domain} is no longer overdue: good backup at "
                     f"{when.isoformat()}",
+                    time=now.replace(microsecond=0).isoformat(),
+                    domain=domain,
+                    job_type="backup",
+                ),
+            )
+    for problem in sorted(open_now):
+        domain = problem.removeprefix(PREFIX)
+        if problem.startswith(PREFIX) and domain not in crons:
+            # No schedule covers it any more (config changed): nothing will ever clear it.
+            clear_problem(
+                client,
+                Event(
+                    event="recovery",
+                    kind="overdue",
+                    problem=problem,
+                    summary=f"backup of {domain} is no longer overdue: no schedule covers it",
                     time=now.replace(microsecond=0).isoformat(),
                     domain=domain,
                     job_type="backup",

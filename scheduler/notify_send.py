@@ -12,6 +12,7 @@ import ssl
 import urllib.error
 import urllib.request
 from email.message import EmailMessage
+from typing import Any
 
 from vmvault.scheduler.errors import SchedulerError
 from vmvault.worker.config import FleetConfig
@@ -44,6 +45,16 @@ def send(config: FleetConfig, target: str, event: Event) -> None:
         )
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # urllib turns a redirected POST into a GET without the body: a 3xx would then look
+    # like a delivered event. Fail instead, naming the status, so the URL gets fixed.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def send_webhook(name: str, target: WebhookTarget, event: Event) -> None:
     """POST the event as JSON; any 2xx is success."""
     try:
@@ -59,7 +70,7 @@ def send_webhook(name: str, target: WebhookTarget, event: Event) -> None:
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=target.timeout_seconds) as reply:
+        with _OPENER.open(request, timeout=target.timeout_seconds) as reply:
             status = reply.status
     except urllib.error.HTTPError as err:
         raise DeliveryError(f"webhook {name}: {target.url} answered HTTP {err.code}") from err

@@ -147,15 +147,23 @@ def _check_host(config: FleetConfig, job_id: str, domain: str | None) -> str:
     return host
 
 
-def _record_refusal(store: JobStore, job_id: str, worker_name: str, err: Exception) -> None:
-    """A job refused before it started still ends ``failed`` in the registry, with why."""
-    store.update(
-        job_id,
-        state="failed",
-        error=f"{type(err).__name__}: {err}",
-        worker=worker_name,
-        finished=time.time(),
-    )
+def _record_refusal(
+    store: JobStore,
+    job_id: str,
+    worker_name: str,
+    err: Exception,
+    job_type: str,
+    domain: str | None,
+) -> None:
+    """A job refused before it started still ends ``failed`` in the registry, with why,
+    and opens its problem like any failed job (an operator must fix the config or routing).
+    """
+    error = f"{type(err).__name__}: {err}"
+    store.update(job_id, state="failed", error=error, worker=worker_name, finished=time.time())
+    if domain is not None and domain not in fleet_config().domains:
+        # The name came from the queue, not the config: one problem for all such jobs.
+        domain = "unknown-domain"
+    job_ended(store.client, job_type, domain, "failed", error)
 
 
 def _register(store: JobStore, task: Task, job_type: str, domain: str, host: str) -> None:
@@ -190,7 +198,8 @@ def admit(task: Task, job_type: str, domain: Any, check: Callable[[], T]) -> T:
         host = config.domains[name].host if name else ""
         if store.get(job_id) is None:
             _register(store, task, job_type, name, host)
-        _record_refusal(store, job_id, task.request.hostname or socket.gethostname(), err)
+        worker_name = task.request.hostname or socket.gethostname()
+        _record_refusal(store, job_id, worker_name, err, job_type, name or None)
         log.warning("job %s: %s refused: %s", job_id, job_type, err)
         raise
 
@@ -210,7 +219,7 @@ def run_job(
     try:
         host = _check_host(config, job_id, domain)
     except Exception as err:
-        _record_refusal(store, job_id, worker_name, err)
+        _record_refusal(store, job_id, worker_name, err, job_type, domain)
         raise
     existing = store.get(job_id)
     if existing is not None and job_type in _NOT_REPLAYED and existing.state not in _NOT_STARTED:
@@ -221,7 +230,7 @@ def run_job(
             f"(state {existing.state}) and came back after that worker died: not replayed; "
             "check the domain and send a new job if needed"
         )
-        _record_refusal(store, job_id, worker_name, replay)
+        _record_refusal(store, job_id, worker_name, replay, job_type, domain)
         raise replay
     if existing is None:
         # Sent by something that did not register it (e.g. celery call): register now.

@@ -295,3 +295,55 @@ def test_email_config_refuses_literal_password_and_clear_auth(tmp_path: Path) ->
             tmp_path,
             notifications={"email": {"m": {**base, "password_env": "P", "starttls": False}}},
         )
+
+
+def test_a_redirect_is_a_failed_try_not_a_delivery(
+    redis_server: RedisServer, webhook_server: WebhookServer, tmp_path: Path
+) -> None:
+    config = _config(tmp_path, redis_server, webhooks={"ops": {"url": webhook_server.url}})
+    client = redis_server.client()
+    webhook_server.statuses[:] = [302]
+    job_ended(client, "backup", "web1", "failed", "boom")
+    _deliver_all(Notifier(config, client), lambda: webhook_server.events(), "delivered")
+    assert webhook_server.answered == [302, 200]
+    assert webhook_server.gets == 0
+
+
+def test_overdue_problem_of_a_domain_no_longer_scheduled_is_cleared(
+    redis_server: RedisServer, webhook_server: WebhookServer, tmp_path: Path
+) -> None:
+    notifications = {"webhooks": {"ops": {"url": webhook_server.url}}}
+    scheduled = make_config(
+        tmp_path,
+        redis_server.url,
+        schedules={"hourly": {"cron": "0 * * * *", "domains": ["web1"]}},
+        scheduler={"gc_interval_seconds": None},
+        notifications=notifications,
+    )
+    client = redis_server.client()
+    start = datetime(2026, 3, 1, 2, 0, 30, tzinfo=UTC)
+    sched = Scheduler(scheduled, client, configure(scheduled), name="t")
+    try:
+        sched.tick(start)
+        assert sched.tick(start + timedelta(hours=2)).overdue == ["web1"]
+    finally:
+        sched.leadership.resign()
+    assert list(open_problems(client)) == ["overdue:web1"]
+    unscheduled = make_config(
+        tmp_path,
+        redis_server.url,
+        scheduler={"gc_interval_seconds": None},
+        notifications=notifications,
+    )
+    sched = Scheduler(unscheduled, client, configure(unscheduled), name="t2")
+    try:
+        sched.tick(start + timedelta(hours=3))
+        assert open_problems(client) == {}
+        sched.tick(start + timedelta(hours=3, seconds=1))  # hands the recovery over
+        wait_until(lambda: len(webhook_server.events()) == 2, 30, "problem and recovery")
+    finally:
+        sched.notifier.join(10)
+        sched.leadership.resign()
+    events = webhook_server.events()
+    assert [e["event"] for e in events] == ["problem", "recovery"]
+    assert "no schedule covers it" in events[1]["summary"]

@@ -123,3 +123,24 @@ def test_scheduler_killed_mid_delivery_loses_no_event(
     stop_process(second, timeout=10)
     # At least once: the copy the killed scheduler never saw answered, then the resend.
     assert [e["event"] for e in webhook_server.events()] == ["problem", "problem"]
+
+
+def test_a_refused_job_opens_its_problem(fleet: Fleet, webhook_server: WebhookServer) -> None:
+    fleet.write(
+        scheduler={"gc_interval_seconds": None, "tick_seconds": 0.2},
+        notifications={"webhooks": {"ops": {"url": webhook_server.url}}},
+    )
+    client = fleet.redis.client()
+    fleet.start_worker("hv2")
+    # web1 lives on hv1: its backup on hv2's queue is refused before touching anything.
+    [job_id] = enqueue(
+        fleet.app(),
+        JobStore(client),
+        [JobRequest(type="backup", kwargs={"domain": "web1"}, domain="web1", queue="host.hv2")],
+    )
+    assert fleet.wait_jobs([job_id])[job_id].state == "failed"
+    fleet.vmvault("scheduler", "-v", log="sched.log")
+    wait_until(lambda: bool(webhook_server.events()), 60, "problem event")
+    [event] = webhook_server.events()
+    assert event["problem"] == "job:backup:web1"
+    assert "MisroutedJobError" in event["summary"]
