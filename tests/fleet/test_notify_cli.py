@@ -57,3 +57,24 @@ def test_notify_test_without_targets_says_how_to_add_them(tmp_path: Path) -> Non
     out = _run(config)
     assert out.returncode == 1
     assert "no notification targets configured" in out.stderr
+
+
+def test_config_summary_lists_targets_and_unreadable_secrets(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "vmvault.yaml",
+        fleet_dict(
+            tmp_path,
+            notifications={
+                "webhooks": {"ops": {"url": "http://hooks/x", "token_file": "/nonexistent/t"}},
+                "email": {"mail": {"smtp_host": "mx", "from": "a@b.c", "to": ["o@b.c"]}},
+            },
+        ),
+    )
+    run = [str(VENV_BIN / "vmvault"), "--config", str(config), "config"]
+    human = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert human.returncode == 0, human.stderr
+    assert "notifications 2 target(s)" in human.stdout
+    assert "email via mx:587 to o@b.c" in human.stdout
+    assert "secret not readable on this host" in human.stdout
+    doc = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True).stdout)
+    assert doc["notifications"]["email"]["mail"]["from"] == "a@b.c"
