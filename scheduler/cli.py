@@ -25,6 +25,7 @@ _COMMAND_GROUPS = (
     "vmvault.scheduler.commands.serve",
     "vmvault.scheduler.commands.files",
     "vmvault.scheduler.commands.fleet",
+    "vmvault.scheduler.commands.notify",
 )
 
 EXIT_OK = 0

@@ -167,11 +167,15 @@ def gc_period(now: datetime, interval_seconds: int) -> int:
     return int(now.timestamp()) // interval_seconds
 
 
+def overdue_threshold(cron: str, now: datetime) -> datetime:
+    """The slot before the newest one: a backup older than this is overdue (``overdue``)."""
+    newest = latest_slot(cron, now)
+    return latest_slot(cron, newest - timedelta(seconds=1))
+
+
 def overdue(cron: str, last_success: datetime | None, now: datetime) -> bool:
     """True when a domain has no successful backup since the slot before the newest one.
 
     One slot of grace: the newest slot's backup may still be queued or running.
     """
-    newest = latest_slot(cron, now)
-    previous = latest_slot(cron, newest - timedelta(seconds=1))
-    return last_success is None or last_success < previous
+    return last_success is None or last_success < overdue_threshold(cron, now)

@@ -15,6 +15,9 @@ One tick (leader only):
    way; the worker takes repositories, domains and retention from its own config).
 7. per ``verify_jobs`` entry, one ``verify`` job (storage queue) per cron slot, claimed the
    same way: the newest slot at or before now (so a starting scheduler catches up once).
+8. notifications: overdue domains are opened/cleared as problems (``notify_overdue``) and
+   the event outbox is handed to the sender threads (``notify_delivery``), which never
+   hold up the tick.
 
 State lives in Redis (active slot per schedule, claims) *and* in the leader's memory, so a
 Redis restart (no persistence) does not make the running leader re-send a slot.
@@ -37,6 +40,8 @@ from kombu.exceptions import OperationalError
 
 from vmvault.scheduler.enqueue import JobRequest, enqueue
 from vmvault.scheduler.leader import Leadership
+from vmvault.scheduler.notify_delivery import Notifier
+from vmvault.scheduler.notify_overdue import check_overdue
 from vmvault.scheduler.planner import (
     PlannedBackup,
     due_slot,
@@ -74,6 +79,7 @@ class TickReport:
     planned: int = 0
     enqueued: list[str] = field(default_factory=list)
     skipped_claimed: int = 0
+    overdue: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -92,6 +98,7 @@ class Scheduler:
         self.app = app
         self.store = JobStore(client)
         self.leadership = Leadership(client, config.scheduler.lease_seconds, name)
+        self.notifier = Notifier(config, client)
         self._active: dict[str, datetime] = {}
         self._claimed: set[str] = set()
         self._stop = threading.Event()
@@ -174,6 +181,8 @@ class Scheduler:
         report.enqueued += self._copies_if_due(now)
         report.enqueued += self._verify_jobs_if_due(now)
         self._forget_old_claims(slots, now)
+        report.overdue = check_overdue(config, self.client, now)
+        self.notifier.pump()
         report.seconds = time.monotonic() - started
         if report.enqueued:
             log.info("tick: enqueued %d job(s) in %.2fs", len(report.enqueued), report.seconds)
@@ -389,6 +398,8 @@ class Scheduler:
                     log.exception("scheduler: tick failed")
                 self._stop.wait(interval)
         finally:
+            # A send in progress finishes (bounded by its timeout) before leadership goes.
+            self.notifier.join(timeout=30)
             with contextlib.suppress(redis.RedisError):
                 self.leadership.resign()
             log.info("scheduler %s: stopped", self.leadership.name)

@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.guest",
     "tests.fixtures.guestfs",
     "tests.fixtures.libvirt",
+    "tests.fixtures.notify",
     "tests.fixtures.redis",
     "tests.fixtures.s3",
 ]

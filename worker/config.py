@@ -30,6 +30,7 @@ from pydantic import (
 
 from vmvault.storage.format import NAME_PATTERN
 from vmvault.storage.locks import DEFAULT_GRACE
+from vmvault.worker.notify_config import NotificationsConfig
 
 if TYPE_CHECKING:
     from vmvault.storage.repository import Repository
@@ -503,6 +504,7 @@ class FleetConfig(_Strict):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     backup: BackupSettings = Field(default_factory=BackupSettings)
     worker: WorkerPolicy = Field(default_factory=WorkerPolicy)
+    notifications: NotificationsConfig = Field(default_factory=NotificationsConfig)
 
     @field_validator("broker")
     @classmethod

@@ -30,6 +30,7 @@ from vmvault.worker.errors import WorkerError
 from vmvault.worker.job_policy import JobRefusedError
 from vmvault.worker.jobs import JobRecord, JobStore
 from vmvault.worker.metrics import record_job
+from vmvault.worker.notify_events import job_ended
 from vmvault.worker.redis_keys import DOMAIN_LOCK_PREFIX
 from vmvault.worker.redis_lock import LockBusyError, RedisLease
 from vmvault.worker.routing import queue_for
@@ -146,15 +147,23 @@ def _check_host(config: FleetConfig, job_id: str, domain: str | None) -> str:
     return host
 
 
-def _record_refusal(store: JobStore, job_id: str, worker_name: str, err: Exception) -> None:
-    """A job refused before it started still ends ``failed`` in the registry, with why."""
-    store.update(
-        job_id,
-        state="failed",
-        error=f"{type(err).__name__}: {err}",
-        worker=worker_name,
-        finished=time.time(),
-    )
+def _record_refusal(
+    store: JobStore,
+    job_id: str,
+    worker_name: str,
+    err: Exception,
+    job_type: str,
+    domain: str | None,
+) -> None:
+    """A job refused before it started still ends ``failed`` in the registry, with why,
+    and opens its problem like any failed job (an operator must fix the config or routing).
+    """
+    error = f"{type(err).__name__}: {err}"
+    store.update(job_id, state="failed", error=error, worker=worker_name, finished=time.time())
+    if domain is not None and domain not in fleet_config().domains:
+        # The name came from the queue, not the config: one problem for all such jobs.
+        domain = "unknown-domain"
+    job_ended(store.client, job_type, domain, "failed", error)
 
 
 def _register(store: JobStore, task: Task, job_type: str, domain: str, host: str) -> None:
@@ -189,7 +198,8 @@ def admit(task: Task, job_type: str, domain: Any, check: Callable[[], T]) -> T:
         host = config.domains[name].host if name else ""
         if store.get(job_id) is None:
             _register(store, task, job_type, name, host)
-        _record_refusal(store, job_id, task.request.hostname or socket.gethostname(), err)
+        worker_name = task.request.hostname or socket.gethostname()
+        _record_refusal(store, job_id, worker_name, err, job_type, name or None)
         log.warning("job %s: %s refused: %s", job_id, job_type, err)
         raise
 
@@ -209,7 +219,7 @@ def run_job(
     try:
         host = _check_host(config, job_id, domain)
     except Exception as err:
-        _record_refusal(store, job_id, worker_name, err)
+        _record_refusal(store, job_id, worker_name, err, job_type, domain)
         raise
     existing = store.get(job_id)
     if existing is not None and job_type in _NOT_REPLAYED and existing.state not in _NOT_STARTED:
@@ -220,7 +230,7 @@ def run_job(
             f"(state {existing.state}) and came back after that worker died: not replayed; "
             "check the domain and send a new job if needed"
         )
-        _record_refusal(store, job_id, worker_name, replay)
+        _record_refusal(store, job_id, worker_name, replay, job_type, domain)
         raise replay
     if existing is None:
         # Sent by something that did not register it (e.g. celery call): register now.
@@ -247,6 +257,7 @@ def run_job(
     )
     log.info("job %s: %s %s started", job_id, job_type, domain or "")
     outcome = "failed"
+    error = ""
     result: dict[str, Any] = {}
     try:
         result = _result_json(_until_sigterm(work, JobProgress(task, store, job_id, lease)))
@@ -260,7 +271,8 @@ def run_job(
             outcome = "waiting"
         else:
             _store_final(task, states.FAILURE, err)
-        store.update(job_id, error=f"{type(err).__name__}: {err}")
+        error = f"{type(err).__name__}: {err}"
+        store.update(job_id, error=error)
         raise
     finally:
         finished = time.time()
@@ -276,6 +288,8 @@ def run_job(
             record_job(
                 client, job_type, outcome, finished - started, domain or "", finished, result
             )
+            # Only a job's end opens or clears its problem: a lock wait is no failure.
+            job_ended(client, job_type, domain, outcome, error)
         log.info(
             "job %s: %s %s %s in %.1fs", job_id, job_type, domain or "", outcome, finished - started
         )

@@ -33,3 +33,13 @@ DOMAIN_LOCK_PREFIX = "vmvault:lock:domain:"
 LEADER_KEY = "vmvault:scheduler:leader"
 SLOT_KEY = "vmvault:sched:{name}:slot"
 CLAIM_PREFIX = "vmvault:claim:"
+
+# Notifications (worker/notify_events.py, scheduler/notify_delivery.py): the open problems
+# (problem key -> its event), the outbox jobs and the scheduler push events to, one queue
+# per target the leader delivers from, each target's retry state, and when the scheduler
+# first saw a scheduled domain (the overdue rule's start for a never backed-up domain).
+NOTIFY_OPEN = "vmvault:notify:open"
+NOTIFY_OUTBOX = "vmvault:notify:outbox"
+NOTIFY_QUEUE_PREFIX = "vmvault:notify:queue:"
+NOTIFY_RETRY = "vmvault:notify:retry"
+NOTIFY_FIRST_SEEN = "vmvault:notify:first_seen"

@@ -31,7 +31,7 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
         named.read_passphrase()
     config.broker_url()  # an unreadable or empty broker_password_file is a config error
     if ctx.json:
-        doc = config.model_dump(mode="json")
+        doc = config.model_dump(mode="json", by_alias=True)  # e-mail's "from", as written
         if config.broker is not None:
             doc["broker"] = mask_url(config.broker)
         ctx.emit(doc)
@@ -63,7 +63,31 @@ def _check_config(args: argparse.Namespace, ctx: CliContext) -> int:
         matched = config.domains_matching(job.domains)
         source = job.source or "repository"
         ctx.say(f"    {name:<20} '{job.cron}' {source} -> {job.to}, {len(matched)} domain(s)")
+    _say_notifications(config, ctx)
     return 0
+
+
+def _say_notifications(config: FleetConfig, ctx: CliContext) -> None:
+    """One line per target; a secret unreadable *here* is shown, not fatal: only the
+    scheduler hosts send, and workers need no webhook token or SMTP password."""
+    from vmvault.worker.notify_config import SecretError
+
+    notifications = config.notifications
+    ctx.say(f"  notifications {len(notifications.targets())} target(s)")
+    for name in notifications.targets():
+        secret = ""
+        try:
+            if name in notifications.webhooks:
+                hook = notifications.webhooks[name]
+                line = f"webhook {hook.url}"
+                secret = " (bearer token)" if hook.token(name) is not None else ""
+            else:
+                mail = notifications.email[name]
+                line = f"email via {mail.smtp_host}:{mail.smtp_port} to {', '.join(mail.to)}"
+                secret = " (auth)" if mail.password(name) is not None else ""
+        except SecretError as err:
+            secret = f" (secret not readable on this host: {err})"
+        ctx.say(f"    {name:<20} {line}{secret}")
 
 
 def _broker_line(config: FleetConfig) -> str:

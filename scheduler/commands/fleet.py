@@ -186,6 +186,7 @@ def _scheduler(args: argparse.Namespace, ctx: CliContext) -> int:
     if args.once:
         try:
             report = scheduler.tick()
+            scheduler.notifier.join(timeout=60)  # what this tick started sending
         finally:
             scheduler.leadership.resign()
         doc = {
