@@ -30,9 +30,11 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
+from typing import Protocol
 
 import redis
 from celery import Celery
@@ -69,6 +71,13 @@ def claim_ttl(cron: str, slot: datetime, now: datetime) -> int:
     """Seconds a claim for ``slot`` must live: until the next slot, plus a margin."""
     remaining = (next_slot(cron, slot) - now).total_seconds()
     return max(int(remaining), 0) + CLAIM_MARGIN
+
+
+class CronEntry(Protocol):
+    """A config entry run once per cron slot (``copy_jobs``, ``verify_jobs``)."""
+
+    @property
+    def cron(self) -> str: ...
 
 
 @dataclass
@@ -195,8 +204,7 @@ class Scheduler:
         current = {job.job_id for _, plan in slots.values() for job in plan}
         current |= {slot_job_id("prune", name, slot) for name, (slot, _) in slots.items()}
         current.add(self._gc_id(now))
-        current |= set(self._copy_ids(now))
-        current.update(job_id for job_id, _, _ in self._verify_ids(now))
+        current.update(self._slot_ids(now))
         self._claimed &= current
 
     def _follow(self, now: datetime) -> None:
@@ -220,8 +228,7 @@ class Scheduler:
             self._unclaimed(plan)  # records the leader's claims in self._claimed
         extra = [slot_job_id("prune", name, slot) for name, (slot, _) in slots.items()]
         extra += [job_id for job_id in [self._gc_id(now)] if job_id]
-        extra += list(self._copy_ids(now))
-        extra += [job_id for job_id, _, _ in self._verify_ids(now)]
+        extra += self._slot_ids(now)
         unknown = [job_id for job_id in extra if job_id not in self._claimed]
         if unknown:
             pipe = self.client.pipeline(transaction=False)
@@ -312,49 +319,53 @@ class Scheduler:
             return []
         return enqueue(self.app, self.store, [JobRequest(type="gc", kwargs={}, job_id=job_id)])
 
-    def _copy_ids(self, now: datetime) -> dict[str, tuple[str, datetime]]:
-        """Job id -> (copy job, slot) of every copy job's newest slot."""
-        out = {}
-        for name, job in sorted(self.config.copy_jobs.items()):
-            slot = latest_slot(job.cron, now)
-            out[slot_job_id("copy", name, slot)] = (name, slot)
-        return out
+    def _entry_slots(
+        self, kind: str, entries: Mapping[str, CronEntry], now: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """``(job id, entry name, slot)`` of each cron entry's newest slot."""
+        slots = [(name, latest_slot(entry.cron, now)) for name, entry in sorted(entries.items())]
+        return [(slot_job_id(kind, name, slot), name, slot) for name, slot in slots]
+
+    def _slot_ids(self, now: datetime) -> list[str]:
+        """The job ids of the copy and verify jobs' newest slots."""
+        return [
+            job_id
+            for kind, entries in (
+                ("copy", self.config.copy_jobs),
+                ("verify", self.config.verify_jobs),
+            )
+            for job_id, _, _ in self._entry_slots(kind, entries, now)
+        ]
+
+    def _due_slots(
+        self, kind: str, entries: Mapping[str, CronEntry], now: datetime
+    ) -> list[tuple[str, str, datetime]]:
+        """The entries' newest slots that this call claimed (each is sent once)."""
+        due = []
+        for job_id, name, slot in self._entry_slots(kind, entries, now):
+            ttl = claim_ttl(entries[name].cron, slot, now)
+            if job_id in self._claimed or not self._claim([job_id], ttl):
+                continue
+            log.info("%s job %s: slot %s is due", kind, name, slot_stamp(slot))
+            due.append((job_id, name, slot))
+        return due
 
     def _copies_if_due(self, now: datetime) -> list[str]:
-        requests = []
-        for job_id, (name, slot) in self._copy_ids(now).items():
-            cron = self.config.copy_jobs[name].cron
-            if job_id in self._claimed or not self._claim([job_id], claim_ttl(cron, slot, now)):
-                continue
-            log.info("copy job %s: slot %s enqueued", name, slot_stamp(slot))
-            requests.append(
-                JobRequest(
-                    type="copy",
-                    kwargs={"copy_job": name},
-                    job_id=job_id,
-                    schedule=name,
-                    slot=slot.isoformat(),
-                )
+        requests = [
+            JobRequest(
+                type="copy",
+                kwargs={"copy_job": name},
+                job_id=job_id,
+                schedule=name,
+                slot=slot.isoformat(),
             )
+            for job_id, name, slot in self._due_slots("copy", self.config.copy_jobs, now)
+        ]
         return enqueue(self.app, self.store, requests)
-
-    def _verify_ids(self, now: datetime) -> list[tuple[str, str, datetime]]:
-        """``(job id, verify job name, slot)`` of every verify job's newest slot."""
-        out = []
-        for name, job in sorted(self.config.verify_jobs.items()):
-            slot = latest_slot(job.cron, now)
-            out.append((slot_job_id("verify", name, slot), name, slot))
-        return out
 
     def _verify_jobs_if_due(self, now: datetime) -> list[str]:
         requests = []
-        for job_id, name, slot in self._verify_ids(now):
-            if job_id in self._claimed:
-                continue
-            cron = self.config.verify_jobs[name].cron
-            if not self._claim([job_id], claim_ttl(cron, slot, now)):
-                continue
-            log.info("verify job %s: slot %s is due", name, slot_stamp(slot))
+        for job_id, name, slot in self._due_slots("verify", self.config.verify_jobs, now):
             requests.append(
                 JobRequest(
                     type="verify",

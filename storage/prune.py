@@ -17,11 +17,14 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vmvault.storage.errors import StorageError
 from vmvault.storage.format import DamagedManifest, Manifest, iso
 from vmvault.storage.progress import Progress
+
+if TYPE_CHECKING:
+    from vmvault.storage.repository import Repository
 
 
 @dataclass(frozen=True)
@@ -192,3 +195,19 @@ def plan_prune(
             why = tuple(reasons.get(m.backup_id, ()))
             decisions.append(PruneDecision(m, bool(why), why))
     return PrunePlan(policy, decisions, list(damaged))
+
+
+def plan_repository_prune(
+    repo: Repository, rules: Mapping[str, int], domains: Sequence[str] | None = None
+) -> PrunePlan:
+    """``plan_prune`` over what ``repo`` holds for ``domains`` (every domain when None).
+
+    Damaged manifests are planned too: neither kept nor removed, but named in the plan,
+    as `vmvault prune` names them.
+    """
+    scans = [repo.scan_manifests(d) for d in (domains if domains is not None else [None])]
+    return plan_prune(
+        KeepPolicy.from_rules(rules),
+        [m for scan in scans for m in scan.manifests],
+        [d for scan in scans for d in scan.damaged],
+    )

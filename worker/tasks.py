@@ -233,7 +233,7 @@ def copy(
     A scheduled copy names only its ``copy_job``: repositories, domains and the retention
     applied on the target afterwards come from this worker's config."""
     from vmvault.storage.copy import copy_backups, select_backups
-    from vmvault.storage.prune import KeepPolicy, plan_prune
+    from vmvault.storage.prune import plan_repository_prune
 
     config = fleet_config()
     names = admit(
@@ -253,12 +253,7 @@ def copy(
             doc: dict[str, Any] = copy_backups(src, dst, chosen, progress).to_json()
             if names.retention is not None and names.domains:
                 rules = names.retention.model_dump(exclude_none=True)
-                scans = [dst.scan_manifests(d) for d in names.domains]
-                plan = plan_prune(
-                    KeepPolicy.from_rules(rules),
-                    [m for scan in scans for m in scan.manifests],
-                    [d for scan in scans for d in scan.damaged],
-                )
+                plan = plan_repository_prune(dst, rules, names.domains)
                 doc["pruned"] = plan.execute(dst, progress)
             return doc
 
@@ -285,7 +280,7 @@ def prune(
     Only a retention the config defines for those domains (worker.job_policy).
     Idempotent: planning again after a partial run removes what is left to remove.
     """
-    from vmvault.storage.prune import KeepPolicy, plan_prune
+    from vmvault.storage.prune import plan_repository_prune
 
     config = fleet_config()
     name = admit(self, "prune", None, lambda: check_repository(config, "prune", repository))
@@ -293,12 +288,7 @@ def prune(
 
     def work(progress: JobProgress) -> Any:
         with fleet_repository(name) as repo:
-            # Damaged manifests are planned too: neither kept nor removed, but named in
-            # the result, as `vmvault prune` names them.
-            scans = [repo.scan_manifests(d) for d in (domains if domains is not None else [None])]
-            manifests = [m for scan in scans for m in scan.manifests]
-            damaged = [d for scan in scans for d in scan.damaged]
-            plan = plan_prune(KeepPolicy.from_rules(rules), manifests, damaged)
+            plan = plan_repository_prune(repo, rules, domains)
             removed = [] if dry_run else plan.execute(repo, progress)
             doc: dict[str, Any] = plan.to_json()
             doc.update(dry_run=dry_run, removed=removed, schedule=schedule or None)
