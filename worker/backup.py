@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from vmvault.storage.errors import StorageError
-from vmvault.storage.format import Manifest
+from vmvault.storage.format import DiskStats, Manifest
 from vmvault.storage.progress import Progress, no_progress
 from vmvault.storage.region_writer import RegionDiskWriter
 from vmvault.storage.repository import Repository
@@ -161,6 +161,15 @@ class DiskResult:
     chunks_parent: int = 0
     chunks_patched: int = 0
     objects_put: int = 0
+
+    def add_write_stats(self, stats: DiskStats) -> None:
+        """Take the disk writer's counts (what ``RegionDiskWriter.finish`` returned)."""
+        self.bytes_uploaded = stats.bytes_uploaded
+        self.chunks_new = stats.chunks_new
+        self.chunks_zero = stats.chunks_zero
+        self.chunks_parent = stats.chunks_parent
+        self.chunks_patched = stats.chunks_patched
+        self.objects_put = stats.objects_put
 
 
 @dataclass
@@ -765,13 +774,7 @@ def _pull(job: _Job, writer: BackupWriter, plan: Plan, temp: str | None) -> None
             _probe_snapshot(job, disk)
         except NbdError as err:
             raise _read_failure(job, disk, err) from err
-        stats = dw.finish()
-        result.bytes_uploaded = stats.bytes_uploaded
-        result.chunks_new = stats.chunks_new
-        result.chunks_zero = stats.chunks_zero
-        result.chunks_parent = stats.chunks_parent
-        result.chunks_patched = stats.chunks_patched
-        result.objects_put = stats.objects_put
+        result.add_write_stats(dw.finish())
 
 
 def _pull_disk(

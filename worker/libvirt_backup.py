@@ -407,13 +407,7 @@ class _LibvirtJob:
                 ) from err
             result.dirty_bytes = pulled.dirty_bytes
             result.bytes_read = pulled.bytes_read
-            stats = dw.finish()
-            result.bytes_uploaded = stats.bytes_uploaded
-            result.chunks_new = stats.chunks_new
-            result.chunks_zero = stats.chunks_zero
-            result.chunks_parent = stats.chunks_parent
-            result.chunks_patched = stats.chunks_patched
-            result.objects_put = stats.objects_put
+            result.add_write_stats(dw.finish())
         return results
 
     def _trim(self, new_id: str) -> None:
