@@ -364,16 +364,22 @@ def check_restore_test(config: FleetConfig, domain: Any, job: Any) -> None:
 
 
 def check_verify(
-    backup_id: Any, read_data: Any, job: Any = None, config: FleetConfig | None = None
+    backup_id: Any,
+    read_data: Any,
+    job: Any = None,
+    config: FleetConfig | None = None,
+    repository: Any = None,
 ) -> None:
     """Refuses a queued verify whose arguments are not a backup id and a flag, or that
     names a verify job this worker's config does not define (it runs the job as its own
-    config says: the message only names it)."""
+    config says: the message only names it; verify jobs check the primary repository)."""
     if job is not None:
         if not isinstance(job, str) or config is None or job not in config.verify_jobs:
             raise _bad("verify", "job", job, "want the name of a verify_jobs entry")
         if backup_id is not None:
             raise _bad("verify", "backup_id", backup_id, "a verify job picks its own backups")
+        if repository is not None:
+            raise _bad("verify", "repository", repository, "a verify job checks the primary")
     if backup_id is not None:
         try:
             check_backup_id(backup_id)

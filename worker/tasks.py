@@ -133,12 +133,6 @@ def _refuse_live_named(name: str) -> None:
     )
 
 
-def _refuse_scheduled_verify_elsewhere(name: str) -> None:
-    raise JobRefusedError(
-        f"verify refused: verify_jobs check the primary repository only, not {name!r}"
-    )
-
-
 @app.task(  # type: ignore[untyped-decorator]
     bind=True,
     name="vmvault.verify",
@@ -161,10 +155,8 @@ def verify(
     from vmvault.worker.verify_job import run_verify_job, verification_counts
 
     config = fleet_config()
-    admit(self, "verify", None, lambda: check_verify(backup_id, read_data, job, config))
+    admit(self, "verify", None, lambda: check_verify(backup_id, read_data, job, config, repository))
     name = admit(self, "verify", None, lambda: check_repository(config, "verify", repository))
-    if job is not None and name is not None:
-        admit(self, "verify", None, lambda: _refuse_scheduled_verify_elsewhere(name))
 
     def work(progress: JobProgress) -> Any:
         with fleet_repository(name) as repo:

@@ -52,6 +52,8 @@ def test_queued_verify_job_must_be_one_of_this_workers(tmp_path: Path) -> None:
         check_verify(None, False, ["v"], config)
     with pytest.raises(JobRefusedError, match=r"a verify job picks its own backups"):
         check_verify(BACKUP_ID, False, "v", config)
+    with pytest.raises(JobRefusedError, match="repository"):
+        check_verify(None, False, "v", config, "offsite")
 
 
 def _manifest(backup_id: str) -> Manifest:
