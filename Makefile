@@ -38,7 +38,7 @@ demo: setup
 
 # Speed and memory figures, each against a reference tool measured in the same run.
 bench: setup
-	for b in cli storage backup incremental restore scheduler guest copy; do $(PY) bench/$${b}_bench.py || exit 1; done
+	for b in cli storage backup incremental restore scheduler guest copy notify libvirt; do $(PY) bench/$${b}_bench.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
