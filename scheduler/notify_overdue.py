@@ -29,6 +29,8 @@ def check_overdue(config: FleetConfig, client: redis.Redis, now: datetime) -> li
     Returns the domains found overdue. Only changes cost a script call; a quiet tick
     with every domain backed up once is one round trip whatever the fleet's size.
     """
+    if not config.notifications.overdue:
+        return []
     # One threshold per schedule, not per domain: croniter is slow (10,000 domains took
     # 5 s per tick when each domain evaluated its cron; bench/notify_bench.py).
     crons: dict[str, list[tuple[str, datetime]]] = {}
@@ -36,8 +38,6 @@ def check_overdue(config: FleetConfig, client: redis.Redis, now: datetime) -> li
         threshold = overdue_threshold(sched.cron, now)
         for domain in config.domains_matching(sched.domains):
             crons.setdefault(domain, []).append((name, threshold))
-    if not config.notifications.overdue:
-        return []
     stamp = now.timestamp()
     pipe = client.pipeline(transaction=False)
     pipe.hkeys(NOTIFY_OPEN)
@@ -65,49 +65,31 @@ def check_overdue(config: FleetConfig, client: redis.Redis, now: datetime) -> li
             late.append(domain)
             if problem not in open_now:
                 what = "last good backup" if success is not None else "no good backup since"
-                open_problem(
-                    client,
-                    Event(
-                        event="problem",
-                        kind="overdue",
-                        problem=problem,
-                        summary=(
-                            f"backup of {domain} is overdue: {what} {when.isoformat()} "
-                            f"(schedule {', '.join(behind)})"
-                        ),
-                        time=now.replace(microsecond=0).isoformat(),
-                        domain=domain,
-                        job_type="backup",
-                    ),
+                summary = (
+                    f"backup of {domain} is overdue: {what} {when.isoformat()} "
+                    f"(schedule {', '.join(behind)})"
                 )
+                open_problem(client, _event("problem", domain, summary, now))
         elif problem in open_now:
-            clear_problem(
-                client,
-                Event(
-                    event="recovery",
-                    kind="overdue",
-                    problem=problem,
-                    summary=f"backup of {domain} is no longer overdue: good backup at "
-                    f"{when.isoformat()}",
-                    time=now.replace(microsecond=0).isoformat(),
-                    domain=domain,
-                    job_type="backup",
-                ),
-            )
+            summary = f"backup of {domain} is no longer overdue: good backup at {when.isoformat()}"
+            clear_problem(client, _event("recovery", domain, summary, now))
     for problem in sorted(open_now):
         domain = problem.removeprefix(PREFIX)
         if problem.startswith(PREFIX) and domain not in crons:
             # No schedule covers it any more (config changed): nothing will ever clear it.
-            clear_problem(
-                client,
-                Event(
-                    event="recovery",
-                    kind="overdue",
-                    problem=problem,
-                    summary=f"backup of {domain} is no longer overdue: no schedule covers it",
-                    time=now.replace(microsecond=0).isoformat(),
-                    domain=domain,
-                    job_type="backup",
-                ),
-            )
+            summary = f"backup of {domain} is no longer overdue: no schedule covers it"
+            clear_problem(client, _event("recovery", domain, summary, now))
     return late
+
+
+def _event(event: str, domain: str, summary: str, now: datetime) -> Event:
+    """The overdue problem's ``problem`` or ``recovery`` event for ``domain``."""
+    return Event(
+        event=event,
+        kind="overdue",
+        problem=PREFIX + domain,
+        summary=summary,
+        time=now.replace(microsecond=0).isoformat(),
+        domain=domain,
+        job_type="backup",
+    )
