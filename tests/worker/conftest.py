@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +62,6 @@ def make_config(vm: QemuVm, repo_url: str, state_dir: Path) -> FleetConfig:
         },
         "test",
     )
-
-
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    """A short state_dir: the NBD socket lives under it (unix paths < 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="vmvs"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
